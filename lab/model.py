@@ -1,0 +1,127 @@
+"""Frozen value types shared by every layer. No I/O happens here.
+
+Everything a VM run depends on is described by these specs, so that the QEMU
+command line, the guest image and the cache keys are pure functions of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "UserError",
+    "KernelArtifacts",
+    "DaxSpec",
+    "VmSpec",
+    "DEFAULT_DAX",
+    "PUD_DAX",
+    "parse_size",
+    "format_size",
+]
+
+
+class UserError(Exception):
+    """Bad input from the person at the keyboard: the CLI prints it as one line
+    and exits 2. The message says what is wrong and what to do."""
+
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+_SUFFIXES = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``4K``, ``2M``, ``1G``, ``4096`` or ``"0x1000"`` into bytes.
+
+    :raises UserError: if *text* is not a size.
+    """
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if s.startswith("0X"):
+            return int(s, 16)
+        suffix = s[-1:] if s[-1:] in _SUFFIXES and not s[-1:].isdigit() else ""
+        number = s[: len(s) - len(suffix)]
+        return int(float(number) * _SUFFIXES[suffix])
+    except (ValueError, KeyError):
+        raise UserError(f"not a size: {text!r} (use bytes or a suffix: 4K, 2M, 1G)") from None
+
+
+def format_size(n: int) -> str:
+    """The shortest exact spelling of *n* bytes (``2M``, ``4K``, ``12345``)."""
+    for suffix, unit in (("T", 1 << 40), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class KernelArtifacts:
+    """The local files of one cached kernel, as `lab.kernels` resolved them.
+
+    ``modules`` are decompressed ``.ko`` files in load order (dependencies
+    first); ``module_debug`` are their DWARF files for drgn. A kernel with
+    everything built in has neither.
+    """
+
+    name: str
+    release: str
+    vmlinuz: Path
+    vmlinux: Path
+    modules: tuple[Path, ...] = ()
+    module_debug: tuple[Path, ...] = ()
+    packages: tuple[tuple[str, str], ...] = ()  # (package, version)
+    root: Path | None = None
+
+
+@dataclass(frozen=True)
+class DaxSpec:
+    """One emulated NVDIMM carrying one device-dax namespace.
+
+    ``size`` is the NVDIMM's backing size; the namespace takes what the
+    region offers at ``align`` (4K, 2M or 1G), or ``namespace_size`` when set
+    (ndctl requires a size for 1G alignment).
+    """
+
+    align: int
+    size: int
+    namespace_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        return format_size(self.align)
+
+
+# Two devices by default: a 4K-aligned one of about a GiB (262,144 struct
+# pages: the bulk-snapshot benchmark's device) and a 2M-aligned one.
+DEFAULT_DAX: tuple[DaxSpec, ...] = (
+    DaxSpec(align=4 * KiB, size=1 * GiB + 64 * MiB),
+    DaxSpec(align=2 * MiB, size=512 * MiB),
+)
+# A 1G-aligned device needs 1G pages in the CPU and 4-level paging.
+PUD_DAX = DaxSpec(align=1 * GiB, size=5 * GiB, namespace_size=4 * GiB)
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything that decides a guest's QEMU command line."""
+
+    kernel: KernelArtifacts
+    initrd: Path
+    run_dir: Path  # private 0700 directory: sockets, console log, NVDIMM copies
+    nvdimm_files: tuple[Path, ...]
+    dax: tuple[DaxSpec, ...] = DEFAULT_DAX
+    memory: int = 2 * GiB
+    cpus: int = 2
+    accel: str = "tcg"
+    qemu: str = "qemu-system-x86_64"
+    cmdline_extra: tuple[str, ...] = ()
+    gdbstub: bool = False
+    extra_args: tuple[str, ...] = field(default=())
+
+    @property
+    def needs_1g_pages(self) -> bool:
+        return any(d.align >= GiB for d in self.dax)
