@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make lab` and `make test`. Each target
+# only calls scripts/setup.sh, the CLI or pytest.
+KERNELS ?= before after
+DEVDAX := .venv/bin/devdax-lab
+PYTEST := .venv/bin/python -m pytest
+
+.PHONY: lab test setup prepare unit live bench doctor
+
+setup:
+	@bash scripts/setup.sh
+
+prepare: setup
+	$(DEVDAX) prepare $(KERNELS)
+
+# The main job: boot each kernel and print its device-dax namespaces.
+lab: prepare
+	$(DEVDAX) boot --kernel $(subst $(space),$(comma),$(KERNELS))
+
+test: prepare
+	$(PYTEST) -q
+
+unit: setup
+	$(PYTEST) -q -m "not live"
+
+live: prepare
+	$(PYTEST) -q -m live
+
+doctor: setup
+	$(DEVDAX) doctor
+
+bench: prepare
+	$(DEVDAX) bench boot
+
+empty :=
+space := $(empty) $(empty)
+comma := ,

@@ -1,0 +1,180 @@
+"""``devdax-lab``: the command line. Each subcommand parses its arguments and
+calls the library; errors become one clear line and an exit status
+(2: bad input, 1: the VM or the kernel failed, 130: interrupted)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+from .model import DEFAULT_DAX, PUD_DAX, UserError
+
+__all__ = ["main"]
+
+
+def _dax_layout(args) -> tuple:
+    return (*DEFAULT_DAX, PUD_DAX) if getattr(args, "pud", False) else DEFAULT_DAX
+
+
+def cmd_kernels(args) -> int:
+    from . import kernels
+
+    rows = [kernels.status(name) for name in kernels.known_kernels()]
+    print(f"{'NAME':<8} {'STATE':<8} {'RELEASE':<24} DESCRIPTION")
+    for st in rows:
+        print(f"{st.name:<8} {st.state:<8} {st.release or '-':<24} {st.description}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from . import kernels
+    from .progress import TerminalProgress
+
+    for name in args.names:
+        k = kernels.fetch(name, progress=TerminalProgress(), force=args.force)
+        print(f"{name}: {k.release} cached at {k.root}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    """Fetch kernels, build their images and the prepared NVDIMM files."""
+    from . import image, kernels, vm
+    from .progress import TerminalProgress
+
+    accel = vm.probe_accel()
+    for name in args.names:
+        k = kernels.resolve(name, progress=TerminalProgress())
+        initrd = image.build_image(k)
+        vm.prepare_nvdimms(k, initrd, _dax_layout(args), accel=accel)
+        print(f"{name}: {k.release} ready (image {initrd.stat().st_size // 1024} KiB)")
+    return 0
+
+
+def _print_devices(v) -> None:
+    for d in v.devices:
+        start = d["start"]
+        print(f"  {d['name']:<8} align {_size(d['align']):>4}  size {_size(d['size']):>6}  "
+              f"phys {start:#x}-{start + d['size'] - 1:#x}  ({d.get('region') or '?'})")
+
+
+def _size(n: int) -> str:
+    from .model import format_size
+
+    for unit, name in ((1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")):
+        if n >= unit and n % (unit // 16 or 1) == 0:
+            value = n / unit
+            return f"{value:g}{name}" if value == int(value) else f"{value:.2f}{name}"
+    return format_size(n)
+
+
+def cmd_boot(args) -> int:
+    from . import image, kernels, vm
+    from .progress import TerminalProgress
+
+    dax = _dax_layout(args)
+    if args.show_command or args.shell:
+        k = kernels.resolve(args.kernel, progress=TerminalProgress())
+        initrd = image.build_image(k)
+        accel = vm.probe_accel()
+        files = vm.prepare_nvdimms(k, initrd, dax, accel=accel)
+        from pathlib import Path
+
+        from .model import VmSpec
+
+        if args.show_command:
+            spec = VmSpec(kernel=k, initrd=initrd, run_dir=Path("RUN_DIR"), nvdimm_files=tuple(
+                Path(f"RUN_DIR/nvdimm{i}.img") for i in range(len(dax))), dax=dax, accel=accel)
+            print(shlex.join(vm.qemu_argv(spec)))
+            print(f"# RUN_DIR/nvdimmN.img are sparse copies of {files[0].parent}/nvdimmN.img")
+            return 0
+        return vm.interactive_shell(k, initrd, files, dax, accel)
+    for name in args.kernel.split(","):
+        t0 = time.monotonic()
+        with vm.boot(name, dax=dax, progress=TerminalProgress(),
+                     ready_timeout=args.timeout) as v:
+            print(f"{name}: Linux {v.release}, ready in {v.time_to_ready:.2f} s "
+                  f"({v.spec.accel}); device-dax namespaces:")
+            _print_devices(v)
+        print(f"{name}: shut down cleanly ({time.monotonic() - t0:.1f} s in all)")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import run_checks
+
+    problems = 0
+    for check in run_checks():
+        mark = "ok  " if check.ok else "FAIL"
+        print(f"[{mark}] {check.name}: {check.detail}")
+        if not check.ok:
+            problems += 1
+            print(f"       fix: {check.fix}")
+    print("all prerequisites present" if not problems else f"{problems} problem(s) found")
+    return 0 if not problems else 2
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="devdax-lab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("kernels", help="list the known kernels and their cache state (offline)")
+    s.set_defaults(func=cmd_kernels)
+
+    s = sub.add_parser("fetch", help="download and cache kernels (image, modules, debug info)")
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s.add_argument("--force", action="store_true", help="fetch again even if cached")
+    s.set_defaults(func=cmd_fetch)
+
+    s = sub.add_parser("prepare", help="fetch kernels, build guest images and NVDIMM files")
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s.add_argument("--pud", action="store_true", help="also prepare the 1G-aligned device")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("boot", help="boot a kernel, print its devices and time to ready")
+    s.add_argument("--kernel", required=True, help="before, after, or a comma list")
+    s.add_argument("--shell", action="store_true", help="interactive guest console (Ctrl-A X quits)")
+    s.add_argument("--show-command", action="store_true", help="print the QEMU command line only")
+    s.add_argument("--pud", action="store_true", help="add a 1G-aligned device (needs 1G pages)")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
+    s.set_defaults(func=cmd_boot)
+
+    s = sub.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("bench", help="benchmarks (boot)")
+    s.add_argument("what", choices=["boot"])
+    s.add_argument("--kernels", default="before,after")
+    s.add_argument("--runs", type=int, default=5)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .vm import VmError
+
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"devdax-lab: {exc}", file=sys.stderr)
+        return 2
+    except VmError as exc:
+        print(f"devdax-lab: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("devdax-lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

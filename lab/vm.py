@@ -1,0 +1,597 @@
+"""QEMU: the command line (a pure function of a VmSpec), the one owner of the
+QEMU process, its QMP connection, its console and the agent socket.
+
+A guest is *ready* when the agent answers and every requested device-dax
+namespace exists. Namespaces are not created at boot: the NVDIMM backing
+files are prepared once per device layout (ndctl under a throw-away boot,
+cached) and copied sparsely for each boot, so the labels bring the namespaces
+up by themselves when the modules load.
+
+QEMU runs under ``setpriv --pdeathsig KILL`` so it dies with the Python
+process even on SIGKILL; its private run directory (sockets, console log, RAM
+and NVDIMM files) is removed on every way out, and a directory left by a
+killed process is swept by the next start.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .agent import AgentClient, AgentDisconnected, AgentError, AgentTimeout
+from .cache import atomic_entry, cache_root, hash_inputs
+from .console import Complaint, find_complaint
+from .model import DEFAULT_DAX, GiB, MiB, DaxSpec, KernelArtifacts, UserError, VmSpec, format_size
+
+__all__ = [
+    "VmError",
+    "GuestCrashed",
+    "VmTimeout",
+    "qemu_argv",
+    "kernel_cmdline",
+    "probe_accel",
+    "copy_sparse",
+    "prepare_nvdimms",
+    "Vm",
+    "boot",
+    "RUN_PREFIX",
+    "sweep_stale_run_dirs",
+]
+
+AGENT_PORT_NAME = "org.devdax-lab.agent"
+LABEL_SIZE = 128 * 1024
+RUN_PREFIX = "devdax-lab-run-"
+# Largest NVDIMM backend alignment we need (ndctl -a 1G still works with 2M).
+BACKEND_ALIGN = 2 * MiB
+
+
+class VmError(RuntimeError):
+    """QEMU or the guest failed. Carries the command line and the console tail."""
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), console_tail: Sequence[str] = ()):
+        self.argv = list(argv)
+        self.console_tail = list(console_tail)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        if self.console_tail:
+            msg += "\n--- last lines of the guest console ---\n" + "\n".join(self.console_tail)
+        return msg
+
+
+class GuestCrashed(VmError):
+    """The guest kernel panicked or oopsed."""
+
+
+class VmTimeout(VmError, TimeoutError):
+    """A wait on the guest ran out of time."""
+
+
+# ----------------------------------------------------------------------------
+# Pure builders
+
+
+def kernel_cmdline(spec: VmSpec) -> str:
+    """The guest kernel's command line for *spec*."""
+    words = ["console=ttyS0", "loglevel=4", "panic=-1", "printk.time=1"]
+    words += list(spec.cmdline_extra)
+    return " ".join(words)
+
+
+def qemu_argv(spec: VmSpec, *, console: str = "stdio") -> list[str]:
+    """The exact QEMU command line for *spec*.
+
+    *console* is ``stdio`` (captured by the owner) or ``mon:stdio`` (an
+    interactive terminal, Ctrl-A X quits).
+    """
+    run = spec.run_dir
+    nvdimm_total = sum(d.size for d in spec.dax)
+    maxmem = spec.memory + nvdimm_total + GiB
+    argv = [
+        spec.qemu,
+        "-name", "devdax-lab",
+        "-accel", spec.accel,
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory // MiB}M,slots={max(1, len(spec.dax))},maxmem={maxmem // MiB}M",
+        "-object", f"memory-backend-file,id=ram0,size={spec.memory // MiB}M,"
+                   f"mem-path={run / 'ram'},share=on",
+        "-machine", "pc,nvdimm=on,memory-backend=ram0",
+        "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
+        "-serial", console, "-monitor", "none",
+        "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
+        "-qmp", f"unix:{run / 'drgn-qmp.sock'},server=on,wait=off",
+        "-device", "vmcoreinfo",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent0,path={run / 'agent.sock'},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
+    ]
+    if spec.needs_1g_pages or spec.accel == "kvm":
+        # 1G pages for PUD mappings; 4-level paging keeps the page-table walk
+        # the same as on the default CPU.
+        argv += ["-cpu", "host" if spec.accel == "kvm" else "max,la57=off"]
+    for i, (dax, path) in enumerate(zip(spec.dax, spec.nvdimm_files, strict=True)):
+        argv += [
+            "-object", f"memory-backend-file,id=nvm{i},share=on,mem-path={path},"
+                       f"size={dax.size // MiB}M,align={BACKEND_ALIGN // MiB}M",
+            "-device", f"nvdimm,memdev=nvm{i},id=nv{i},label-size={LABEL_SIZE // 1024}K",
+        ]
+    if spec.gdbstub:
+        argv += ["-gdb", f"unix:{run / 'gdb.sock'},server=on,wait=off"]
+    argv += [
+        "-kernel", str(spec.kernel.vmlinuz),
+        "-initrd", str(spec.initrd),
+        "-append", kernel_cmdline(spec),
+        *spec.extra_args,
+    ]
+    return argv
+
+
+def prepare_arg(dax: Sequence[DaxSpec]) -> str:
+    """``devdax_lab.prepare=`` value: one ``ALIGN[:SIZE]`` per region, in order."""
+    parts = []
+    for d in dax:
+        part = format_size(d.align)
+        if d.namespace_size:
+            part += ":" + format_size(d.namespace_size)
+        parts.append(part)
+    return ",".join(parts)
+
+
+# A boot sector that writes to QEMU's isa-debug-exit port: QEMU then exits
+# with status (0x31 << 1) | 1 = 99. mov al,0x31; out 0xf4,al; hlt; jmp $
+_PROBE_SECTOR = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFE]).ljust(510, b"\0") + b"\x55\xaa"
+_PROBE_EXIT = 99
+
+
+def probe_argv(qemu: str, accel: str, disk: Path) -> list[str]:
+    """QEMU line of the accelerator probe: a one-instruction guest."""
+    return [
+        qemu, "-accel", accel, "-nodefaults", "-display", "none", "-no-reboot",
+        "-m", "16M", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-drive", f"file={disk},format=raw,if=ide", "-boot", "c",
+    ]
+
+
+# ----------------------------------------------------------------------------
+# Processes and files
+
+
+_accel_cache: dict[str, str] = {}
+
+
+def cpu_has_virt_extensions(cpuinfo: str | None = None) -> bool:
+    """Whether /proc/cpuinfo's flags include vmx (Intel) or svm (AMD)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"vmx", "svm"})
+    return False
+
+
+def probe_accel(qemu: str = "qemu-system-x86_64", *, say=print) -> str:
+    """``kvm`` if a probe guest really runs under KVM here, else ``tcg``.
+
+    /dev/kvm existing proves nothing (on these machines KVM guests die with
+    emulation failures), so a one-instruction guest is started under KVM and
+    must exit through isa-debug-exit. ``DEVDAX_LAB_ACCEL`` forces a choice.
+    """
+    forced = os.environ.get("DEVDAX_LAB_ACCEL")
+    if forced:
+        if forced not in ("kvm", "tcg"):
+            raise UserError(f"DEVDAX_LAB_ACCEL={forced!r}: use kvm or tcg")
+        return forced
+    if qemu in _accel_cache:
+        return _accel_cache[qemu]
+    accel, why = "tcg", "no /dev/kvm"
+    if os.access("/dev/kvm", os.R_OK | os.W_OK) and not cpu_has_virt_extensions():
+        # Seen here: /dev/kvm exists and a real-mode probe even runs, but
+        # without vmx/svm a Linux guest dies with KVM emulation failures.
+        why = "the CPU shows no vmx/svm flag"
+    elif os.access("/dev/kvm", os.R_OK | os.W_OK):
+        with tempfile.TemporaryDirectory(prefix="devdax-lab-probe-") as tmp:
+            disk = Path(tmp) / "probe.img"
+            disk.write_bytes(_PROBE_SECTOR)
+            try:
+                proc = subprocess.run(probe_argv(qemu, "kvm", disk), capture_output=True,
+                                      text=True, timeout=10, stdin=subprocess.DEVNULL)
+                if proc.returncode == _PROBE_EXIT:
+                    accel, why = "kvm", ""
+                else:
+                    last = (proc.stderr.strip().splitlines() or ["no output"])[0]
+                    why = f"a KVM probe guest failed ({last})"
+            except subprocess.TimeoutExpired:
+                why = "a KVM probe guest did not finish in 10 s"
+            except FileNotFoundError:
+                raise UserError(f"{qemu} not found: run `devdax-lab doctor`") from None
+    if accel == "tcg":
+        say(f"devdax-lab: KVM unusable ({why}); using TCG (software emulation)")
+    _accel_cache[qemu] = accel
+    return accel
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy *src* to *dst* writing only its data extents (SEEK_DATA/SEEK_HOLE),
+    so a 1 GiB NVDIMM file with 18 MiB of data costs 18 MiB."""
+    size = src.stat().st_size
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                copied = os.copy_file_range(fin.fileno(), fout.fileno(), end - start, start, start)
+                if copied == 0:
+                    raise OSError(f"short copy of {src} at {start}")
+                start += copied
+            pos = end
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_parent() -> Path:
+    """Where run directories go: tmpfs (/dev/shm) when there is one."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def sweep_stale_run_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove run directories whose owner and QEMU are both gone (a Python
+    process killed with SIGKILL cannot clean up after itself)."""
+    removed = []
+    for d in (parent or run_parent()).glob(RUN_PREFIX + "*"):
+        pids = []
+        for name in ("owner.pid", "qemu.pid"):
+            try:
+                pids.append(int((d / name).read_text()))
+            except (OSError, ValueError):
+                pass
+        if not any(_pid_alive(p) for p in pids):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def make_run_dir() -> Path:
+    """A private (0700) run directory owned by this process."""
+    sweep_stale_run_dirs()
+    run = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=run_parent()))
+    os.chmod(run, 0o700)
+    (run / "owner.pid").write_text(str(os.getpid()))
+    return run
+
+
+class Vm:
+    """The one owner of a QEMU process.
+
+    Nothing starts before :meth:`launch`; :meth:`close` (also run by the
+    context manager, on exceptions and Ctrl-C) powers the guest off, then
+    quits QEMU over QMP, then kills it, always reaps it and removes the run
+    directory.
+    """
+
+    def __init__(self, spec: VmSpec, *, console_log: Path | None = None, say=print):
+        self.spec = spec
+        self.argv = qemu_argv(spec)
+        self.console_log = console_log or spec.run_dir / "console.log"
+        self.say = say
+        self.proc: subprocess.Popen | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=60)
+        self.complaints: list[tuple[int, Complaint]] = []  # (console line number, complaint)
+        self.lines_seen = 0
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._agent_sock: socket.socket | None = None
+        self.agent: AgentClient | None = None
+        self.qmp = None
+        self.started_at = 0.0
+        self.ready_at = 0.0
+        self.release = ""
+        self.devices: list[dict] = []
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> Vm:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def launch(self) -> None:
+        """Start QEMU and connect to its agent socket and QMP."""
+        cmd = ["setpriv", "--pdeathsig", "KILL", "--", *self.argv]
+        self.started_at = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop QEMU in order
+            )
+        except FileNotFoundError as exc:
+            raise UserError(f"{exc.filename} not found: run `devdax-lab doctor`") from None
+        (self.spec.run_dir / "qemu.pid").write_text(str(self.proc.pid))
+        self._reader = threading.Thread(target=self._drain_console, name="qemu-console", daemon=True)
+        self._reader.start()
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _drain_console(self) -> None:
+        assert self.proc and self.proc.stdout
+        with open(self.console_log, "a", encoding="utf-8", errors="replace") as log:
+            for raw in iter(self.proc.stdout.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                log.write(line + "\n")
+                log.flush()
+                with self._lock:
+                    self.lines_seen += 1
+                    self.tail.append(line)
+                    complaint = find_complaint(line)
+                    if complaint:
+                        self.complaints.append((self.lines_seen, complaint))
+
+    def console_tail(self, n: int = 30) -> list[str]:
+        with self._lock:
+            return list(self.tail)[-n:]
+
+    def _fail(self, cls, message: str) -> VmError:
+        time.sleep(0.2)  # let the console reader catch the last lines
+        return cls(message, argv=self.argv, console_tail=self.console_tail())
+
+    def check_alive(self) -> None:
+        """Raise if QEMU exited or the guest panicked/oopsed."""
+        with self._lock:
+            fatal = [c for _, c in self.complaints if c.fatal]
+        if fatal:
+            raise self._fail(GuestCrashed, f"the guest kernel crashed: {fatal[0].text}")
+        if self.proc and self.proc.poll() is not None:
+            raise self._fail(VmError, f"QEMU exited with status {self.proc.returncode}")
+
+    def _wait_for_socket(self, path: Path, deadline: float) -> socket.socket:
+        while True:
+            self.check_alive()
+            if path.exists():
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(str(path))
+                    return s
+                except (ConnectionRefusedError, FileNotFoundError):
+                    s.close()
+            if time.monotonic() > deadline:
+                raise self._fail(VmTimeout, f"QEMU did not create {path.name} within 10 s")
+            time.sleep(0.02)
+
+    def _connect(self) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        deadline = time.monotonic() + 10
+        self._agent_sock = self._wait_for_socket(self.spec.run_dir / "agent.sock", deadline)
+        self.agent = AgentClient(self._agent_sock)
+        qmp_sock = self._wait_for_socket(self.spec.run_dir / "qmp.sock", deadline)
+        self.qmp = QEMUMonitorProtocol(qmp_sock)
+        self.qmp.settimeout(10)
+        self.qmp.connect(negotiate=True)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Wait until the agent answers and every requested namespace exists."""
+        deadline = time.monotonic() + timeout
+        assert self.agent
+        while True:
+            self.check_alive()
+            try:
+                info = self.agent.request("ping", timeout=0.5)
+                self.release = info["release"]
+                break
+            except AgentTimeout:
+                pass
+            except AgentDisconnected as exc:
+                raise self._fail(VmError, f"the agent channel closed: {exc}") from exc
+            if time.monotonic() > deadline:
+                raise self._fail(VmTimeout, f"the guest agent did not answer within {timeout:.0f} s")
+        want = sorted(d.align for d in self.spec.dax)
+        while True:
+            self.check_alive()
+            self.devices = self.agent.request("namespaces", timeout=5)["devices"]
+            if sorted(d["align"] for d in self.devices) == want:
+                break
+            if time.monotonic() > deadline:
+                have = ", ".join(f"{d['name']} (align {format_size(d['align'])})" for d in self.devices)
+                raise self._fail(
+                    VmTimeout,
+                    f"device-dax namespaces with aligns {', '.join(map(format_size, want))} "
+                    f"did not appear within {timeout:.0f} s (present: {have or 'none'})",
+                )
+            time.sleep(0.05)
+        self.ready_at = time.monotonic()
+
+    @property
+    def time_to_ready(self) -> float:
+        return self.ready_at - self.started_at
+
+    def device(self, align: int | str) -> dict:
+        """The namespace with alignment *align* (``"4K"``, ``"2M"``, ``1 << 30``)."""
+        from .model import parse_size
+
+        want = parse_size(align)
+        for d in self.devices:
+            if d["align"] == want:
+                return d
+        have = ", ".join(format_size(d["align"]) for d in self.devices) or "none"
+        raise UserError(f"no device-dax namespace with alignment {format_size(want)} (have: {have})")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop QEMU gently, then firmly; always reap it and clean up."""
+        proc = self.proc
+        try:
+            if proc and proc.poll() is None:
+                self._stop(proc, timeout)
+        finally:
+            if proc:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            for closer in (self._agent_sock, self.qmp):
+                try:
+                    if closer:
+                        closer.close()
+                except Exception:  # noqa: BLE001 - closing a dead socket may fail any way
+                    pass
+            if self._reader:
+                self._reader.join(timeout=2)
+            shutil.rmtree(self.spec.run_dir, ignore_errors=True)
+
+    def _stop(self, proc: subprocess.Popen, timeout: float) -> None:
+        try:
+            if self.agent:
+                self.agent.request("poweroff", timeout=2)
+            proc.wait(timeout=timeout / 2)
+            return
+        except (AgentError, AgentTimeout, AgentDisconnected, subprocess.TimeoutExpired, OSError):
+            pass
+        try:
+            if self.qmp:
+                self.qmp.cmd("quit")
+            proc.wait(timeout=timeout / 2)
+            return
+        except Exception:  # noqa: BLE001 - any QMP failure leads to the same kill
+            pass
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ----------------------------------------------------------------------------
+# Prepared NVDIMM files
+
+
+def nvdimm_key(dax: Sequence[DaxSpec]) -> str:
+    return hash_inputs(json.dumps([[d.align, d.size, d.namespace_size] for d in dax]),
+                       str(LABEL_SIZE), "v1")
+
+
+def prepare_nvdimms(kernel: KernelArtifacts, initrd: Path, dax: Sequence[DaxSpec],
+                    *, accel: str, say=print, timeout: float = 300.0) -> list[Path]:
+    """NVDIMM backing files whose labels already describe one device-dax
+    namespace each, made once per layout by booting *kernel* with ndctl and
+    cached (a file prepared under one kernel works under the others)."""
+    final = cache_root() / "nvdimm" / nvdimm_key(dax)
+    files = [final / f"nvdimm{i}.img" for i in range(len(dax))]
+    if all(f.exists() for f in files):
+        return files
+    say(f"devdax-lab: preparing NVDIMM labels for {prepare_arg(dax)} (once; ~10-20 s under TCG)")
+    with atomic_entry(final) as tmp:
+        for i, d in enumerate(dax):
+            with open(tmp / f"nvdimm{i}.img", "wb") as f:
+                f.truncate(d.size)
+        run = make_run_dir()
+        spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, accel=accel,
+                      nvdimm_files=tuple(tmp / f"nvdimm{i}.img" for i in range(len(dax))),
+                      dax=tuple(dax), cmdline_extra=(f"devdax_lab.prepare={prepare_arg(dax)}",))
+        with Vm(spec, say=say) as vm:
+            try:
+                vm.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise vm._fail(VmTimeout, f"preparing the NVDIMM labels took over {timeout:.0f} s") from None
+            time.sleep(0.1)
+            lines = vm.console_tail(60)
+            if not any("devdax-lab: prepare ok" in line for line in lines):
+                raise vm._fail(VmError, "preparing the NVDIMM labels failed")
+    return files
+
+
+# ----------------------------------------------------------------------------
+# The usual way in
+
+
+def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
+         ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
+         progress=None) -> Vm:
+    """Resolve *kernel*, build its image, boot it and wait until it is ready.
+
+    The returned :class:`Vm` is running; use it as a context manager (or call
+    ``close()``) so QEMU is always stopped.
+    """
+    from . import image, kernels
+
+    artifacts = kernel if isinstance(kernel, KernelArtifacts) else kernels.resolve(kernel, progress=progress)
+    initrd = image.build_image(artifacts)
+    accel = probe_accel(say=say)
+    nvdimms = prepare_nvdimms(artifacts, initrd, dax, accel=accel, say=say)
+    run = make_run_dir()
+    try:
+        copies = []
+        for i, src in enumerate(nvdimms):
+            dst = run / f"nvdimm{i}.img"
+            copy_sparse(src, dst)
+            copies.append(dst)
+        spec = VmSpec(kernel=artifacts, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
+                      dax=tuple(dax), accel=accel, gdbstub=gdbstub)
+    except BaseException:
+        shutil.rmtree(run, ignore_errors=True)
+        raise
+    vm = Vm(spec, say=say)
+    vm.launch()
+    try:
+        vm.wait_ready(ready_timeout)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def interactive_shell(kernel: KernelArtifacts, initrd: Path, nvdimms: Sequence[Path],
+                      dax: Sequence[DaxSpec], accel: str) -> int:
+    """Boot with a shell on the console attached to this terminal (Ctrl-A X
+    quits QEMU); the agent still runs. Returns QEMU's exit status."""
+    run = make_run_dir()
+    try:
+        copies = []
+        for i, src in enumerate(nvdimms):
+            copy_sparse(src, run / f"nvdimm{i}.img")
+            copies.append(run / f"nvdimm{i}.img")
+        spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
+                      dax=tuple(dax), accel=accel, cmdline_extra=("devdax_lab.shell=1",))
+        print("devdax-lab: guest console follows; Ctrl-A X quits", flush=True)
+        proc = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--",
+                                 *qemu_argv(spec, console="mon:stdio")])
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
