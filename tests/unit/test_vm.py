@@ -1,0 +1,91 @@
+"""The QEMU command line and the file plumbing around it (no VM started)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from lab import vm
+from lab.model import DEFAULT_DAX, PUD_DAX, KernelArtifacts, VmSpec
+
+KERNEL = KernelArtifacts(name="before", release="6.12.0", vmlinuz=Path("/k/vmlinuz"),
+                         vmlinux=Path("/k/vmlinux"))
+
+
+def spec(**kw) -> VmSpec:
+    dax = kw.pop("dax", DEFAULT_DAX)
+    return VmSpec(kernel=KERNEL, initrd=Path("/k/initrd"), run_dir=Path("/run/x"),
+                  nvdimm_files=tuple(Path(f"/run/x/nv{i}") for i in range(len(dax))), dax=dax, **kw)
+
+
+def _pairs(argv, flag):
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_argv_has_one_nvdimm_per_device_and_no_network():
+    argv = vm.qemu_argv(spec())
+    devices = _pairs(argv, "-device")
+    assert [d for d in devices if d.startswith("nvdimm,")] == [
+        "nvdimm,memdev=nvm0,id=nv0,label-size=128K", "nvdimm,memdev=nvm1,id=nv1,label-size=128K"]
+    objects = _pairs(argv, "-object")
+    assert any("mem-path=/run/x/nv0" in o and "size=1088M" in o for o in objects)
+    assert ["-nic", "none"] == argv[argv.index("-nic"):argv.index("-nic") + 2]
+    assert "-nodefaults" in argv and "-no-reboot" in argv
+    assert "vmcoreinfo" in devices
+    assert _pairs(argv, "-machine") == ["pc,nvdimm=on,memory-backend=ram0"]
+    assert "slots=2" in _pairs(argv, "-m")[0]
+    assert "-cpu" not in argv  # the default CPU: 1G pages are only asked for with a 1G device
+
+
+def test_1g_device_asks_for_a_cpu_with_1g_pages_and_4_level_paging():
+    argv = vm.qemu_argv(spec(dax=(*DEFAULT_DAX, PUD_DAX)))
+    assert _pairs(argv, "-cpu") == ["max,la57=off"]
+    assert vm.prepare_arg((*DEFAULT_DAX, PUD_DAX)) == "4K,2M,1G:4G"
+
+
+def test_sockets_live_in_the_run_dir():
+    argv = vm.qemu_argv(spec(gdbstub=True))
+    for value in _pairs(argv, "-qmp") + _pairs(argv, "-chardev") + _pairs(argv, "-gdb"):
+        assert "/run/x/" in value
+
+
+def test_kernel_cmdline_carries_extras_and_panics_end_the_run():
+    line = vm.kernel_cmdline(spec(cmdline_extra=("devdax_lab.shell=1",)))
+    assert "console=ttyS0" in line and "panic=-1" in line and line.endswith("devdax_lab.shell=1")
+
+
+def test_cpu_virt_flags():
+    assert vm.cpu_has_virt_extensions("processor: 0\nflags\t\t: fpu svm lm\n")
+    assert not vm.cpu_has_virt_extensions("flags\t\t: fpu hypervisor lm\n")
+
+
+def test_probe_guest_exits_through_isa_debug_exit_under_tcg(tmp_path):
+    disk = tmp_path / "probe.img"
+    disk.write_bytes(vm._PROBE_SECTOR)
+    proc = subprocess.run(vm.probe_argv("qemu-system-x86_64", "tcg", disk), timeout=30,
+                          capture_output=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == vm._PROBE_EXIT
+
+
+def test_copy_sparse_keeps_holes_and_data(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with open(src, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"label" * 1000)
+        f.seek((64 << 20) - 4096)
+        f.write(b"end")
+    vm.copy_sparse(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert os.stat(dst).st_blocks * 512 < 1 << 20
+
+
+def test_sweep_removes_only_dirs_whose_processes_are_gone(tmp_path):
+    dead = tmp_path / (vm.RUN_PREFIX + "dead")
+    live = tmp_path / (vm.RUN_PREFIX + "live")
+    for d in (dead, live):
+        d.mkdir()
+        (d / "agent.sock").write_text("")
+    (dead / "owner.pid").write_text("999999999")
+    (live / "owner.pid").write_text(str(os.getpid()))
+    assert vm.sweep_stale_run_dirs(tmp_path) == [dead]
+    assert live.exists() and not dead.exists()
