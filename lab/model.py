@@ -97,12 +97,16 @@ class DaxSpec:
 
 # Two devices by default: a 4K-aligned one of about a GiB (262,144 struct
 # pages: the bulk-snapshot benchmark's device) and a 2M-aligned one.
+# QEMU shows an NVDIMM as its size minus the label area rounded up to the
+# backend alignment (2M), and places the next NVDIMM right after it. ndctl
+# wants regions 16M-aligned, so every size is a multiple of 16M plus 2M.
+_LABEL_ROUNDED = 2 * MiB
 DEFAULT_DAX: tuple[DaxSpec, ...] = (
-    DaxSpec(align=4 * KiB, size=1 * GiB + 64 * MiB),
-    DaxSpec(align=2 * MiB, size=512 * MiB),
+    DaxSpec(align=4 * KiB, size=1 * GiB + 64 * MiB + _LABEL_ROUNDED),
+    DaxSpec(align=2 * MiB, size=512 * MiB + _LABEL_ROUNDED),
 )
 # A 1G-aligned device needs 1G pages in the CPU and 4-level paging.
-PUD_DAX = DaxSpec(align=1 * GiB, size=5 * GiB, namespace_size=4 * GiB)
+PUD_DAX = DaxSpec(align=1 * GiB, size=5 * GiB + _LABEL_ROUNDED, namespace_size=4 * GiB)
 
 
 @dataclass(frozen=True)

@@ -520,7 +520,7 @@ def prepare_nvdimms(kernel: KernelArtifacts, initrd: Path, dax: Sequence[DaxSpec
         spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, accel=accel,
                       nvdimm_files=tuple(tmp / f"nvdimm{i}.img" for i in range(len(dax))),
                       dax=tuple(dax), cmdline_extra=(f"devdax_lab.prepare={prepare_arg(dax)}",))
-        with Vm(spec, say=say) as vm:
+        with Vm(spec, say=say, console_log=final.parent / "last-prepare-console.log") as vm:
             try:
                 vm.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -27,7 +27,7 @@ def test_argv_has_one_nvdimm_per_device_and_no_network():
     assert [d for d in devices if d.startswith("nvdimm,")] == [
         "nvdimm,memdev=nvm0,id=nv0,label-size=128K", "nvdimm,memdev=nvm1,id=nv1,label-size=128K"]
     objects = _pairs(argv, "-object")
-    assert any("mem-path=/run/x/nv0" in o and "size=1088M" in o for o in objects)
+    assert any("mem-path=/run/x/nv0" in o and "size=1090M" in o for o in objects)
     assert ["-nic", "none"] == argv[argv.index("-nic"):argv.index("-nic") + 2]
     assert "-nodefaults" in argv and "-no-reboot" in argv
     assert "vmcoreinfo" in devices
