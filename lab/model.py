@@ -129,3 +129,75 @@ class VmSpec:
     @property
     def needs_1g_pages(self) -> bool:
         return any(d.align >= GiB for d in self.dax)
+
+
+@dataclass(frozen=True)
+class FolioState:
+    """The state of one page and the folio it belongs to, as the kernel stores it.
+
+    ``mapcount`` is the page's raw ``_mapcount`` (-1 = unmapped). Fields a
+    kernel (or an order-0 folio) does not have are ``None``, never a guess.
+    """
+
+    pfn: int
+    folio_pfn: int
+    order: int
+    flags: tuple[str, ...]
+    refcount: int
+    mapcount: int
+    large_mapcount: int | None
+    entire_mapcount: int | None
+    nr_pages_mapped: int | None
+    pincount: int | None
+    mapping: int
+    index: int | None
+    pgmap: int | None
+
+
+@dataclass(frozen=True)
+class PercpuRefState:
+    """A ``struct percpu_ref`` summed as percpu_ref_read() would."""
+
+    count: int
+    mode: str  # "percpu", "atomic" or "dead"
+
+
+@dataclass(frozen=True)
+class PgmapState:
+    """One ``struct dev_pagemap``."""
+
+    address: int
+    type: str  # MEMORY_DEVICE_GENERIC, ...
+    ranges: tuple[tuple[int, int], ...]  # physical [start, end] inclusive, as struct range
+    vmemmap_shift: int
+    ops: int
+    flags: int
+    ref: PercpuRefState
+
+
+@dataclass(frozen=True)
+class PteState:
+    """The page-table entry that maps one user address."""
+
+    level: str  # PTE, PMD or PUD
+    raw: int
+    present: bool
+    write: bool
+    dirty: bool
+    young: bool
+    huge: bool
+    special: bool
+    devmap: bool | None  # None: this kernel has no devmap bit
+    pfn: int | None
+
+
+@dataclass(frozen=True)
+class VmaState:
+    """The VMA containing one user address."""
+
+    start: int
+    end: int
+    flags: int
+    flag_names: tuple[str, ...]
+    pgoff: int
+    file: str | None

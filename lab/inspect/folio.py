@@ -1,0 +1,105 @@
+"""``struct folio`` state of one PFN, on kernels from 6.12 to 7.x."""
+
+from __future__ import annotations
+
+import drgn
+from drgn import Object, cast
+from drgn.helpers.linux.mm import (
+    compound_head,
+    compound_order,
+    decode_page_flags,
+    page_index,
+    page_to_pfn,
+    pfn_to_page,
+)
+
+from ..model import FolioState
+from .attach import InspectError
+
+__all__ = ["folio_state", "page_pgmap", "has_member"]
+
+
+def has_member(prog: drgn.Program, type_name: str, member: str) -> bool:
+    """Whether *type_name* has *member* (cached in ``prog.cache``)."""
+    key = ("devdax-lab.has_member", type_name, member)
+    try:
+        return prog.cache[key]
+    except KeyError:
+        pass
+    try:
+        prog.type(type_name).member(member)
+        found = True
+    except LookupError:
+        found = False
+    prog.cache[key] = found
+    return found
+
+
+def _atomic(obj: Object) -> int:
+    return obj.counter.value_()
+
+
+def page_pgmap(page: Object) -> Object:
+    """The ``struct dev_pagemap *`` of a ZONE_DEVICE *page* (``struct page *``)."""
+    prog = page.prog_
+    # The pgmap moved from struct page to struct folio in Linux 6.15
+    # ("mm: move pgmap to folio", part of the ZONE_DEVICE refcount series).
+    if has_member(prog, "struct page", "pgmap"):
+        return page.pgmap
+    return cast("struct folio *", compound_head(page)).pgmap
+
+
+def _large_fields(folio: Object) -> dict[str, int | None]:
+    """Counters of a large folio, kept in its first tail page."""
+    prog = folio.prog_
+    out: dict[str, int | None] = {}
+    for name, member in (
+        ("large_mapcount", "_large_mapcount"),
+        ("entire_mapcount", "_entire_mapcount"),
+        # _nr_pages_mapped disappears with CONFIG_NO_PAGE_MAPCOUNT (7.x).
+        ("nr_pages_mapped", "_nr_pages_mapped"),
+        ("pincount", "_pincount"),
+    ):
+        out[name] = _atomic(getattr(folio, member)) if has_member(prog, "struct folio", member) else None
+    return out
+
+
+def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) -> FolioState:
+    """The state of the page at *pfn* and of its folio.
+
+    :param pfn: page frame number
+    :raises InspectError: if *pfn* has no struct page, or (with
+        *zone_device_only*) no ``dev_pagemap`` covers it.
+    """
+    from .pgmap import find_dev_pagemap
+
+    pgmap_obj = find_dev_pagemap(prog, pfn)
+    if not pgmap_obj and zone_device_only:
+        raise InspectError(f"PFN {pfn:#x} is not on any device (no dev_pagemap covers it)")
+    page = pfn_to_page(prog, pfn)
+    try:
+        page.flags.value_()
+    except drgn.FaultError as exc:
+        raise InspectError(f"PFN {pfn:#x} has no struct page (outside every memory section)") from exc
+    pgmap = pgmap_obj.value_() if pgmap_obj else None
+    head = compound_head(page)
+    folio = cast("struct folio *", head)
+    order = compound_order(head).value_()
+    large = _large_fields(folio) if order > 0 else dict.fromkeys(
+        ("large_mapcount", "entire_mapcount", "nr_pages_mapped", "pincount"))
+    try:
+        index = page_index(page).value_()
+    except (LookupError, AttributeError):
+        index = None
+    return FolioState(
+        pfn=pfn,
+        folio_pfn=page_to_pfn(head).value_(),
+        order=order,
+        flags=tuple(decode_page_flags(head).split("|")) if head.flags.value_() else (),
+        refcount=_atomic(folio._refcount),
+        mapcount=_atomic(page._mapcount),
+        mapping=folio.mapping.value_(),
+        index=index,
+        pgmap=pgmap,
+        **large,
+    )
