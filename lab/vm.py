@@ -322,7 +322,8 @@ class Vm:
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> Vm:
-        self.launch()
+        if self.proc is None:  # boot() hands over a Vm that is already running
+            self.launch()
         return self
 
     def __exit__(self, *exc) -> None:

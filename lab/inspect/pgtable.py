@@ -21,7 +21,7 @@ X86_BITS = {
     "dirty": 6,     # _PAGE_BIT_DIRTY
     "huge": 7,      # _PAGE_BIT_PSE (in a PMD or PUD)
     "special": 9,   # _PAGE_BIT_SPECIAL = _PAGE_BIT_SOFTW1
-    "devmap": 58,   # _PAGE_BIT_DEVMAP = _PAGE_BIT_SOFTW4, where the kernel has it
+    "devmap": 57,   # _PAGE_BIT_DEVMAP = _PAGE_BIT_SOFTW4, where the kernel has it
 }
 _PFN_MASK = ((1 << 52) - 1) & ~0xFFF  # PTE_PFN_MASK with 52 physical bits
 _LEVELS = ("PGD", "P4D", "PUD", "PMD", "PTE")
@@ -39,10 +39,11 @@ def devmap_supported(prog: drgn.Program) -> bool:
     key = "devdax-lab.devmap"
     if key not in prog.cache:
         found = False
-        for name in _DEVMAP_SYMBOLS[:1]:
+        for name in _DEVMAP_SYMBOLS:
             try:
                 prog.symbol(name)
                 found = True
+                break
             except LookupError:
                 pass
         prog.cache[key] = found
@@ -109,27 +110,10 @@ def pte_state(prog: drgn.Program, pid: int, address: int) -> PteState:
     return decode_entry(level, raw, devmap_supported(prog))
 
 
-def _vm_flag_names(prog: drgn.Program, flags: int) -> tuple[str, ...]:
-    """Names of the VM_* bits set in *flags*, from the kernel's own enum when
-    it has one (vma_flag_t bit numbers, Linux 6.18+), else the x86-64 values
-    of include/linux/mm.h."""
-    table = prog.cache.get("devdax-lab.vmflags")
-    if table is None:
-        table = {}
-        try:
-            for e in prog.type("enum vma_flag_bits" if False else "vma_flag_t").enumerators or ():
-                pass
-        except LookupError:
-            pass
-        try:
-            for name, value in prog.type("enum vm_flags_bits").enumerators:  # hypothetical
-                table[name] = 1 << value
-        except LookupError:
-            pass
-        if not table:
-            table = dict(_VM_FLAGS)
-        prog.cache["devdax-lab.vmflags"] = table
-    return tuple(name for name, mask in table.items() if flags & mask)
+def _vm_flag_names(flags: int) -> tuple[str, ...]:
+    """Names of the VM_* bits set in *flags* (include/linux/mm.h, x86-64:
+    macros, absent from DWARF; their values have not moved since 6.12)."""
+    return tuple(name for name, mask in _VM_FLAGS.items() if flags & mask)
 
 
 _VM_FLAGS = {
@@ -159,4 +143,4 @@ def vma_state(prog: drgn.Program, pid: int, address: int) -> VmaState:
     if vma.vm_file:
         file = vma.vm_file.f_path.dentry.d_name.name.string_().decode(errors="replace")
     return VmaState(start=vma.vm_start.value_(), end=vma.vm_end.value_(), flags=flags,
-                    flag_names=_vm_flag_names(prog, flags), pgoff=vma.vm_pgoff.value_(), file=file)
+                    flag_names=_vm_flag_names(flags), pgoff=vma.vm_pgoff.value_(), file=file)
