@@ -1,0 +1,129 @@
+"""A running guest and drgn attached to it, owned together.
+
+The session is what scenarios and notebooks drive: it boots the VM, attaches
+a drgn Program over QEMU's second QMP socket, and takes consistent snapshots
+by stopping the guest's CPUs (QMP ``stop``/``cont``) while it reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import drgn
+
+from . import inspect
+from .agent import AgentClient
+from .model import DEFAULT_DAX, DaxSpec, FolioState, KernelArtifacts, PgmapState, PteState
+from .vm import Vm, boot
+
+__all__ = ["Session", "Snapshot", "DeviceSnapshot"]
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """Every struct page of one device-dax namespace, from the bulk path."""
+
+    name: str
+    align: int
+    pages: inspect.PageArray
+    pgmap: PgmapState
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Kernel state read while the guest was stopped (``stopped`` says so)."""
+
+    kernel: str
+    release: str
+    stopped: bool
+    taken_at: float  # time.monotonic()
+    read_seconds: float
+    folios: tuple[FolioState, ...] = ()
+    ptes: tuple[tuple[int, int, PteState | None], ...] = ()  # (pid, address, entry)
+    devices: tuple[DeviceSnapshot, ...] = field(default=())
+
+
+class Session:
+    """One booted kernel with drgn attached. Use as a context manager."""
+
+    def __init__(self, vm: Vm, kernel: KernelArtifacts, prog: drgn.Program):
+        self.vm = vm
+        self.kernel = kernel
+        self.prog = prog
+
+    @classmethod
+    def boot(cls, kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
+             say=print, progress=None, ready_timeout: float = 120.0) -> Session:
+        """Boot *kernel*, wait until its devices are ready and attach drgn."""
+        from . import kernels
+
+        artifacts = kernel if isinstance(kernel, KernelArtifacts) else kernels.resolve(
+            kernel, progress=progress)
+        vm = boot(artifacts, dax=dax, say=say, ready_timeout=ready_timeout)
+        try:
+            prog = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", artifacts)
+        except BaseException:
+            vm.close()
+            raise
+        return cls(vm, artifacts, prog)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the Program (its QMP connection) and stop the VM."""
+        self.prog = None  # drgn closes its QMP socket when the Program is freed
+        self.vm.close()
+
+    @property
+    def agent(self) -> AgentClient:
+        assert self.vm.agent is not None
+        return self.vm.agent
+
+    def pid(self, proc: str) -> int:
+        """Guest pid of the agent's process named *proc*."""
+        procs = self.agent.procs()
+        if proc not in procs:
+            from .model import UserError
+
+            raise UserError(f"no guest process named {proc!r} (have: {', '.join(procs) or 'none'})")
+        return procs[proc]
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[None]:
+        """Stop the guest's CPUs for the duration (a consistent view)."""
+        self.vm.qmp.cmd("stop")
+        try:
+            yield
+        finally:
+            self.vm.qmp.cmd("cont")
+
+    def snapshot(self, pfns: Iterable[int] = (), entries: Iterable[tuple[int, int]] = (),
+                 *, devices: bool = True) -> Snapshot:
+        """Read the folios of *pfns*, the page-table entries of (pid, address)
+        *entries* and, with *devices*, every page of every device."""
+        t0 = time.monotonic()
+        with self.stopped():
+            folios = tuple(inspect.folio_state(self.prog, pfn) for pfn in pfns)
+            ptes = []
+            for pid, address in entries:
+                try:
+                    ptes.append((pid, address, inspect.pte_state(self.prog, pid, address)))
+                except inspect.InspectError:
+                    ptes.append((pid, address, None))
+            devs = tuple(self._device_snapshot(d) for d in self.vm.devices) if devices else ()
+        return Snapshot(kernel=self.kernel.name, release=self.vm.release, stopped=True,
+                        taken_at=t0, read_seconds=time.monotonic() - t0, folios=folios,
+                        ptes=tuple(ptes), devices=devs)
+
+    def _device_snapshot(self, device: dict) -> DeviceSnapshot:
+        first = device["start"] >> 12
+        pgmap = inspect.pgmap_state(self.prog, inspect.find_dev_pagemap(self.prog, first))
+        pages = inspect.read_pages(self.prog, first, device["size"] >> 12)
+        return DeviceSnapshot(name=device["name"], align=device["align"], pages=pages, pgmap=pgmap)
