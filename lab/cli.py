@@ -31,10 +31,10 @@ def cmd_kernels(args) -> int:
 
 def cmd_fetch(args) -> int:
     from . import kernels
-    from .progress import TerminalProgress
+    from .progress import TextProgress
 
     for name in args.names:
-        k = kernels.fetch(name, progress=TerminalProgress(), force=args.force)
+        k = kernels.fetch(name, progress=TextProgress(), force=args.force)
         print(f"{name}: {k.release} cached at {k.root}")
     return 0
 
@@ -42,11 +42,11 @@ def cmd_fetch(args) -> int:
 def cmd_prepare(args) -> int:
     """Fetch kernels, build their images and the prepared NVDIMM files."""
     from . import image, kernels, vm
-    from .progress import TerminalProgress
+    from .progress import TextProgress
 
     accel = vm.probe_accel()
     for name in args.names:
-        k = kernels.resolve(name, progress=TerminalProgress())
+        k = kernels.resolve(name, progress=TextProgress())
         initrd = image.build_image(k)
         vm.prepare_nvdimms(k, initrd, _dax_layout(args), accel=accel)
         print(f"{name}: {k.release} ready (image {initrd.stat().st_size // 1024} KiB)")
@@ -72,11 +72,11 @@ def _size(n: int) -> str:
 
 def cmd_boot(args) -> int:
     from . import image, kernels, vm
-    from .progress import TerminalProgress
+    from .progress import TextProgress
 
     dax = _dax_layout(args)
     if args.show_command or args.shell:
-        k = kernels.resolve(args.kernel, progress=TerminalProgress())
+        k = kernels.resolve(args.kernel, progress=TextProgress())
         initrd = image.build_image(k)
         accel = vm.probe_accel()
         files = vm.prepare_nvdimms(k, initrd, dax, accel=accel)
@@ -93,7 +93,7 @@ def cmd_boot(args) -> int:
         return vm.interactive_shell(k, initrd, files, dax, accel)
     for name in args.kernel.split(","):
         t0 = time.monotonic()
-        with vm.boot(name, dax=dax, progress=TerminalProgress(),
+        with vm.boot(name, dax=dax, progress=TextProgress(),
                      ready_timeout=args.timeout) as v:
             print(f"{name}: Linux {v.release}, ready in {v.time_to_ready:.2f} s "
                   f"({v.spec.accel}); device-dax namespaces:")

@@ -1,0 +1,94 @@
+"""Boot both kernels for real: release, namespaces, a fault whose PFN (from the
+guest's own /proc/PID/pagemap) lies on the device, clean shutdown, and no
+QEMU left behind when the Python side is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from lab import kernels, vm
+from lab.model import DEFAULT_DAX
+
+pytestmark = pytest.mark.live
+
+
+def test_release_and_namespaces(session):
+    v = session.vm
+    assert v.release == session.kernel.release
+    by_align = {d["align"]: d for d in v.devices}
+    assert sorted(by_align) == sorted(d.align for d in DEFAULT_DAX)
+    for spec in DEFAULT_DAX:
+        dev = by_align[spec.align]
+        # The namespace keeps most of its NVDIMM: only labels, info block,
+        # struct pages (memmap on the device) and alignment padding are lost.
+        assert 0.9 * spec.size < dev["size"] <= spec.size
+        assert dev["size"] % spec.align == 0 and dev["start"] % spec.align == 0
+
+
+def test_touched_page_is_on_the_device(session):
+    agent = session.agent
+    dev = session.vm.device("4K")
+    addr = agent.mmap("boot-a", dev["name"], 8 * 4096)
+    try:
+        agent.touch("boot-a", [addr + 3 * 4096], write=True)
+        entry = agent.pagemap("boot-a", [addr + 3 * 4096])[0]
+        assert entry["present"]
+        phys = entry["pfn"] << 12
+        assert dev["start"] <= phys < dev["start"] + dev["size"]
+    finally:
+        agent.exit("boot-a")
+
+
+def test_clean_shutdown_removes_everything():
+    v = vm.boot("before", say=lambda *_: None)
+    run_dir, proc = v.spec.run_dir, v.proc
+    v.close()
+    assert proc.returncode == 0  # powered off by the agent, not killed
+    assert not run_dir.exists()
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from lab import vm
+    v = vm.boot("before", say=lambda *_: None)
+    print(v.proc.pid, v.spec.run_dir, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_no_qemu_left_after_sigkill_of_python():
+    child = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        # setpriv execs QEMU, so this is QEMU's pid.
+        qemu_pids, run_dir = [int(line.split()[0])], Path(line.split()[1])
+        assert _alive(qemu_pids[0])
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in qemu_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in qemu_pids), "QEMU outlived its Python parent"
+        # The next start sweeps what a killed process could not clean up.
+        vm.sweep_stale_run_dirs()
+        assert not run_dir.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
