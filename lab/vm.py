@@ -251,13 +251,12 @@ def copy_sparse(src: Path, dst: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie waiting for a reaper does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat_line.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def run_parent() -> Path:
