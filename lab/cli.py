@@ -86,7 +86,8 @@ def cmd_boot(args) -> int:
 
         if args.show_command:
             spec = VmSpec(kernel=k, initrd=initrd, run_dir=Path("RUN_DIR"), nvdimm_files=tuple(
-                Path(f"RUN_DIR/nvdimm{i}.img") for i in range(len(dax))), dax=dax, accel=accel)
+                Path(f"RUN_DIR/nvdimm{i}.img") for i in range(len(dax))), dax=dax, accel=accel,
+                **vm.fast_boot(k))
             print(shlex.join(vm.qemu_argv(spec)))
             print(f"# RUN_DIR/nvdimmN.img are sparse copies of {files[0].parent}/nvdimmN.img")
             return 0

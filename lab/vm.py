@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -129,8 +130,10 @@ def qemu_argv(spec: VmSpec, *, console: str = "stdio") -> list[str]:
         ]
     if spec.gdbstub:
         argv += ["-gdb", f"unix:{run / 'gdb.sock'},server=on,wait=off"]
+    if spec.firmware:
+        argv += ["-bios", str(spec.firmware)]
     argv += [
-        "-kernel", str(spec.kernel.vmlinuz),
+        "-kernel", str(spec.boot_file or spec.kernel.vmlinuz),
         "-initrd", str(spec.initrd),
         "-append", kernel_cmdline(spec),
         *spec.extra_args,
@@ -162,6 +165,56 @@ def probe_argv(qemu: str, accel: str, disk: Path) -> list[str]:
         "-m", "16M", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
         "-drive", f"file={disk},format=raw,if=ide", "-boot", "c",
     ]
+
+
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+_XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def elf_note_segments(header: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of each PT_NOTE segment, from the first bytes of an
+    x86-64 ELF file (its ELF and program headers)."""
+    if header[:4] != b"\x7fELF" or header[4] != 2:
+        return []
+    phoff, = struct.unpack_from("<Q", header, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+    segments = []
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", header, phoff + i * phentsize)
+        if p_type == 4:  # PT_NOTE
+            segments.append((p_offset, p_filesz))
+    return segments
+
+
+def has_pvh_entry(notes: bytes) -> bool:
+    """Whether ELF *notes* hold the Xen PHYS32_ENTRY note QEMU's PVH boot needs."""
+    pos = 0
+    while pos + 12 <= len(notes):
+        namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
+        name = notes[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+        if name == b"Xen" and ntype == _XEN_ELFNOTE_PHYS32_ENTRY:
+            return True
+        pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def boot_file_for(kernel: KernelArtifacts) -> Path:
+    """The file -kernel should load: vmlinux when it can be booted by PVH
+    (no decompressor: faster under TCG), else the bzImage."""
+    try:
+        with open(kernel.vmlinux, "rb") as f:
+            for offset, size in elf_note_segments(f.read(4096)):
+                f.seek(offset)
+                if has_pvh_entry(f.read(size)):
+                    return kernel.vmlinux
+    except (OSError, struct.error):
+        pass
+    return kernel.vmlinuz
+
+
+def fast_boot(kernel: KernelArtifacts) -> dict:
+    """VmSpec fields for the fastest boot this machine allows."""
+    return {"boot_file": boot_file_for(kernel), "firmware": QBOOT if QBOOT.exists() else None}
 
 
 # ----------------------------------------------------------------------------
@@ -518,7 +571,7 @@ def prepare_nvdimms(kernel: KernelArtifacts, initrd: Path, dax: Sequence[DaxSpec
             with open(tmp / f"nvdimm{i}.img", "wb") as f:
                 f.truncate(d.size)
         run = make_run_dir()
-        spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, accel=accel,
+        spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, accel=accel, **fast_boot(kernel),
                       nvdimm_files=tuple(tmp / f"nvdimm{i}.img" for i in range(len(dax))),
                       dax=tuple(dax), cmdline_extra=(f"devdax_lab.prepare={prepare_arg(dax)}",))
         with Vm(spec, say=say, console_log=final.parent / "last-prepare-console.log") as vm:
@@ -559,7 +612,7 @@ def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
             copy_sparse(src, dst)
             copies.append(dst)
         spec = VmSpec(kernel=artifacts, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
-                      dax=tuple(dax), accel=accel, gdbstub=gdbstub)
+                      dax=tuple(dax), accel=accel, gdbstub=gdbstub, **fast_boot(artifacts))
     except BaseException:
         shutil.rmtree(run, ignore_errors=True)
         raise
@@ -584,7 +637,8 @@ def interactive_shell(kernel: KernelArtifacts, initrd: Path, nvdimms: Sequence[P
             copy_sparse(src, run / f"nvdimm{i}.img")
             copies.append(run / f"nvdimm{i}.img")
         spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
-                      dax=tuple(dax), accel=accel, cmdline_extra=("devdax_lab.shell=1",))
+                      dax=tuple(dax), accel=accel, cmdline_extra=("devdax_lab.shell=1",),
+                      **fast_boot(kernel))
         print("devdax-lab: guest console follows; Ctrl-A X quits", flush=True)
         proc = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--",
                                  *qemu_argv(spec, console="mon:stdio")])

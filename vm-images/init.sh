@@ -15,16 +15,22 @@ mkdir -p /dev/pts /tmp /run
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 
+say() {  # a line for the host, stamped with the guest's uptime
+    echo "devdax-lab: $* (uptime $(cut -d' ' -f1 /proc/uptime))"
+}
+
 arg() {  # value of devdax_lab.$1= on the kernel command line
     for word in $(cat /proc/cmdline); do
         case "$word" in devdax_lab.$1=*) echo "${word#*=}"; return;; esac
     done
 }
 
+say "init started"
 for mod in $(cat /etc/devdax-lab/modules.order); do
-    insmod "/lib/modules/$mod.ko" || echo "devdax-lab: insmod $mod failed"
+    insmod "/lib/modules/$mod.ko" || say "insmod $mod failed"
+    [ "$(arg timing)" = "1" ] && say "loaded $mod"
 done
-echo "devdax-lab: modules loaded"
+say "modules loaded"
 
 prepare="$(arg prepare)"
 if [ -n "$prepare" ]; then
@@ -58,7 +64,7 @@ if [ -z "$port" ]; then
     echo "devdax-lab: no agent port (virtio-serial org.devdax-lab.agent) found"
     poweroff -f
 fi
-echo "devdax-lab: agent on $port"
+say "agent on $port"
 # Respawn the agent if it ever dies, so one bad moment does not end the guest.
 ( while true; do /bin/agent "$port" --allow-poweroff; echo "devdax-lab: agent exited $?"; sleep 1; done ) &
 

@@ -89,3 +89,35 @@ def test_sweep_removes_only_dirs_whose_processes_are_gone(tmp_path):
     (live / "owner.pid").write_text(str(os.getpid()))
     assert vm.sweep_stale_run_dirs(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
+
+
+def _elf_with_notes(notes: bytes) -> bytes:
+    """A minimal ELF64 header + one PT_NOTE program header + the notes."""
+    import struct
+
+    ehdr = bytearray(64)
+    ehdr[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", ehdr, 0x20, 64)  # e_phoff
+    struct.pack_into("<HH", ehdr, 0x36, 56, 1)  # e_phentsize, e_phnum
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, 120, 0, 0, len(notes), len(notes), 4)
+    return bytes(ehdr) + phdr + notes
+
+
+def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    import struct
+
+    pad = lambda b: b + b"\0" * (-len(b) % 4)  # noqa: E731
+    return struct.pack("<III", len(name) + 1, len(desc), ntype) + pad(name + b"\0") + pad(desc)
+
+
+def test_pvh_note_found_only_when_present(tmp_path):
+    with_pvh = _elf_with_notes(_note(b"GNU", 3, b"\x01" * 20) + _note(b"Xen", 18, b"\0" * 4))
+    without = _elf_with_notes(_note(b"GNU", 3, b"\x01" * 20) + _note(b"Xen", 17, b"\0" * 4))
+    for data, expected in ((with_pvh, True), (without, False)):
+        segments = vm.elf_note_segments(data)
+        assert segments == [(120, len(data) - 120)]
+        assert vm.has_pvh_entry(data[120:]) is expected
+        path = tmp_path / f"vmlinux-{expected}"
+        path.write_bytes(data)
+        k = KernelArtifacts(name="x", release="r", vmlinuz=Path("/k/bz"), vmlinux=path)
+        assert vm.boot_file_for(k) == (path if expected else Path("/k/bz"))
