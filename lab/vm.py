@@ -362,6 +362,7 @@ class Vm:
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.complaints: list[tuple[int, Complaint]] = []  # (console line number, complaint)
         self.lines_seen = 0
+        self.marks: list[tuple[float, str]] = []  # (seconds since launch, /init's line)
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._agent_sock: socket.socket | None = None
@@ -411,6 +412,8 @@ class Vm:
                 with self._lock:
                     self.lines_seen += 1
                     self.tail.append(line)
+                    if line.startswith("devdax-lab:"):
+                        self.marks.append((time.monotonic() - self.started_at, line))
                     complaint = find_complaint(line)
                     if complaint:
                         self.complaints.append((self.lines_seen, complaint))
@@ -592,7 +595,7 @@ def prepare_nvdimms(kernel: KernelArtifacts, initrd: Path, dax: Sequence[DaxSpec
 
 def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
          ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
-         progress=None) -> Vm:
+         progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None) -> Vm:
     """Resolve *kernel*, build its image, boot it and wait until it is ready.
 
     The returned :class:`Vm` is running; use it as a context manager (or call
@@ -612,11 +615,12 @@ def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
             copy_sparse(src, dst)
             copies.append(dst)
         spec = VmSpec(kernel=artifacts, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
-                      dax=tuple(dax), accel=accel, gdbstub=gdbstub, **fast_boot(artifacts))
+                      dax=tuple(dax), accel=accel, gdbstub=gdbstub,
+                      cmdline_extra=tuple(cmdline_extra), **fast_boot(artifacts))
     except BaseException:
         shutil.rmtree(run, ignore_errors=True)
         raise
-    vm = Vm(spec, say=say)
+    vm = Vm(spec, say=say, console_log=console_log)
     vm.launch()
     try:
         vm.wait_ready(ready_timeout)

@@ -32,6 +32,13 @@ for mod in $(cat /etc/devdax-lab/modules.order); do
 done
 say "modules loaded"
 
+# devdax_lab.crash=1 crashes the kernel on purpose (sysrq c: a NULL
+# dereference, Oops, panic) so the host's crash detection can be tested live.
+if [ "$(arg crash)" = "1" ]; then
+    echo 1 > /proc/sys/kernel/sysrq
+    echo c > /proc/sysrq-trigger
+fi
+
 prepare="$(arg prepare)"
 if [ -n "$prepare" ]; then
     # prepare=ALIGN[:SIZE],ALIGN[:SIZE],... one entry per NVDIMM region, in order.

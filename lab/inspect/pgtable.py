@@ -29,9 +29,9 @@ _SHIFTS = {"PGD": 39, "P4D": 39, "PUD": 30, "PMD": 21, "PTE": 12}
 
 # Functions that exist only in kernels with a devmap page-table bit
 # (ARCH_HAS_PTE_DEVMAP; removed in Linux 6.17 by "mm: remove devmap related
-# functions and page table bits").
-_DEVMAP_SYMBOLS = ("follow_devmap_pmd", "vmf_insert_pfn_pud", "__gup_device_huge_pmd",
-                   "gup_fast_devmap_pmd_leaf", "pmd_devmap")
+# functions and page table bits"): the GUP-fast devmap leaf walkers (renamed
+# from __gup_device_huge in 6.10) and follow_devmap_pmd (until 6.13).
+_DEVMAP_SYMBOLS = ("gup_fast_devmap_leaf", "__gup_device_huge", "follow_devmap_pmd")
 
 
 def devmap_supported(prog: drgn.Program) -> bool:

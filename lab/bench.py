@@ -1,0 +1,119 @@
+"""``devdax-lab bench``: measured, not asserted. Prints figures and ratios
+that docs/BENCHMARKS.md records.
+
+- ``boot``: QEMU start to device-dax ready, per kernel (median of runs), and
+  where the time goes, from the guest-uptime stamps /init prints.
+- ``snapshot``: every struct page of the 1 GiB 4K device, read page by page
+  through drgn objects against one bulk read decoded with numpy.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Sequence
+
+__all__ = ["main", "boot_phases", "MARK"]
+
+MARK = re.compile(r"^devdax-lab: (?P<what>.*?) \(uptime (?P<uptime>\d+\.\d+)\)$")
+
+
+def boot_phases(marks: Sequence[tuple[float, str]], ready: float) -> dict[str, float]:
+    """Split a boot into phases from /init's stamped lines.
+
+    :param marks: (host seconds since QEMU start, line) for each line /init printed
+    :param ready: host seconds from QEMU start to ready
+    :return: seconds spent in: firmware and kernel load (before the kernel's
+        clock starts), kernel boot to /init, module loading, agent and
+        namespaces until ready.
+    """
+    stamps = {}
+    for host_t, line in marks:
+        m = MARK.match(line)
+        if m:
+            stamps[m["what"]] = (host_t, float(m["uptime"]))
+    host_init, up_init = stamps["init started"]
+    _, up_modules = stamps["modules loaded"]
+    kernel_zero = host_init - up_init  # host time when the guest's clock read 0
+    return {
+        "firmware+load": kernel_zero,
+        "kernel to /init": up_init,
+        "modules": up_modules - up_init,
+        "agent+namespaces": ready - (kernel_zero + up_modules),
+    }
+
+
+def bench_boot(kernel_names: Sequence[str], runs: int) -> int:
+    from . import vm
+
+    print(f"boot: QEMU start to device-dax ready, {runs} runs per kernel "
+          f"(accelerator: {vm.probe_accel(say=lambda *_: None)})")
+    for name in kernel_names:
+        times, phases = [], []
+        for _ in range(runs):
+            with vm.boot(name, say=lambda *_: None) as v:
+                times.append(v.time_to_ready)
+                phases.append(boot_phases(v.marks, v.time_to_ready))
+        med = statistics.median(times)
+        print(f"  {name:<7} median {med:.2f} s  (min {min(times):.2f}, max {max(times):.2f}; "
+              f"target 3.00 s: {med / 3.0:.2f}x of target)")
+        for phase in phases[0]:
+            print(f"      {phase:<18} {statistics.median(p[phase] for p in phases):.2f} s")
+    return 0
+
+
+def bench_snapshot(kernel_name: str, runs: int) -> int:
+    import numpy as np
+    from drgn.helpers.linux.mm import pfn_to_page
+
+    from . import inspect
+    from .session import Session
+
+    t0 = time.monotonic()
+    with Session.boot(kernel_name, say=lambda *_: None) as s:
+        print(f"snapshot: kernel {kernel_name} ({s.vm.release}), booted in {time.monotonic() - t0:.1f} s")
+        loads = []
+        for _ in range(3):
+            t = time.perf_counter()
+            inspect.attach(s.vm.spec.run_dir / "drgn-qmp.sock", s.kernel)
+            loads.append(time.perf_counter() - t)
+        print(f"  attach + debug info load (vmlinux + {len(s.kernel.module_debug)} modules): "
+              f"median {statistics.median(loads) * 1000:.0f} ms")
+        dev = s.vm.device("4K")
+        first, count = dev["start"] >> 12, dev["size"] >> 12
+        prog = s.prog
+        with s.stopped():
+            bulk_times = []
+            for _ in range(max(runs, 3)):
+                t = time.perf_counter()
+                bulk = inspect.read_pages(prog, first, count)
+                bulk_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ref = np.empty(count, np.int64)
+            mapc = np.empty(count, np.int64)
+            flags = np.empty(count, np.uint64)
+            for i in range(count):
+                page = pfn_to_page(prog, first + i)
+                ref[i] = page._refcount.counter.value_()
+                mapc[i] = page._mapcount.counter.value_()
+                flags[i] = page.flags.value_()
+            per_page = time.perf_counter() - t
+        same = (np.array_equal(ref, bulk.refcount) and np.array_equal(mapc, bulk.mapcount)
+                and np.array_equal(flags, bulk.flags))
+        best = min(bulk_times)
+        print(f"  device {dev['name']}: {count} struct pages ({count * 4096 / (1 << 30):.2f} GiB of 4K pages)")
+        print(f"  per-page drgn objects: {per_page:.2f} s ({per_page / count * 1e6:.1f} us/page)")
+        print(f"  bulk read + numpy:     {best * 1000:.1f} ms best, "
+              f"{statistics.median(bulk_times) * 1000:.1f} ms median of {len(bulk_times)} "
+              f"(target 20 ms)")
+        print(f"  speed-up: {per_page / best:.1f}x (target 100x); results identical: {same}")
+        return 0 if same else 1
+
+
+def main(args) -> int:
+    if args.what == "boot":
+        return bench_boot(args.kernels.split(","), args.runs)
+    if args.what == "snapshot":
+        return bench_snapshot(args.kernels.split(",")[0], args.runs)
+    raise AssertionError(args.what)
