@@ -252,14 +252,14 @@ def test_load_order_cycle():
 
 DEB822 = """\
 Types: deb
-# http://snapshot.debian.org/archive/debian/20250520T000000Z
+# http://snap.example.org/archive/debian/20250520T000000Z
 URIs: http://deb.example.org/debian
 Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
-# http://snapshot.debian.org/archive/debian-security/20250520T000000Z
+# http://snap.example.org/archive/debian-security/20250520T000000Z
 URIs: http://deb.example.org/debian-security
 Suites: bookworm-security
 Components: main
