@@ -75,8 +75,9 @@ def bench_snapshot(kernel_name: str, runs: int) -> int:
         print(f"snapshot: kernel {kernel_name} ({s.vm.release}), booted in {time.monotonic() - t0:.1f} s")
         loads = []
         for _ in range(3):
+            s.detach()
             t = time.perf_counter()
-            inspect.attach(s.vm.spec.run_dir / "drgn-qmp.sock", s.kernel)
+            s.attach()
             loads.append(time.perf_counter() - t)
         print(f"  attach + debug info load (vmlinux + {len(s.kernel.module_debug)} modules): "
               f"median {statistics.median(loads) * 1000:.0f} ms")

@@ -8,6 +8,7 @@ by stopping the guest's CPUs (QMP ``stop``/``cont``) while it reads.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,8 +79,20 @@ class Session:
 
     def close(self) -> None:
         """Drop the Program (its QMP connection) and stop the VM."""
-        self.prog = None  # drgn closes its QMP socket when the Program is freed
+        self.detach()
         self.vm.close()
+
+    def detach(self) -> None:
+        """Drop the drgn Program: drgn closes its QMP connection when the
+        Program is freed, and QEMU serves one QMP client per socket."""
+        self.prog = None
+        gc.collect()
+
+    def attach(self, kernel: KernelArtifacts | None = None) -> drgn.Program:
+        """(Re)attach drgn, with *kernel*'s debug info (default: the booted one)."""
+        self.detach()
+        self.prog = inspect.attach(self.vm.spec.run_dir / "drgn-qmp.sock", kernel or self.kernel)
+        return self.prog
 
     @property
     def agent(self) -> AgentClient:

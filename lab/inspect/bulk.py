@@ -14,7 +14,7 @@ import numpy as np
 from drgn import offsetof
 from drgn.helpers.linux.mm import pfn_to_page
 
-__all__ = ["PageArray", "page_dtype", "read_pages", "decode_pages"]
+__all__ = ["PageArray", "page_dtype", "head_encoding", "read_pages", "decode_pages"]
 
 
 @dataclass(frozen=True)
@@ -75,27 +75,53 @@ def page_dtype(prog: drgn.Program) -> np.dtype:
     })
 
 
-def decode_pages(raw: bytes, first_pfn: int, vmemmap_base: int, dtype: np.dtype) -> PageArray:
+def head_encoding(prog: drgn.Program) -> str:
+    """How a tail page points at its head: ``"pointer"`` (head address + 1)
+    or ``"mask"`` (page address & compound_info), as drgn's compound_head()
+    decides it.
+
+    Linux 7.1 ("mm: rework compound_head() for power-of-2 sizeof(struct
+    page)", 8c846c879e22) stores a mask when sizeof(struct page) is a power of
+    two and struct zone has vmemmap_tails.
+    """
+    if _head_member(prog) != "compound_info":
+        return "pointer"
+    size = drgn.sizeof(prog.type("struct page"))
+    power_of_two = size & (size - 1) == 0
+    return "mask" if power_of_two and prog.type("struct zone").has_member("vmemmap_tails") else "pointer"
+
+
+def decode_pages(raw: bytes, first_pfn: int, vmemmap_base: int, dtype: np.dtype,
+                 head_mode: str = "pointer") -> PageArray:
     """Decode *raw* (consecutive struct pages starting at *first_pfn*).
 
     :param vmemmap_base: address of the struct page of PFN 0
+    :param head_mode: see :func:`head_encoding`
     """
     pages = np.frombuffer(raw, dtype=dtype)
     pfn = np.arange(first_pfn, first_pfn + len(pages), dtype=np.uint64)
-    head = pages["head"]
-    is_tail = (head & 1).astype(bool)
+    info = pages["head"]
+    is_tail = (info & 1).astype(bool)
+    size = np.uint64(dtype.itemsize)
+    base = np.uint64(vmemmap_base)
+    if head_mode == "mask":
+        own = base + pfn[is_tail] * size
+        head_addr = own & info[is_tail]
+    else:
+        head_addr = info[is_tail] - np.uint64(1)
     head_pfn = pfn.copy()
-    head_pfn[is_tail] = ((head[is_tail] - 1) - np.uint64(vmemmap_base)) // np.uint64(dtype.itemsize)
+    head_pfn[is_tail] = (head_addr - base) // size
     return PageArray(pfn=pfn, flags=pages["flags"].copy(), refcount=pages["_refcount"].copy(),
                      mapcount=pages["_mapcount"].copy(), head_pfn=head_pfn)
 
 
 def read_pages(prog: drgn.Program, first_pfn: int, count: int) -> PageArray:
     """Read and decode the struct pages of PFNs ``first_pfn .. first_pfn+count-1``."""
-    key = "devdax-lab.page_dtype"
-    dtype = prog.cache.get(key)
-    if dtype is None:
-        dtype = prog.cache[key] = page_dtype(prog)
+    key = "devdax-lab.page_layout"
+    layout = prog.cache.get(key)
+    if layout is None:
+        layout = prog.cache[key] = (page_dtype(prog), head_encoding(prog))
+    dtype, head_mode = layout
     base = pfn_to_page(prog, 0).value_()
     raw = prog.read(base + first_pfn * dtype.itemsize, count * dtype.itemsize)
-    return decode_pages(raw, first_pfn, base, dtype)
+    return decode_pages(raw, first_pfn, base, dtype, head_mode)

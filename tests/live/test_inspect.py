@@ -152,3 +152,18 @@ def test_bad_questions_are_clear_errors(session):
     pid = session.agent.ping()["pid"]
     with pytest.raises(inspect.InspectError, match="no page-table entry maps|no mapping"):
         inspect.pte_state(session.prog, pid, 0x10000)
+
+
+def test_debug_info_of_another_kernel_is_refused(session):
+    from lab import kernels
+
+    other = kernels.resolve("after" if session.kernel.name == "before" else "before", fetch=False)
+    with pytest.raises(inspect.InspectError, match="held by another drgn Program"):
+        inspect.attach(session.vm.spec.run_dir / "drgn-qmp.sock", session.kernel)
+    try:
+        session.detach()
+        with pytest.raises(inspect.InspectError, match="does not match|debug info is for"):
+            inspect.attach(session.vm.spec.run_dir / "drgn-qmp.sock", other)
+    finally:
+        session.attach()
+    assert inspect.folio_state(session.prog, session.vm.devices[0]["start"] >> 12).order == 0
