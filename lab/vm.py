@@ -426,6 +426,17 @@ class Vm:
         time.sleep(0.2)  # let the console reader catch the last lines
         return cls(message, argv=self.argv, console_tail=self.console_tail())
 
+    def _settle(self, timeout: float = 3.0) -> None:
+        """After the guest went quiet: give QEMU time to exit and the console
+        reader time to read its last lines."""
+        if self.proc:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return
+        if self._reader:
+            self._reader.join(timeout=timeout)
+
     def check_alive(self) -> None:
         """Raise if QEMU exited or the guest panicked/oopsed."""
         with self._lock:
@@ -473,6 +484,8 @@ class Vm:
             except AgentTimeout:
                 pass
             except AgentDisconnected as exc:
+                self._settle()
+                self.check_alive()  # a crash explains a closed channel best
                 raise self._fail(VmError, f"the agent channel closed: {exc}") from exc
             if time.monotonic() > deadline:
                 raise self._fail(VmTimeout, f"the guest agent did not answer within {timeout:.0f} s")

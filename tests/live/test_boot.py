@@ -92,3 +92,13 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_guest_panic_is_a_clear_error_and_leaves_nothing():
+    before = set(vm.run_parent().glob(vm.RUN_PREFIX + "*"))
+    with pytest.raises(vm.GuestCrashed) as info:
+        vm.boot("before", say=lambda *_: None, cmdline_extra=["devdax_lab.crash=1"], ready_timeout=60)
+    message = str(info.value)
+    assert message.startswith("the guest kernel crashed: Kernel panic - not syncing: sysrq triggered crash")
+    assert "last lines of the guest console" in message
+    assert set(vm.run_parent().glob(vm.RUN_PREFIX + "*")) <= before
