@@ -8,6 +8,7 @@ from drgn.helpers.linux.mm import (
     compound_head,
     compound_order,
     decode_page_flags,
+    page_flags,
     page_index,
     page_to_pfn,
     pfn_to_page,
@@ -78,7 +79,7 @@ def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) 
         raise InspectError(f"PFN {pfn:#x} is not on any device (no dev_pagemap covers it)")
     page = pfn_to_page(prog, pfn)
     try:
-        page.flags.value_()
+        page_flags(page).value_()
     except drgn.FaultError as exc:
         raise InspectError(f"PFN {pfn:#x} has no struct page (outside every memory section)") from exc
     pgmap = pgmap_obj.value_() if pgmap_obj else None
@@ -95,7 +96,7 @@ def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) 
         pfn=pfn,
         folio_pfn=page_to_pfn(head).value_(),
         order=order,
-        flags=tuple(decode_page_flags(head).split("|")) if head.flags.value_() else (),
+        flags=tuple(decode_page_flags(head).split("|")) if page_flags(head).value_() else (),
         refcount=_atomic(folio._refcount),
         mapcount=_atomic(page._mapcount),
         mapping=folio.mapping.value_(),
