@@ -58,9 +58,9 @@ def test_clean_shutdown_removes_everything():
 SCRIPT = textwrap.dedent("""
     import sys, time
     from lab import vm
-    v = vm.boot("before", say=lambda *_: None)
-    print(v.proc.pid, v.spec.run_dir, flush=True)
-    time.sleep(600)
+    with vm.boot("before", say=lambda *_: None) as v:
+        print(v.proc.pid, v.spec.run_dir, flush=True)
+        time.sleep(600)
 """)
 
 
@@ -102,3 +102,20 @@ def test_guest_panic_is_a_clear_error_and_leaves_nothing():
     assert message.startswith("the guest kernel crashed: Kernel panic - not syncing: sysrq triggered crash")
     assert "last lines of the guest console" in message
     assert set(vm.run_parent().glob(vm.RUN_PREFIX + "*")) <= before
+
+
+def test_ctrl_c_stops_qemu_and_cleans_up():
+    """SIGINT (what Ctrl-C sends to the foreground process) during a session:
+    the CLI-style handler exits, QEMU is reaped and the run dir is gone."""
+    child = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        qemu_pid, run_dir = int(line.split()[0]), Path(line.split()[1])
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=30) != 0  # KeyboardInterrupt ended it
+        assert not _alive(qemu_pid)
+        assert not run_dir.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
