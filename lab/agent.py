@@ -374,6 +374,11 @@ class AgentClient:
             out += self.request("pagemap", proc=proc, addrs=chunk)["entries"]
         return out
 
+    def kmsg(self, text: str) -> int:
+        """Write *text* to the guest kernel's log (/dev/kmsg; a "<N>" prefix
+        sets the level). Returns the bytes written."""
+        return int(self.request("kmsg", text=text)["bytes"])
+
     def poweroff(self) -> None:
         """Ask the guest to power off (refused with EPERM unless the agent is
         PID 1 or runs with --allow-poweroff).  The connection closes afterwards."""

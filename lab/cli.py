@@ -103,6 +103,52 @@ def cmd_boot(args) -> int:
     return 0
 
 
+def _write_experiment(exp, out) -> None:
+    from pathlib import Path
+
+    from . import report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_outputs(out, exp.frames, exp.meta)
+    f = exp.frames
+    path = report.build_report(
+        out, title=f"{exp.scenario.title or exp.scenario.name}",
+        scenario_text=exp.scenario.text, meta=exp.meta, timeline=f["timeline"], steps=f["steps"],
+        device=f["device"], device_pages=f["device_pages"], complaints=f["complaints"],
+        diff=f.get("diff"), differences=exp.differences, violations=exp.violations)
+    print(f"devdax-lab: wrote {out}/timeline.parquet, timeline.csv, meta.json and {path}")
+    if exp.violations:
+        print(f"devdax-lab: {len(exp.violations)} invariant violation(s), listed in the report")
+
+
+def cmd_run(args) -> int:
+    from pathlib import Path
+
+    from .experiment import run_experiment
+    from .progress import TextProgress
+
+    exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress())
+    _write_experiment(exp, args.out)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .experiment import run_experiment
+    from .progress import TextProgress
+
+    names = [k for k in args.kernels.split(",") if k]
+    if len(names) < 2:
+        raise UserError(f"--kernels needs at least two kernels separated by commas, got {args.kernels!r}")
+    exp = run_experiment(Path(args.scenario), names, progress=TextProgress())
+    _write_experiment(exp, args.out)
+    for line in exp.differences:
+        print(f"  {line}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from .doctor import run_checks
 
@@ -147,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pud", action="store_true", help="add a 1G-aligned device (needs 1G pages)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
     s.set_defaults(func=cmd_boot)
+
+    s = sub.add_parser("run", help="run a scenario on one kernel: timeline, report, meta")
+    s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
+    s.add_argument("--kernel", required=True, help="before, after, or another known kernel")
+    s.add_argument("--out", required=True, help="output directory")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("compare", help="run a scenario on several kernels and report the differences")
+    s.add_argument("scenario")
+    s.add_argument("--kernels", default="before,after", help="comma list (default before,after)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
     s.set_defaults(func=cmd_doctor)

@@ -86,7 +86,9 @@ class VmTimeout(VmError, TimeoutError):
 
 def kernel_cmdline(spec: VmSpec) -> str:
     """The guest kernel's command line for *spec*."""
-    words = ["console=ttyS0", "loglevel=4", "panic=-1", "printk.time=1"]
+    # loglevel=5: KERN_WARNING lines (WARN_ON splats) reach the console, where
+    # the host records them as complaints of the step that caused them.
+    words = ["console=ttyS0", "loglevel=5", "panic=-1", "printk.time=1"]
     words += list(spec.cmdline_extra)
     return " ".join(words)
 
@@ -667,3 +669,12 @@ def interactive_shell(kernel: KernelArtifacts, initrd: Path, nvdimms: Sequence[P
                 proc.wait()
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+def qemu_version(qemu: str = "qemu-system-x86_64") -> str:
+    """First line of ``qemu --version`` (for the provenance of a run)."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"

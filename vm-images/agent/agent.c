@@ -1148,6 +1148,27 @@ static int cmd_echo(struct req *r, struct sbuf *res, struct err *e)
 	return 0;
 }
 
+/* kmsg: write one line to the kernel log (/dev/kmsg), as kselftests do, so
+ * the host can mark the log or test that it records kernel complaints. */
+static int cmd_kmsg(struct req *r, struct sbuf *res, struct err *e)
+{
+	struct jval *v = arg(r, "text");
+	if (arg_type(r, "text", v, J_STR, e))
+		return -1;
+	int fd = open("/dev/kmsg", O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		int en = errno;
+		return fail(e, en, "kmsg: open /dev/kmsg: %s", strerror(en));
+	}
+	ssize_t n = write(fd, v->str, v->len);
+	int en = errno;
+	close(fd);
+	if (n < 0)
+		return fail(e, en, "kmsg: write: %s", strerror(en));
+	res_i64(res, "bytes", n);
+	return 0;
+}
+
 static int read_text(const char *dir, const char *name, const char *file, char *buf, size_t size)
 {
 	char path[PATH_MAX];
@@ -1272,6 +1293,7 @@ struct cmd {
 static const struct cmd g_cmds[] = {
 	{"ping", AT_AGENT, K_PLAIN, cmd_ping},
 	{"echo", AT_AGENT, K_PLAIN, cmd_echo},
+	{"kmsg", AT_AGENT, K_PLAIN, cmd_kmsg},
 	{"namespaces", AT_AGENT, K_PLAIN, cmd_namespaces},
 	{"procs", AT_AGENT, K_PLAIN, cmd_procs},
 	{"poweroff", AT_AGENT, K_PLAIN, cmd_poweroff},

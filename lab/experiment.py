@@ -1,0 +1,108 @@
+"""One scenario on one or more kernels, from the file to the output
+directory: validate, boot each kernel, run, build the frames, compare, check
+invariants, write the report. The CLI's `run` and `compare` call this.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from . import timeline as tl
+from .model import DEFAULT_DAX, PUD_DAX, UserError
+from .runner import RunResult, run_scenario
+from .scenario import Scenario, load_scenario
+
+__all__ = ["Experiment", "run_experiment", "frames_of", "provenance"]
+
+
+@dataclass
+class Experiment:
+    """Everything a report is made of."""
+
+    scenario: Scenario
+    runs: list[RunResult]
+    frames: dict[str, pd.DataFrame]
+    differences: list[str]
+    violations: list[tl.Violation]
+    meta: dict
+
+
+def frames_of(runs: Sequence[RunResult]) -> dict[str, pd.DataFrame]:
+    """The DataFrames of `lab.timeline` for *runs*, by output name."""
+    timeline = tl.df_timeline(runs)
+    frames = {
+        "timeline": timeline,
+        "steps": tl.df_steps(runs),
+        "device": tl.df_device(runs),
+        "device_pages": tl.df_device_pages(runs),
+        "complaints": tl.df_complaints(runs),
+    }
+    if len(runs) > 1:
+        frames["diff"] = tl.df_diff(timeline)
+    return frames
+
+
+def provenance(scenario: Scenario, runs: Sequence[RunResult]) -> dict:
+    """meta.json: kernels and their packages, tool versions, accelerator,
+    the scenario text and its hash, and the date."""
+    from . import kernels
+    from .vm import qemu_version
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    kernel_meta = {}
+    for run in runs:
+        st = kernels.status(run.kernel)
+        kernel_meta[run.kernel] = {"release": run.release, "packages": dict(st.packages or {}),
+                                   "source": st.source}
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "scenario": {"name": scenario.name, "title": scenario.title, "sha256": scenario.sha256,
+                     "text": scenario.text, "path": str(scenario.path) if scenario.path else None},
+        "kernels": kernel_meta,
+        "accelerator": runs[0].accel if runs else None,
+        "qemu": qemu_version(),
+        "drgn": version("drgn"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "devdax_lab": version("devdax-lab"),
+        "pandas": version("pandas"),
+        "plotly": version("plotly"),
+    }
+
+
+def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
+                   progress: Callable | None = None, say=print) -> Experiment:
+    """Validate *scenario_path* (nothing boots if it is bad), then run it on
+    each kernel in turn."""
+    from .session import Session
+
+    scenario = load_scenario(scenario_path)
+    if not kernel_names:
+        raise UserError("name at least one kernel")
+    from . import kernels
+
+    for name in kernel_names:  # a bad name fails here, before anything boots
+        kernels.resolve(name, progress=progress)
+    dax = (*DEFAULT_DAX, PUD_DAX) if scenario.device >= PUD_DAX.align else DEFAULT_DAX
+    runs = []
+    for name in kernel_names:
+        say(f"devdax-lab: {scenario.name} on {name}: booting")
+        with Session.boot(name, dax=dax, say=say, progress=progress) as session:
+            runs.append(run_scenario(session, scenario, progress=progress))
+    frames = frames_of(runs)
+    differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
+    violations = tl.check_invariants(frames["timeline"], frames["steps"])
+    return Experiment(scenario, runs, frames, differences, violations, provenance(scenario, runs))

@@ -1,0 +1,268 @@
+"""Run a scenario against a booted session: each step through the guest
+agent, then a snapshot of the watched folios, their page-table entries in
+every process that maps them, the device's dev_pagemap and all its struct
+pages (bulk path), and any complaint the guest kernel printed meanwhile.
+
+The result is plain data (:class:`RunResult`); `lab.timeline` turns it into
+DataFrames.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import inspect
+from .agent import AgentError
+from .model import FolioState, PgmapState, PteState, UserError, format_size
+from .scenario import Scenario, Step
+from .session import Session
+
+__all__ = ["StepRecord", "PageRecord", "RunResult", "run_scenario", "PAGE"]
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """One watched page after one step, as seen from one process (or none)."""
+
+    map: str
+    page: int
+    pfn: int
+    folio: FolioState
+    proc: str | None
+    vaddr: int | None
+    pte: PteState | None
+    pagemap_pfn: int | None  # the guest's own /proc/PID/pagemap answer
+    pinned: bool = False  # inside a long-term pin the scenario holds
+    in_pipe: bool = False  # inside a spliced range not yet drained
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step did and what the kernel looked like after it."""
+
+    step: int  # 0 = the state before the first step
+    action: str
+    proc: str | None
+    label: str
+    detail: str
+    errno: int | None
+    error: str | None
+    seconds: float  # action + snapshot
+    pages: tuple[PageRecord, ...]
+    pgmap: PgmapState
+    device_refcount: np.ndarray  # every struct page of the device (bulk path)
+    device_mapcount: np.ndarray
+    complaints: tuple[tuple[str, str], ...] = ()  # (kind, console line)
+
+
+@dataclass
+class RunResult:
+    """All steps of one scenario on one kernel."""
+
+    scenario: Scenario
+    kernel: str
+    release: str
+    accel: str
+    device: dict
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+@dataclass
+class _Mapping:
+    """A named mapping as the runner tracks it (per process: fork copies it)."""
+
+    name: str
+    addr: int
+    length: int
+    offset: int  # into the device
+    unmapped: set[int] = field(default_factory=set)  # 4K page indices no longer mapped
+
+    def pages(self) -> range:
+        return range(self.length // PAGE)
+
+
+class _Guest:
+    """The runner's bookkeeping of processes, mappings, pins and pipes."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, dict[str, _Mapping]] = {}  # proc -> name -> mapping
+        self.pins: dict[str, tuple[str, int]] = {}  # pin name -> (proc, id)
+        self.pipes: dict[str, tuple[str, int]] = {}  # splice name -> (proc, id)
+        # name -> (map, first page, page count) of pins and pipes still held
+        self.held: dict[str, tuple[str, str, int, int]] = {}
+
+    def holds(self, kind: str, map_name: str, page: int) -> bool:
+        return any(k == kind and m == map_name and first <= page < first + n
+                   for k, m, first, n in self.held.values())
+
+    def mapping(self, proc: str, name: str) -> _Mapping:
+        return self.maps[proc][name]
+
+
+def run_scenario(session: Session, scenario: Scenario, *,
+                 progress: Callable[[str, int, int | None], None] | None = None) -> RunResult:
+    """Run every step of *scenario* in *session*'s guest, snapshot after each.
+
+    An agent error on a step (an advice the kernel refuses, a fault) is
+    recorded with its errno and the run goes on.
+    """
+    device = session.vm.device(scenario.device)
+    result = RunResult(scenario=scenario, kernel=session.kernel.name, release=session.vm.release,
+                       accel=session.vm.spec.accel, device=device)
+    guest = _Guest()
+    # The watched pages are known before the run: a mapping's device offset
+    # is in the scenario, and device-dax maps device offset X at its start + X.
+    first_pfn = device["start"] // PAGE
+    watched = {(w.map, w.page): first_pfn + scenario.device_page(w.map, w.page)
+               for w in scenario.watch_list}
+    total = len(scenario.steps)
+    result.steps.append(_snapshot(session, device, guest, watched, step=0, action="start",
+                                  proc=None, label="start", detail="", errno=None, error=None,
+                                  started=time.monotonic(), complaints_from=len(session.vm.complaints)))
+    for step in scenario.steps:
+        if progress:
+            progress(f"{scenario.name} on {session.kernel.name}: step {step.index} {step.action}",
+                     step.index, total)
+        started = time.monotonic()
+        complaints_from = len(session.vm.complaints)
+        errno_, error, detail = None, None, ""
+        try:
+            detail = _do(session, device, guest, step)
+        except AgentError as exc:
+            errno_, error = exc.errno, exc.message
+        session.vm.check_alive()
+        result.steps.append(_snapshot(session, device, guest, watched, step=step.index,
+                                      action=step.action, proc=step.proc, label=step.label or "",
+                                      detail=detail, errno=errno_, error=error, started=started,
+                                      complaints_from=complaints_from))
+    return result
+
+
+def _do(session: Session, device: dict, guest: _Guest, step: Step) -> str:
+    """Carry out one step; a short description of what was done."""
+    a, args, proc = session.agent, step.args, step.proc
+    act = step.action
+    if act == "mmap":
+        length, offset = args["length"], args["offset"]
+        addr = a.mmap(proc, device["name"], length, offset=offset, write=args["write"],
+                      shared=args["shared"], align=device["align"] if device["align"] > 2 << 20 else 0)
+        guest.maps.setdefault(proc, {})[args["name"]] = _Mapping(args["name"], addr, length, offset)
+        return f"{args['name']} = mmap({device['name']}, {format_size(length)} at {format_size(offset)})"
+    if act == "touch":
+        m = guest.mapping(proc, args["map"])
+        a.touch(proc, [m.addr + p * PAGE for p in args["pages"]], write=args["write"])
+        kind = "write" if args["write"] else "read"
+        return f"{kind} {args['map']} pages {_pages_text(args['pages'])}"
+    if act == "fork":
+        a.fork(proc, args["child"])
+        guest.maps[args["child"]] = {
+            name: _Mapping(m.name, m.addr, m.length, m.offset, set(m.unmapped))
+            for name, m in guest.maps.get(proc, {}).items()}
+        return f"fork {proc} -> {args['child']}"
+    if act == "munmap":
+        m = guest.mapping(proc, args["map"])
+        a.munmap(proc, m.addr + args["offset"], args["length"])
+        first = args["offset"] // PAGE
+        m.unmapped.update(range(first, first + args["length"] // PAGE))
+        if len(m.unmapped) >= m.length // PAGE:
+            del guest.maps[proc][args["map"]]
+        return f"munmap {args['map']} {format_size(args['length'])} at {format_size(args['offset'])}"
+    if act == "exit":
+        a.exit(proc)
+        guest.maps.pop(proc, None)
+        return f"exit {proc}"
+    if act in ("pin", "splice"):
+        m = guest.mapping(proc, args["map"])
+        start = m.addr + args["offset"]
+        span = (args["map"], args["offset"] // PAGE, args["length"] // PAGE)
+        if act == "pin":
+            guest.pins[args["name"]] = (proc, a.pin(proc, start, args["length"]))
+            guest.held[args["name"]] = ("pin", *span)
+            return f"pin {args['name']}: {args['map']} {format_size(args['length'])} (io_uring, long-term)"
+        info = a.splice(proc, start, args["length"])
+        guest.pipes[args["name"]] = (proc, info["pipe"])
+        guest.held[args["name"]] = ("pipe", args["map"], span[1], -(-info["bytes"] // PAGE))
+        return f"splice {args['name']}: {info['bytes']} bytes of {args['map']} into a pipe"
+    if act == "unpin":
+        pin_proc, pin_id = guest.pins.pop(args["pin"])
+        a.unpin(pin_proc, pin_id)
+        guest.held.pop(args["pin"], None)
+        return f"unpin {args['pin']}"
+    if act == "drain":
+        pipe_proc, pipe_id = guest.pipes.pop(args["splice"])
+        n = a.drain(pipe_proc, pipe_id)
+        guest.held.pop(args["splice"], None)
+        return f"drain {args['splice']}: {n} bytes read"
+    if act == "madvise":
+        m = guest.mapping(proc, args["map"])
+        a.madvise(proc, m.addr + args["offset"], args["length"], args["advice_value"])
+        return f"madvise {args['map']} MADV_{args['advice']}"
+    if act == "mprotect":
+        m = guest.mapping(proc, args["map"])
+        a.mprotect(proc, m.addr + args["offset"], args["length"], args["prot"])
+        return f"mprotect {args['map']} {args['prot'] or 'none'}"
+    if act == "snapshot":
+        return "snapshot"
+    raise UserError(f"step {step.index}: the runner does not know action {act!r}")
+
+
+def _pages_text(pages) -> str:
+    pages = list(pages)
+    if len(pages) > 6:
+        return f"{pages[0]}..{pages[-1]} ({len(pages)} pages)"
+    return ", ".join(map(str, pages))
+
+
+def _snapshot(session: Session, device: dict, guest: _Guest, watched: dict, *, step: int,
+              action: str, proc: str | None, label: str, detail: str, errno: int | None,
+              error: str | None, started: float, complaints_from: int) -> StepRecord:
+    prog = session.prog
+    # Where each watched page is mapped, per process (pagemap asked first:
+    # the agent's answer comes from the running guest).
+    holders: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    pagemaps: dict[tuple[str, int], dict] = {}
+    for proc_name, maps in guest.maps.items():
+        addrs = []
+        for map_name, page in watched:
+            m = maps.get(map_name)
+            if m is not None and page not in m.unmapped:
+                holders.setdefault((map_name, page), []).append((proc_name, m.addr + page * PAGE))
+                addrs.append(m.addr + page * PAGE)
+        if addrs:
+            for entry in session.agent.pagemap(proc_name, addrs):
+                pagemaps[(proc_name, entry["addr"])] = entry
+    pids = session.agent.procs()
+    pages: list[PageRecord] = []
+    with session.stopped():
+        first = device["start"] // PAGE
+        bulk = inspect.read_pages(prog, first, device["size"] // PAGE)
+        pgmap = inspect.pgmap_state(prog, inspect.find_dev_pagemap(prog, first))
+        for (map_name, page), pfn in sorted(watched.items()):
+            folio = inspect.folio_state(prog, pfn)
+            rows = holders.get((map_name, page)) or [(None, None)]
+            for proc_name, vaddr in rows:
+                pte = None
+                pm = None
+                if proc_name is not None:
+                    try:
+                        pte = inspect.pte_state(prog, pids[proc_name], vaddr)
+                    except inspect.InspectError:
+                        pte = None
+                    entry = pagemaps.get((proc_name, vaddr))
+                    pm = entry["pfn"] if entry and entry["present"] else None
+                pages.append(PageRecord(map=map_name, page=page, pfn=pfn, folio=folio,
+                                        proc=proc_name, vaddr=vaddr, pte=pte, pagemap_pfn=pm,
+                                        pinned=guest.holds("pin", map_name, page),
+                                        in_pipe=guest.holds("pipe", map_name, page)))
+    time.sleep(0.02)  # let the console reader catch up with lines printed by the step
+    complaints = tuple((c.kind, c.text) for _, c in session.vm.complaints[complaints_from:])
+    return StepRecord(step=step, action=action, proc=proc, label=label, detail=detail, errno=errno,
+                      error=error, seconds=time.monotonic() - started, pages=tuple(pages),
+                      pgmap=pgmap, device_refcount=bulk.refcount, device_mapcount=bulk.mapcount,
+                      complaints=complaints)

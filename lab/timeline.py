@@ -1,0 +1,328 @@
+"""Tidy DataFrames from scenario runs, kernel-vs-kernel differences, and
+named invariant checks. Pure: functions of RunResults and DataFrames.
+
+``mapcount`` and the other mapcount columns are the raw values the kernel
+stores: -1 means "not mapped", 0 "mapped once".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .runner import RunResult
+
+__all__ = [
+    "TIMELINE_COLUMNS",
+    "df_timeline",
+    "df_device",
+    "df_device_pages",
+    "df_complaints",
+    "df_steps",
+    "df_diff",
+    "Violation",
+    "check_invariants",
+    "INVARIANTS",
+    "describe_differences",
+    "GUP_PIN_COUNTING_BIAS",
+]
+
+# include/linux/mm.h: a FOLL_PIN on an order-0 folio adds this to _refcount.
+GUP_PIN_COUNTING_BIAS = 1024
+
+TIMELINE_COLUMNS = {
+    "kernel": "string", "kernel_release": "string", "step": "Int64", "action": "string",
+    "label": "string", "detail": "string", "step_errno": "Int64", "proc": "string",
+    "map": "string", "page": "Int64", "vaddr": "UInt64", "pfn": "Int64", "folio_pfn": "Int64",
+    "order": "Int64", "refcount": "Int64", "mapcount": "Int64", "large_mapcount": "Int64",
+    "entire_mapcount": "Int64", "nr_pages_mapped": "Int64", "pincount": "Int64",
+    "flags": "string", "pgmap_type": "string", "pgmap_ref": "Int64", "pt_level": "string",
+    "pt_present": "boolean", "pt_write": "boolean", "pt_dirty": "boolean",
+    "pt_special": "boolean", "pt_devmap": "boolean", "pagemap_pfn": "Int64",
+    "pinned": "boolean", "in_pipe": "boolean",
+}
+
+
+def df_timeline(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """One row per (kernel, step, watched page, process mapping it).
+
+    A page no process maps any more still has one row, with ``proc`` null.
+    Columns: see :data:`TIMELINE_COLUMNS` (nullable dtypes: a value a kernel
+    does not have is null, never a made-up number). ``pt_*`` describe the
+    page-table entry in that row's process; ``pagemap_pfn`` is what the
+    guest's /proc/PID/pagemap said.
+    """
+    rows = []
+    for run in runs:
+        for st in run.steps:
+            for pr in st.pages:
+                f, pte = pr.folio, pr.pte
+                rows.append({
+                    "kernel": run.kernel, "kernel_release": run.release, "step": st.step,
+                    "action": st.action, "label": st.label, "detail": st.detail,
+                    "step_errno": st.errno, "proc": pr.proc, "map": pr.map, "page": pr.page,
+                    "vaddr": pr.vaddr, "pfn": pr.pfn, "folio_pfn": f.folio_pfn, "order": f.order,
+                    "refcount": f.refcount, "mapcount": f.mapcount,
+                    "large_mapcount": f.large_mapcount, "entire_mapcount": f.entire_mapcount,
+                    "nr_pages_mapped": f.nr_pages_mapped, "pincount": f.pincount,
+                    "flags": "|".join(f.flags), "pgmap_type": st.pgmap.type,
+                    "pgmap_ref": st.pgmap.ref.count,
+                    "pt_level": pte.level if pte else None,
+                    "pt_present": pte.present if pte else None,
+                    "pt_write": pte.write if pte else None,
+                    "pt_dirty": pte.dirty if pte else None,
+                    "pt_special": pte.special if pte else None,
+                    "pt_devmap": pte.devmap if pte else None,
+                    "pagemap_pfn": pr.pagemap_pfn, "pinned": pr.pinned, "in_pipe": pr.in_pipe,
+                })
+    frame = pd.DataFrame(rows, columns=list(TIMELINE_COLUMNS))
+    return frame.astype(TIMELINE_COLUMNS)
+
+
+def df_steps(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """One row per (kernel, step): action, label, detail, errno, error,
+    seconds (action + snapshot), pgmap reference count, complaints."""
+    rows = []
+    for run in runs:
+        for st in run.steps:
+            rows.append({"kernel": run.kernel, "step": st.step, "action": st.action,
+                         "proc": st.proc, "label": st.label, "detail": st.detail,
+                         "errno": st.errno, "error": st.error, "seconds": st.seconds,
+                         "pgmap_ref": st.pgmap.ref.count, "complaints": len(st.complaints)})
+    return pd.DataFrame(rows).astype({"errno": "Int64", "pgmap_ref": "Int64"})
+
+
+def df_device(runs: Iterable[RunResult], *, window: int = 256) -> pd.DataFrame:
+    """Device-wide aggregates per (kernel, step) from the bulk read.
+
+    ``pages_changed``: pages whose refcount differs from their value before
+    the first step; ``pages_mapped``: pages with a raw mapcount >= 0;
+    ``refcount_sum_delta``: the summed refcount change since the start.
+    """
+    rows = []
+    for run in runs:
+        base = run.steps[0].device_refcount.astype(np.int64)
+        for st in run.steps:
+            ref = st.device_refcount.astype(np.int64)
+            rows.append({"kernel": run.kernel, "step": st.step, "action": st.action,
+                         "device": run.device["name"], "pages": len(ref),
+                         "pages_changed": int((ref != base).sum()),
+                         "pages_mapped": int((st.device_mapcount >= 0).sum()),
+                         "refcount_sum_delta": int((ref - base).sum())})
+    del window
+    return pd.DataFrame(rows)
+
+
+def df_device_pages(runs: Iterable[RunResult], *, margin: int = 16) -> pd.DataFrame:
+    """Refcount of every device page near the watched ones, per step (for a
+    heatmap): columns kernel, step, page_index (from the device's start), refcount."""
+    rows = []
+    for run in runs:
+        first_pfn = run.device["start"] // 4096
+        watched = {pr.pfn - first_pfn for st in run.steps for pr in st.pages}
+        if not watched:
+            continue
+        lo = max(0, min(watched) - margin)
+        hi = min(len(run.steps[0].device_refcount), max(watched) + margin + 1)
+        for st in run.steps:
+            for i in range(lo, hi):
+                rows.append({"kernel": run.kernel, "step": st.step, "page_index": i,
+                             "refcount": int(st.device_refcount[i])})
+    return pd.DataFrame(rows, columns=["kernel", "step", "page_index", "refcount"])
+
+
+def df_complaints(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """Every WARN/BUG/Oops/panic/"Bad ..." line the guest printed, per step."""
+    rows = [{"kernel": run.kernel, "step": st.step, "action": st.action, "kind": kind, "text": text}
+            for run in runs for st in run.steps for kind, text in st.complaints]
+    return pd.DataFrame(rows, columns=["kernel", "step", "action", "kind", "text"])
+
+
+DIFF_FIELDS = ("refcount", "mapcount", "large_mapcount", "entire_mapcount", "pincount",
+               "pt_level", "pt_special", "pt_devmap", "pgmap_ref")
+
+
+def _per_page(timeline: pd.DataFrame) -> pd.DataFrame:
+    """One row per (kernel, step, map, page): folio fields, and the entry of
+    the first process that maps the page (processes sorted by name)."""
+    ordered = timeline.sort_values(["kernel", "step", "map", "page", "proc"], na_position="last")
+    return ordered.drop_duplicates(["kernel", "step", "map", "page"])
+
+
+def df_diff(timeline: pd.DataFrame, fields: Sequence[str] = DIFF_FIELDS) -> pd.DataFrame:
+    """Where kernels differ: one row per (step, map, page, field) whose values
+    are not the same on every kernel; a column per kernel with its value as
+    text ("null" where the kernel has none)."""
+    pages = _per_page(timeline)
+    kernels = list(dict.fromkeys(pages["kernel"]))
+    rows = []
+    for (step, map_name, page), group in pages.groupby(["step", "map", "page"], sort=True):
+        by_kernel = group.set_index("kernel")
+        if len(by_kernel) < 2:
+            continue
+        for fld in fields:
+            values = {k: by_kernel.at[k, fld] if k in by_kernel.index else None for k in kernels}
+            shown = {k: _fmt(v) for k, v in values.items()}  # text: fields mix ints and bools
+            if len(set(shown.values())) > 1:
+                rows.append({"step": step, "action": by_kernel["action"].iloc[0],
+                             "map": map_name, "page": page, "field": fld, **shown})
+    return pd.DataFrame(rows, columns=["step", "action", "map", "page", "field", *kernels])
+
+
+def describe_differences(diff: pd.DataFrame, kernels: Sequence[str]) -> list[str]:
+    """Plain-language sentences: one per step and set of pages that differ
+    the same way."""
+    if diff.empty:
+        return ["The kernels agree on every watched field at every step."]
+    groups: dict[tuple, list[int]] = {}
+    for (step, action, map_name, page), g in diff.groupby(["step", "action", "map", "page"], sort=True):
+        signature = tuple((r["field"], *(r[k] for k in kernels)) for _, r in g.iterrows())
+        groups.setdefault((step, action, map_name, signature), []).append(int(page))
+    out = []
+    for (step, action, map_name, signature), pages in groups.items():
+        fields = {f for f, *_ in signature}
+        parts = []
+        for i, k in enumerate(kernels, start=1):
+            parts.append(f"on {k}: " + ", ".join(f"{sig[0]} {sig[i]}" for sig in signature))
+        why = ""
+        if fields & {"refcount", "mapcount", "entire_mapcount", "large_mapcount"}:
+            why = (" A mapping took a folio reference and a mapcount on one kernel and not on"
+                   " the other: the difference \"device/dax: properly refcount device dax pages"
+                   " when mapping\" makes.")
+        elif fields & {"pt_devmap", "pt_special"}:
+            why = " The page-table entry is a devmap/special entry on one kernel only."
+        which = "page" if len(pages) == 1 else "pages"
+        out.append(f"Step {step} ({action}), {map_name} {which} {_pages_list(pages)}: "
+                   + "; ".join(parts) + "." + why)
+    return out
+
+
+def _pages_list(pages: Sequence[int]) -> str:
+    runs, start, prev = [], pages[0], pages[0]
+    for p in [*pages[1:], None]:
+        if p is not None and p == prev + 1:
+            prev = p
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if p is not None:
+            start = prev = p
+    return ", ".join(runs)
+
+
+def _fmt(value) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "null"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One invariant broken at one step."""
+
+    invariant: str
+    kernel: str
+    step: int
+    map: str | None
+    page: int | None
+    message: str
+
+
+def _inv_back_to_start(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
+    """no-leak: once nothing maps, pins or splices a page, its refcount and
+    mapcount are back to their values before the first step."""
+    for (kernel, map_name, page), g in pages.groupby(["kernel", "map", "page"]):
+        g = g.sort_values("step")
+        start, last = g.iloc[0], g.iloc[-1]
+        released = pd.isna(last["proc"]) and not last["pinned"] and not last["in_pipe"]
+        if not released:
+            continue
+        for fld in ("refcount", "mapcount"):
+            if last[fld] != start[fld]:
+                yield Violation("no-leak", kernel, int(last["step"]), map_name, int(page),
+                                f"{fld} is {last[fld]} after everything was released, "
+                                f"{start[fld]} before the first step")
+
+
+def _inv_floors(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
+    """floors: no raw mapcount below -1, no device page refcount below 1."""
+    for _, r in pages.iterrows():
+        for fld in ("mapcount", "entire_mapcount", "large_mapcount"):
+            if not pd.isna(r[fld]) and r[fld] < -1:
+                yield Violation("floors", r["kernel"], int(r["step"]), r["map"], int(r["page"]),
+                                f"{fld} is {r[fld]}, below -1 (an underflow)")
+        if r["refcount"] < 1:
+            yield Violation("floors", r["kernel"], int(r["step"]), r["map"], int(r["page"]),
+                            f"refcount is {r['refcount']}, below 1 on a device page in use")
+
+
+_LEVEL_SIZE = {"PTE": 1 << 12, "PMD": 1 << 21, "PUD": 1 << 30}
+
+
+def _inv_refcount_covers(timeline: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
+    """refcount >= mappings: a folio's refcount is at least the number of
+    page-table entries that map it (each mapping holds a reference)."""
+    mapped = timeline[timeline["pt_present"].fillna(False).astype(bool)].copy()
+    # Pages of one folio under one PMD or PUD share that entry: count entries,
+    # not pages.
+    span = mapped["pt_level"].map(_LEVEL_SIZE).astype("UInt64")
+    mapped["entry"] = mapped["vaddr"] - mapped["vaddr"] % span
+    for (kernel, step, folio_pfn), g in mapped.groupby(["kernel", "step", "folio_pfn"]):
+        n = len(g.drop_duplicates(["proc", "pt_level", "entry"]))
+        ref = int(g["refcount"].iloc[0])
+        if ref < n:
+            r = g.iloc[0]
+            yield Violation("refcount>=mappings", kernel, int(step), r["map"], int(r["page"]),
+                            f"refcount {ref} is below the {n} page-table entries mapping the folio")
+
+
+def _inv_pgmap_stable(_pages: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation]:
+    """pgmap-ref-stable: mapping and unmapping leave the dev_pagemap's
+    percpu_ref count unchanged (pins and splices may take their own)."""
+    neutral = {"start", "mmap", "touch", "munmap", "fork", "exit", "snapshot", "mprotect"}
+    for kernel, g in steps.groupby("kernel"):
+        g = g.sort_values("step")
+        base = g.iloc[0]["pgmap_ref"]
+        for _, r in g.iterrows():
+            if r["action"] not in neutral:
+                break
+            if r["pgmap_ref"] != base:
+                yield Violation("pgmap-ref-stable", kernel, int(r["step"]), None, None,
+                                f"dev_pagemap reference count {r['pgmap_ref']} after {r['action']}, "
+                                f"{base} at the start")
+
+
+def _inv_pin_visible(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
+    """pin-visible: while a long-term pin is held, the pinned folio shows it
+    (pincount > 0 for a large folio; refcount >= GUP_PIN_COUNTING_BIAS for an
+    order-0 one)."""
+    for _, r in pages[pages["pinned"].fillna(False).astype(bool)].iterrows():
+        if r["order"] > 0 and not pd.isna(r["pincount"]):
+            shows = r["pincount"] > 0
+        else:
+            shows = r["refcount"] >= GUP_PIN_COUNTING_BIAS
+        if not shows:
+            yield Violation("pin-visible", r["kernel"], int(r["step"]), r["map"], int(r["page"]),
+                            f"pinned, but refcount {r['refcount']} and pincount "
+                            f"{_fmt(r['pincount'])} do not show the pin")
+
+
+INVARIANTS = {
+    "no-leak": _inv_back_to_start,
+    "floors": _inv_floors,
+    "refcount>=mappings": _inv_refcount_covers,
+    "pgmap-ref-stable": _inv_pgmap_stable,
+    "pin-visible": _inv_pin_visible,
+}
+
+
+def check_invariants(timeline: pd.DataFrame, steps: pd.DataFrame) -> list[Violation]:
+    """Every violation of every invariant in :data:`INVARIANTS`."""
+    pages = _per_page(timeline)
+    out: list[Violation] = []
+    for name, check in INVARIANTS.items():
+        source = timeline if name == "refcount>=mappings" else pages
+        out.extend(check(source, steps))
+    return out
