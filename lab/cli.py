@@ -10,13 +10,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .model import DEFAULT_DAX, PUD_DAX, UserError
+from .model import DEFAULT_DAX, PUD_LAYOUT, UserError
 
 __all__ = ["main"]
 
 
 def _dax_layout(args) -> tuple:
-    return (*DEFAULT_DAX, PUD_DAX) if getattr(args, "pud", False) else DEFAULT_DAX
+    return PUD_LAYOUT if getattr(args, "pud", False) else DEFAULT_DAX
 
 
 def cmd_kernels(args) -> int:

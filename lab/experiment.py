@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import timeline as tl
-from .model import DEFAULT_DAX, PUD_DAX, UserError
+from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, UserError
 from .runner import RunResult, run_scenario
 from .scenario import Scenario, load_scenario
 
@@ -96,7 +96,7 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
 
     for name in kernel_names:  # a bad name fails here, before anything boots
         kernels.resolve(name, progress=progress)
-    dax = (*DEFAULT_DAX, PUD_DAX) if scenario.device >= PUD_DAX.align else DEFAULT_DAX
+    dax = PUD_LAYOUT if scenario.device >= PUD_DAX.align else DEFAULT_DAX
     runs = []
     for name in kernel_names:
         say(f"devdax-lab: {scenario.name} on {name}: booting")

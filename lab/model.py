@@ -16,6 +16,7 @@ __all__ = [
     "VmSpec",
     "DEFAULT_DAX",
     "PUD_DAX",
+    "PUD_LAYOUT",
     "parse_size",
     "format_size",
 ]
@@ -107,6 +108,9 @@ DEFAULT_DAX: tuple[DaxSpec, ...] = (
 )
 # A 1G-aligned device needs 1G pages in the CPU and 4-level paging.
 PUD_DAX = DaxSpec(align=1 * GiB, size=5 * GiB + _LABEL_ROUNDED, namespace_size=4 * GiB)
+# With the 1G device first, its region starts at 4 GiB (1G-aligned); after
+# the others it would start 1600 MiB later and ndctl finds no room for it.
+PUD_LAYOUT: tuple[DaxSpec, ...] = (PUD_DAX, *DEFAULT_DAX)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 from lab import vm
-from lab.model import DEFAULT_DAX, PUD_DAX, KernelArtifacts, VmSpec
+from lab.model import DEFAULT_DAX, PUD_LAYOUT, KernelArtifacts, VmSpec
 
 KERNEL = KernelArtifacts(name="before", release="6.12.0", vmlinuz=Path("/k/vmlinuz"),
                          vmlinux=Path("/k/vmlinux"))
@@ -37,9 +37,9 @@ def test_argv_has_one_nvdimm_per_device_and_no_network():
 
 
 def test_1g_device_asks_for_a_cpu_with_1g_pages_and_4_level_paging():
-    argv = vm.qemu_argv(spec(dax=(*DEFAULT_DAX, PUD_DAX)))
+    argv = vm.qemu_argv(spec(dax=PUD_LAYOUT))
     assert _pairs(argv, "-cpu") == ["max,la57=off"]
-    assert vm.prepare_arg((*DEFAULT_DAX, PUD_DAX)) == "4K,2M,1G:4G"
+    assert vm.prepare_arg(PUD_LAYOUT) == "1G:4G,4K,2M"
 
 
 def test_sockets_live_in_the_run_dir():

@@ -1,0 +1,315 @@
+"""The output directory of an experiment: the frames as parquet (and the
+timeline as CSV), ``meta.json``, and ``report.html`` — one self-contained
+page (plotly.js inline, once; nothing fetched from the network) with the
+summary, the differences, the invariant checks, the kernel complaints, the
+figures of :mod:`lab.plots` and the tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import html
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import pyarrow as pa
+
+from . import plots
+
+__all__ = ["REPORT_NAME", "TIMELINE_TABLE_COLUMNS", "build_report", "write_outputs"]
+
+REPORT_NAME = "report.html"
+
+# The compact timeline table of the report (the full one is timeline.csv).
+TIMELINE_TABLE_COLUMNS = ("kernel", "step", "action", "proc", "map", "page", "pfn", "folio_pfn",
+                          "order", "refcount", "mapcount", "entire_mapcount", "pincount",
+                          "pt_level", "pt_write", "pt_special", "pt_devmap", "pinned", "in_pipe")
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
+       color: #212529; background: #f8f9fa; }
+main { max-width: 1500px; margin: 0 auto; padding: 1.2em 2em 2em; background: #fff; }
+h1 { margin: 0.2em 0 0.6em; font-size: 1.7em; }
+h2 { margin-top: 1.6em; border-bottom: 2px solid #dee2e6; padding-bottom: 0.2em;
+     font-size: 1.3em; }
+.summary { display: grid; grid-template-columns: max-content 1fr; gap: 0.3em 1.2em;
+           background: #eef3f8; border: 1px solid #c9d6e3; border-radius: 6px;
+           padding: 0.8em 1.2em; }
+.summary dt { font-weight: 600; color: #495057; }
+.summary dd { margin: 0; }
+.chip { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 50%;
+        margin-right: 0.35em; vertical-align: baseline; }
+pre.scenario { background: #f1f3f5; border: 1px solid #dee2e6; border-radius: 4px;
+               padding: 0.8em 1em; overflow-x: auto; font-size: 0.88em; }
+ul.differences li { margin-bottom: 0.5em; line-height: 1.4; }
+.ok { color: #2b8a3e; font-weight: 600; }
+.bad { color: #c92a2a; font-weight: 600; }
+table.frame { border-collapse: collapse; font-size: 0.82em; margin: 0.4em 0; }
+table.frame th, table.frame td { border: 1px solid #dee2e6; padding: 0.2em 0.5em;
+                                 text-align: left; vertical-align: top; }
+table.frame thead th { background: #e9ecef; position: sticky; top: 0; }
+table.frame tbody tr:nth-child(even) { background: #f8f9fa; }
+.figure { margin: 0.6em 0 1.4em; border: 1px solid #e9ecef; border-radius: 4px; }
+.figure-note { color: #495057; font-size: 0.92em; margin: 0.2em 0 0.4em; }
+details summary { cursor: pointer; font-weight: 600; margin: 0.4em 0; }
+footer { margin-top: 2em; font-size: 0.8em; color: #6c757d; border-top: 1px solid #dee2e6;
+         padding-top: 0.6em; }
+footer table td { padding: 0.05em 0.8em 0.05em 0; vertical-align: top; }
+"""
+
+_PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": False}
+
+
+def write_outputs(out_dir: str | Path, frames: Mapping[str, pd.DataFrame],
+                  meta: Mapping) -> list[Path]:
+    """Write every frame as ``<name>.parquet`` (the timeline also as
+    ``timeline.csv``) and *meta* as ``meta.json`` (indented, sorted keys)
+    into *out_dir*; the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, frame in frames.items():
+        if frame is None:
+            continue
+        path = out / f"{name}.parquet"
+        _parquet_safe(frame).to_parquet(path, index=False)
+        written.append(path)
+        if name == "timeline":
+            csv = out / "timeline.csv"
+            frame.to_csv(csv, index=False)
+            written.append(csv)
+    meta_path = out / "meta.json"
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    written.append(meta_path)
+    return written
+
+
+def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns parquet cannot type (the per-kernel value columns of
+    ``df_diff`` mix ints, bools and strings) become strings; nulls stay null."""
+    fixed = {}
+    for col in frame.columns:
+        if frame[col].dtype != object:
+            continue
+        try:
+            pa.array(frame[col], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            fixed[col] = frame[col].map(lambda v: None if _isnull(v) else str(v)).astype("string")
+    return frame.assign(**fixed) if fixed else frame
+
+
+def _isnull(v) -> bool:
+    try:
+        return v is None or bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _table(frame: pd.DataFrame, *, max_rows: int | None = None) -> str:
+    """An HTML table of *frame* (escaped); nulls of any kind show as "–"."""
+    shown = frame.astype(object)
+    shown = shown.where(~shown.map(_isnull), "–")
+    return shown.to_html(escape=True, index=False, classes="frame", border=0,
+                         max_rows=max_rows)
+
+
+def _violation_rows(violations: Iterable) -> pd.DataFrame:
+    rows = []
+    for v in violations:
+        if dataclasses.is_dataclass(v):
+            rows.append(dataclasses.asdict(v))
+        elif isinstance(v, Mapping):
+            rows.append(dict(v))
+        else:
+            rows.append({"message": str(v)})
+    cols = ["invariant", "kernel", "step", "map", "page", "message"]
+    frame = pd.DataFrame(rows)
+    return frame.reindex(columns=[c for c in cols if c in frame.columns] +
+                         [c for c in frame.columns if c not in cols])
+
+
+def _kernel_releases(timeline: pd.DataFrame, meta: Mapping) -> list[tuple[str, str]]:
+    """(kernel, release) in order: from the timeline, else meta["kernels"]."""
+    out: dict[str, str] = {}
+    if "kernel" in timeline.columns:
+        for k, g in timeline.groupby("kernel", sort=False):
+            rel = g["kernel_release"].dropna() if "kernel_release" in g else []
+            out[str(k)] = str(rel.iloc[0]) if len(rel) else ""
+    for k, info in (meta.get("kernels") or {}).items():
+        rel = info.get("release", "") if isinstance(info, Mapping) else str(info)
+        if not out.get(k):
+            out[k] = rel or ""
+    return list(out.items())
+
+
+def _summary(title: str, meta: Mapping, timeline: pd.DataFrame, steps: pd.DataFrame,
+             complaints: pd.DataFrame, violations: Sequence) -> str:
+    kernels = _kernel_releases(timeline, meta)
+    colors = plots.kernel_colors(k for k, _ in kernels)
+    scen = meta.get("scenario")
+    if isinstance(scen, Mapping):
+        scen_text = _e(scen.get("name") or "")
+        if scen.get("title"):
+            scen_text += f" — {_e(scen['title'])}"
+        if scen.get("sha256"):
+            scen_text += f" <small>(sha256 {_e(str(scen['sha256'])[:12])}…)</small>"
+    else:
+        scen_text = _e(scen if scen is not None else title)
+    kernel_html = "<br>".join(
+        f"<span class='chip' style='background:{colors[k]}'></span><b>{_e(k)}</b>"
+        + (f": {_e(rel)}" if rel else "") for k, rel in kernels) or "–"
+    n_steps = steps["step"].nunique() if "step" in steps.columns else 0
+    n_pages = (len(timeline[["map", "page"]].drop_duplicates())
+               if {"map", "page"} <= set(timeline.columns) else 0)
+    n_complaints = len(complaints)
+    items = [
+        ("Scenario", scen_text),
+        ("Kernels", kernel_html),
+        ("Date", _e(meta.get("date", "unknown"))),
+        ("Accelerator", _e(meta.get("accelerator", meta.get("accel", "unknown")))),
+        ("Steps", f"{n_steps} (including the start), {n_pages} watched page(s)"),
+        ("Invariants", "<span class='ok'>all hold</span>" if not violations
+         else f"<span class='bad'>{len(violations)} violation(s)</span>"),
+        ("Kernel complaints", "<span class='ok'>none</span>" if not n_complaints
+         else f"<span class='bad'>{n_complaints}</span>"),
+    ]
+    return "<dl class='summary'>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"
+
+
+def _flatten(meta: Mapping, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for k in sorted(meta, key=str):
+        v = meta[k]
+        key = f"{prefix}{k}"
+        if key in ("scenario.text",):
+            continue
+        if isinstance(v, Mapping):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, json.dumps(v, default=str) if not isinstance(v, str) else v))
+    return out
+
+
+def _compact_timeline(timeline: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in TIMELINE_TABLE_COLUMNS if c in timeline.columns]
+    t = timeline[cols].copy()
+    for c in ("pfn", "folio_pfn"):
+        if c in t.columns:
+            t[c] = [("–" if _isnull(v) else f"{int(v):#x}") for v in t[c]]
+    return t
+
+
+_FIGURE_NOTES = {
+    "counts": "Each line is one watched page's folio. Before the fix a device-dax fault maps "
+              "the page with a devmap entry and takes no reference: the lines stay flat. "
+              "After it, mapping takes a reference and a mapcount. Hover a point for every "
+              "folio field; a red x marks a step where the guest kernel complained.",
+    "page_table": "The entry that maps each watched page, in each process, after each step.",
+    "device_summary": "Counts over every struct page of the device.",
+    "device_heatmap": "Every device page near the watched ones (same color scale on every "
+                      "kernel).",
+}
+
+
+def _figures(timeline, steps, device, device_pages, complaints) -> list[tuple[str, str, go.Figure]]:
+    figs = []
+    if len(timeline):
+        figs.append(("counts", "Folio refcount and mapcount", plots.plot_counts(timeline,
+                                                                                 complaints)))
+        figs.append(("page_table", "Page-table entries", plots.plot_page_table(timeline)))
+    if device is not None and len(device):
+        figs.append(("device_summary", "The whole device",
+                     plots.plot_device_summary(device, steps)))
+    if device_pages is not None and len(device_pages):
+        figs.append(("device_heatmap", "Device page refcounts",
+                     plots.plot_device_heatmap(device_pages, steps)))
+    return figs
+
+
+def build_report(
+    out_dir: str | Path,
+    *,
+    title: str,
+    scenario_text: str,
+    meta: Mapping,
+    timeline: pd.DataFrame,
+    steps: pd.DataFrame,
+    device: pd.DataFrame,
+    device_pages: pd.DataFrame,
+    complaints: pd.DataFrame,
+    diff: pd.DataFrame | None = None,
+    differences: Sequence[str] | None = None,
+    violations: Sequence = (),
+) -> Path:
+    """Write ``report.html`` into *out_dir* (one file, plotly.js inline
+    once, opens offline) and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    violations = list(violations)
+    complaints = complaints if complaints is not None else pd.DataFrame(
+        columns=["kernel", "step", "action", "kind", "text"])
+    parts = [f"<h1>{_e(title)}</h1>",
+             _summary(title, meta, timeline, steps, complaints, violations),
+             "<h2>Scenario</h2>", f"<pre class='scenario'>{_e(scenario_text)}</pre>"]
+
+    parts.append("<h2>What differs between the kernels</h2>")
+    if differences:
+        parts.append("<ul class='differences'>"
+                     + "".join(f"<li>{_e(d)}</li>" for d in differences) + "</ul>")
+    else:
+        parts.append("<p>No comparison (one kernel, or no differences given).</p>")
+    if diff is not None and len(diff):
+        parts.append(f"<details><summary>Differing fields ({len(diff)} rows)</summary>"
+                     f"{_table(diff)}</details>")
+
+    parts.append("<h2>Invariants</h2>")
+    if violations:
+        parts.append(f"<p class='bad'>{len(violations)} invariant violation(s):</p>"
+                     + _table(_violation_rows(violations)))
+    else:
+        parts.append("<p class='ok'>All invariants hold on every kernel at every step.</p>")
+
+    parts.append("<h2>Kernel complaints</h2>")
+    if len(complaints):
+        parts.append("<p class='bad'>The guest kernel printed these lines (WARN, BUG, Oops, "
+                     "panic, Bad ...), by the step during which they appeared:</p>"
+                     + _table(complaints.sort_values(["step", "kernel"], kind="stable")))
+    else:
+        parts.append("<p class='ok'>None: no kernel printed a warning, BUG, Oops or "
+                     "\"Bad ...\" line.</p>")
+
+    figs = _figures(timeline, steps, device, device_pages, complaints)
+    for i, (key, heading, fig) in enumerate(figs):
+        div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config=_PLOTLY_CONFIG,
+                          div_id=f"fig-{key}", default_width="100%",
+                          default_height=f"{fig.layout.height or 500}px")
+        parts.append(f"<h2>{_e(heading)}</h2><p class='figure-note'>{_e(_FIGURE_NOTES[key])}"
+                     f"</p><div class='figure'>{div}</div>")
+
+    parts.append("<h2>Steps</h2>")
+    parts.append(_table(steps) if len(steps) else "<p>No steps.</p>")
+    parts.append("<h2>Timeline</h2>")
+    parts.append(f"<details><summary>Every watched page in every process after every step "
+                 f"({len(timeline)} rows; all columns in timeline.csv)</summary>"
+                 f"{_table(_compact_timeline(timeline))}</details>")
+
+    meta_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in _flatten(meta))
+    written = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    parts.append(f"<footer><p>Report written {_e(written)} by devdax-lab.</p>"
+                 f"<table>{meta_rows}</table></footer>")
+
+    doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+           "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+           f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+           f"<body><main>{''.join(parts)}</main></body></html>\n")
+    path = out / REPORT_NAME
+    path.write_text(doc, encoding="utf-8")
+    return path
