@@ -209,6 +209,9 @@ def _do(session: Session, device: dict, guest: _Guest, step: Step) -> str:
         return f"mprotect {args['map']} {args['prot'] or 'none'}"
     if act == "snapshot":
         return "snapshot"
+    if act == "kmsg":
+        a.kmsg(args["text"])
+        return f"kmsg: {args['text']}"
     raise UserError(f"step {step.index}: the runner does not know action {act!r}")
 
 

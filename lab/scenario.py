@@ -74,7 +74,7 @@ MADVISE: Mapping[str, int] = MappingProxyType({
 })
 
 ACTIONS = ("mmap", "touch", "fork", "munmap", "exit", "pin", "unpin", "splice", "drain",
-           "madvise", "mprotect", "snapshot")
+           "madvise", "mprotect", "snapshot", "kmsg")
 
 # Limits of the guest side, checked here so that they fail before a boot.
 _SPLICE_MAX = 1 * MiB  # /proc/sys/fs/pipe-max-size default: one pipe holds at most this
@@ -102,6 +102,7 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "madvise": {"map": _REQ, "advice": _REQ, "offset": 0, "length": None, "proc": None},
     "mprotect": {"map": _REQ, "prot": _REQ, "offset": 0, "length": None, "proc": None},
     "snapshot": {},
+    "kmsg": {"text": _REQ},
 }
 
 
@@ -679,6 +680,15 @@ def _do_snapshot(st: _State, where: _Where, index: int, f: dict[str, Any]):
     return None, {}
 
 
+def _do_kmsg(st: _State, where: _Where, index: int, f: dict[str, Any]):
+    """A line written to the guest's kernel log (/dev/kmsg): marks the log, or
+    checks that kernel complaints are recorded against their step."""
+    text = f["text"]
+    if not isinstance(text, str) or not text or "\n" in text:
+        where.fail("text", "one non-empty line of text")
+    return None, {"text": text}
+
+
 _ACTION = {
     "mmap": _do_mmap,
     "touch": _do_touch,
@@ -692,6 +702,7 @@ _ACTION = {
     "madvise": _do_madvise,
     "mprotect": _do_mprotect,
     "snapshot": _do_snapshot,
+    "kmsg": _do_kmsg,
 }
 assert tuple(_ACTION) == ACTIONS == tuple(_FIELDS)
 
