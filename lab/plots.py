@@ -17,6 +17,8 @@ from plotly.subplots import make_subplots
 __all__ = [
     "KERNEL_COLORS",
     "PT_KINDS",
+    "folio_lines",
+    "heatmap_pages",
     "kernel_colors",
     "plot_counts",
     "plot_device_heatmap",
@@ -90,7 +92,7 @@ def _text(v, null: str = "–") -> str:
 
 
 def step_ticks(frame: pd.DataFrame, steps: pd.DataFrame | None = None,
-               *, max_label: int = 22) -> tuple[list[int], list[str]]:
+               *, max_label: int = 28) -> tuple[list[int], list[str]]:
     """x tick values and texts ``"step: label"`` (the step's label if it is
     short and not just the action again, else its action) from any frame
     with ``step`` and ``action``/``label`` columns (or from *steps*)."""
@@ -142,8 +144,8 @@ def _pt_text(r) -> str:
     return f"{html.escape(str(level))}: {bits}"
 
 
-def _counts_hover(r, kernel: str) -> str:
-    lines = [f"<b>{_text(r['map'])} page {_text(r['page'])}</b> on {html.escape(kernel)}",
+def _counts_hover(r, kernel: str, name: str) -> str:
+    lines = [f"<b>{html.escape(name)}</b> on {html.escape(kernel)}",
              (f"step {_text(r['step'])}: {_text(r.get('action'))} "
              f"{_text(r.get('label'), '')}"),
              f"{_text(r.get('detail'), '')}"]
@@ -184,12 +186,34 @@ def _style_titles(fig: go.Figure, titles: Sequence[str]) -> None:
             ann.font = {"size": 14}
 
 
+def folio_lines(pages: pd.DataFrame) -> list[tuple[str, tuple[int, ...]]]:
+    """The lines of :func:`plot_counts` for one kernel's per-page rows:
+    watched pages of one map that sit in the same folio at every step (the
+    same folio_pfn sequence) share a line; (map, pages) per line, in order."""
+    groups: dict[tuple, list[int]] = {}
+    for (map_name, page), g in pages.groupby(["map", "page"], sort=True):
+        sig = tuple(_value(v) for v in g.sort_values("step")["folio_pfn"])
+        if all(v is None for v in sig):  # no folio to share: a line of its own
+            sig = ("page", int(page))
+        groups.setdefault((str(map_name), sig), []).append(int(page))
+    return [(m, tuple(sorted(p))) for (m, _sig), p in groups.items()]
+
+
+def _line_name(map_name: str, pages: Sequence[int]) -> str:
+    if len(pages) == 1:
+        return _page_name(map_name, pages[0])
+    return f"{map_name} pages {', '.join(map(str, pages))}"
+
+
 def plot_counts(timeline: pd.DataFrame, complaints: pd.DataFrame | None = None,
-                *, height: int = 620) -> go.Figure:
+                *, height: int = 640) -> go.Figure:
     """Refcount (top row) and raw mapcount (bottom row, -1 = unmapped) of
-    every watched page's folio per step, from :func:`lab.timeline.df_timeline`;
-    one column per kernel, one line per watched (map, page) — the same color
-    on every kernel. Steps where the guest kernel complained (from
+    each watched folio per step, from :func:`lab.timeline.df_timeline`; one
+    column per kernel. One line per folio (watched pages of the same folio
+    share it, see :func:`folio_lines`), the same color on every kernel; in
+    the bottom row a large folio also gets its raw ``large_mapcount``
+    (dash-dot), which counts a PMD/PUD mapping that the page's own
+    ``_mapcount`` does not. Steps where the guest kernel complained (from
     :func:`lab.timeline.df_complaints`) get a red x with the text on hover.
     """
     kernels = _kernels(timeline)
@@ -205,48 +229,66 @@ def plot_counts(timeline: pd.DataFrame, complaints: pd.DataFrame | None = None,
     legend_done: set[str] = set()
     for col, kernel in enumerate(kernels, start=1):
         kp = pages[pages["kernel"] == kernel]
-        for (map_name, page) in watched:
-            g = kp[(kp["map"] == map_name) & (kp["page"] == page)].sort_values("step")
-            if g.empty:
-                continue
-            name = _page_name(map_name, page)
-            hover = [_counts_hover(r, kernel) for _, r in g.iterrows()]
-            for row, field, dash in ((1, "refcount", "solid"), (2, "mapcount", "dot")):
+        lines = folio_lines(kp)
+        for i, (map_name, line_pages) in enumerate(lines):
+            # markers shrink line by line: where lines coincide, rings of every color show
+            size = min(18, 6 + 3 * (len(lines) - 1 - i))
+            g = kp[(kp["map"] == map_name) & (kp["page"] == line_pages[0])].sort_values("step")
+            name = _line_name(map_name, line_pages)
+            hover = [_counts_hover(r, kernel, name) for _, r in g.iterrows()]
+            color = page_color[(map_name, line_pages[0])]
+            large = g["order"].fillna(0).gt(0).any() and g["large_mapcount"].notna().any()
+            series = [(1, "refcount", "solid"), (2, "mapcount", "dot")]
+            if large:
+                series.append((2, "large_mapcount", "dashdot"))
+            for row, field, dash in series:
                 fig.add_trace(go.Scatter(
-                    x=_values(g["step"]), y=_values(g[field]), mode="lines+markers", name=name,
-                    legendgroup=name, showlegend=(col == 1 and row == 1),
-                    line={"color": page_color[(map_name, page)], "dash": dash, "width": 2},
-                    marker={"size": 7}, hovertext=hover,
-                    hovertemplate="%{hovertext}<extra></extra>",
-                    meta={"kind": field, "kernel": kernel, "map": map_name, "page": page},
+                    x=_values(g["step"]), y=_values(g[field]), mode="lines+markers",
+                    name=name if field != "large_mapcount" else f"{name}: large_mapcount",
+                    legendgroup=name, showlegend=(row == 1 and name not in legend_done),
+                    line={"color": color, "dash": dash, "width": 2},
+                    marker={"size": size if field != "large_mapcount" else max(5, size - 2),
+                            "line": {"width": 1, "color": "white"}},
+                    hovertext=hover,
+                    hovertemplate=f"<b>{field}</b> %{{y}}<br>%{{hovertext}}<extra></extra>",
+                    meta={"kind": field, "kernel": kernel, "map": map_name,
+                          "page": line_pages[0], "pages": list(line_pages)},
                 ), row=row, col=col)
+            legend_done.add(name)
         bad = _complaints_by_step(complaints, kernel)
         if bad:
-            first_complaint = "complaint" not in legend_done
-            legend_done.add("complaint")
             steps = sorted(bad)
             tops = kp.groupby("step")["refcount"].max()
             ys = [_value(tops.get(s)) if s in tops.index else 0 for s in steps]
             fig.add_trace(go.Scatter(
                 x=steps, y=[0 if y is None else y for y in ys], mode="markers",
                 name="kernel complaint", legendgroup="complaint",
-                showlegend=first_complaint,
+                showlegend="complaint" not in legend_done,
                 marker={"symbol": "x", "size": 16, "color": COMPLAINT_COLOR,
                         "line": {"width": 1, "color": "darkred"}},
                 hovertext=[f"<b>{html.escape(kernel)} step {s}: kernel complaint</b><br>{bad[s]}"
                            for s in steps],
                 hovertemplate="%{hovertext}<extra></extra>",
                 meta={"kind": "complaint", "kernel": kernel}), row=1, col=col)
+            legend_done.add("complaint")
     ticks = step_ticks(timeline)
     fig.update_xaxes(tickvals=ticks[0], ticktext=ticks[1], tickangle=-40, showgrid=True)
+    top = pages["refcount"].max() if len(pages) else 0
     fig.update_yaxes(title_text="refcount", row=1, col=1, rangemode="tozero")
+    if not pd.isna(top) and top <= 12:
+        fig.update_yaxes(dtick=1, row=1)
     fig.update_yaxes(title_text="raw mapcount<br>(-1 = unmapped)", row=2, col=1, dtick=1)
     _style_titles(fig, titles)
+    fig.add_annotation(
+        text="solid: refcount · dotted: the page's _mapcount · dash-dot: the large folio's "
+             "large_mapcount (all raw: -1 = not mapped, 0 = mapped once)",
+        xref="paper", yref="paper", x=0, y=1.0, yshift=36, showarrow=False,
+        xanchor="left", font={"size": 11, "color": "#555"})
     fig.update_layout(
         title={"text": "Folio refcount and mapcount per step — do the mapping steps raise them "
                        "(folio mapped for real) or leave them flat (devmap entry)?"},
-        height=height, hovermode="closest", legend={"title": {"text": "watched page"}},
-        margin={"t": 90, "b": 110}, template="plotly_white")
+        height=height, hovermode="closest", legend={"title": {"text": "watched folio"}},
+        margin={"t": 110, "b": 110}, template="plotly_white")
     return fig
 
 
@@ -353,11 +395,33 @@ def plot_page_table(timeline: pd.DataFrame, *, height: int | None = None) -> go.
     return fig
 
 
+def heatmap_pages(device_pages: pd.DataFrame, max_pages: int = 120) -> list[int]:
+    """The page indices :func:`plot_device_heatmap` draws: all of them if
+    there are at most *max_pages*, else those whose refcount changes over
+    the steps on some kernel or differs from the most common value at the
+    first step (a folio's head among its tails)."""
+    if device_pages.empty:
+        return []
+    every = sorted(int(i) for i in device_pages["page_index"].unique())
+    if len(every) <= max_pages:
+        return every
+    keep: set[int] = set()
+    for _, kp in device_pages.groupby("kernel"):
+        spread = kp.groupby("page_index")["refcount"].agg(["min", "max"])
+        keep |= {int(i) for i in spread.index[spread["min"] != spread["max"]]}
+        first = kp[kp["step"] == kp["step"].min()]
+        usual = first["refcount"].mode()
+        if len(usual):
+            keep |= {int(i) for i in first.loc[first["refcount"] != usual.iloc[0], "page_index"]}
+    return sorted(keep) or every[:max_pages]
+
+
 def plot_device_heatmap(device_pages: pd.DataFrame, steps: pd.DataFrame | None = None,
-                        *, height: int | None = None) -> go.Figure:
-    """Refcount of every device page near the watched ones (y = page index
-    in the device) per step (x), from :func:`lab.timeline.df_device_pages`;
-    one panel per kernel, one shared color scale. Tick labels come from
+                        *, height: int | None = None, max_pages: int = 120) -> go.Figure:
+    """Refcount of the device pages near the watched ones (y = page index in
+    the device) per step (x), from :func:`lab.timeline.df_device_pages`; one
+    panel per kernel, one shared color scale. More than *max_pages* pages:
+    only the telling ones (:func:`heatmap_pages`). Tick labels come from
     *steps* (:func:`lab.timeline.df_steps`) when given."""
     kernels = _kernels(device_pages)
     colors = kernel_colors(kernels)
@@ -367,12 +431,14 @@ def plot_device_heatmap(device_pages: pd.DataFrame, steps: pd.DataFrame | None =
     ref = pd.to_numeric(device_pages["refcount"], errors="coerce") if len(device_pages) else None
     zmax = float(ref.max()) if ref is not None and len(ref) else 1.0
     zmin = float(ref.min()) if ref is not None and len(ref) else 0.0
-    n_pages = device_pages["page_index"].nunique() if len(device_pages) else 0
-    height = height or int(min(900, max(460, 220 + 9 * n_pages)))
-    cell = (height - 220) / max(1, n_pages)  # pixels per page row
+    total = device_pages["page_index"].nunique() if len(device_pages) else 0
+    shown = heatmap_pages(device_pages, max_pages)
+    height = height or int(min(900, max(460, 220 + 9 * len(shown))))
+    cell = (height - 220) / max(1, len(shown))  # pixels per page row
     show_text = cell >= 13
     for col, kernel in enumerate(kernels, start=1):
-        kp = device_pages[device_pages["kernel"] == kernel]
+        kp = device_pages[(device_pages["kernel"] == kernel)
+                          & device_pages["page_index"].isin(shown)]
         grid = kp.pivot_table(index="page_index", columns="step", values="refcount",
                               aggfunc="first").sort_index()
         z = [[_value(v) for v in row] for row in grid.to_numpy(dtype=object)]
@@ -380,21 +446,25 @@ def plot_device_heatmap(device_pages: pd.DataFrame, steps: pd.DataFrame | None =
             x=[int(s) for s in grid.columns], y=[int(i) for i in grid.index], z=z,
             coloraxis="coloraxis", name=kernel, xgap=2, ygap=1 if cell >= 5 else 0,
             text=z if show_text else None, texttemplate="%{text}" if show_text else None,
-            textfont={"size": 9},
+            textfont={"size": 10},
             hovertemplate=f"{html.escape(kernel)}<br>step %{{x}}<br>page %{{y}}<br>"
                           "refcount %{z}<extra></extra>",
             meta={"kind": "heatmap", "kernel": kernel}), row=1, col=col)
     ticks = step_ticks(steps if steps is not None else device_pages, steps)
     fig.update_xaxes(tickvals=ticks[0], ticktext=ticks[1], tickangle=-40, showgrid=False)
-    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
+    which = (f"all {total} device pages near the watched ones" if len(shown) == total else
+             f"{len(shown)} of the {total} device pages near the watched ones: those whose "
+             f"refcount changes or stands out")
     fig.update_yaxes(title_text="page index in the device", row=1, col=1)
     _style_titles(fig, titles)
     fig.update_layout(
-        title={"text": "Refcount of each device page near the watched ones, per step — "
-                       "a page whose color changes took or dropped references"},
+        title={"text": "Refcount of device pages per step — a cell that changes color took or "
+                       f"dropped a reference<br><sup>{html.escape(which)}</sup>"},
         coloraxis={"colorscale": "Viridis", "cmin": zmin, "cmax": max(zmax, zmin + 1),
-                   "colorbar": {"title": {"text": "refcount"}}},
-        height=height, template="plotly_white", margin={"t": 90, "b": 110})
+                   "colorbar": {"title": {"text": "refcount"}, "dtick": 1 if zmax - zmin <= 10
+                                else None}},
+        height=height, template="plotly_white", margin={"t": 100, "b": 110})
     return fig
 
 
@@ -410,9 +480,10 @@ def plot_device_summary(device: pd.DataFrame, steps: pd.DataFrame | None = None,
               ("pages_mapped", "pages with a mapcount (mapcount >= 0)"),
               ("refcount_sum_delta", "summed refcount change since the start")]
     fields = [f for f in fields if f[0] in device.columns]
-    fig = make_subplots(rows=len(fields), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+    fig = make_subplots(rows=len(fields), cols=1, shared_xaxes=True, vertical_spacing=0.11,
                         subplot_titles=[t for _, t in fields])
-    for kernel in kernels:
+    # the first kernel (dashed if it is "before") is drawn last, on top: equal lines both show
+    for rank, kernel in reversed(list(enumerate(kernels))):
         kd = device[device["kernel"] == kernel].sort_values("step")
         for row, (field, _title) in enumerate(fields, start=1):
             hover = [f"<b>{html.escape(kernel)}</b> step {_text(r['step'])}: "
@@ -421,7 +492,7 @@ def plot_device_summary(device: pd.DataFrame, steps: pd.DataFrame | None = None,
                      for _, r in kd.iterrows()]
             fig.add_trace(go.Scatter(
                 x=_values(kd["step"]), y=_values(kd[field]), mode="lines+markers", name=kernel,
-                legendgroup=kernel, showlegend=row == 1,
+                legendgroup=kernel, showlegend=row == 1, legendrank=1000 + rank,
                 line={"color": colors[kernel], "width": 2,
                       "dash": "solid" if kernel != "before" else "dash"},
                 marker={"size": 8}, hovertext=hover,
@@ -430,7 +501,13 @@ def plot_device_summary(device: pd.DataFrame, steps: pd.DataFrame | None = None,
     ticks = step_ticks(device, steps)
     fig.update_xaxes(tickvals=ticks[0], ticktext=ticks[1], showgrid=True)
     fig.update_xaxes(tickangle=-40, row=len(fields), col=1)
-    fig.update_yaxes(rangemode="tozero")
+    for row, (field, _title) in enumerate(fields, start=1):
+        values = pd.to_numeric(device[field], errors="coerce").dropna()
+        lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+        lo, hi = min(lo, 0.0), max(hi, 1.0)
+        pad = max(0.3, (hi - lo) * 0.06)
+        fig.update_yaxes(range=[lo - pad, hi + pad], row=row, col=1,
+                         dtick=1 if hi - lo <= 12 else None, zeroline=True)
     fig.update_layout(
         title={"text": "Whole device per step — do mapping steps change refcounts and "
                        "mapcounts of struct pages on one kernel and not on the other?"},

@@ -208,10 +208,12 @@ def _compact_timeline(timeline: pd.DataFrame) -> pd.DataFrame:
 
 
 _FIGURE_NOTES = {
-    "counts": "Each line is one watched page's folio. Before the fix a device-dax fault maps "
-              "the page with a devmap entry and takes no reference: the lines stay flat. "
-              "After it, mapping takes a reference and a mapcount. Hover a point for every "
-              "folio field; a red x marks a step where the guest kernel complained.",
+    "counts": "Each line is one watched folio (watched pages of the same folio share it). "
+              "Before the fix a device-dax fault maps the page with a devmap entry and takes "
+              "no reference: the lines stay flat. After it, mapping takes a reference and a "
+              "mapcount (for a PMD-mapped 2M folio, the folio's large_mapcount, not the "
+              "page's own). Hover a point for every folio field; a red x marks a step where "
+              "the guest kernel complained.",
     "page_table": "The entry that maps each watched page, in each process, after each step.",
     "device_summary": "Counts over every struct page of the device.",
     "device_heatmap": "Every device page near the watched ones (same color scale on every "
