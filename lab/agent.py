@@ -377,7 +377,9 @@ class AgentClient:
     def kmsg(self, text: str) -> int:
         """Write *text* to the guest kernel's log (/dev/kmsg; a "<N>" prefix
         sets the level). Returns the bytes written."""
-        return int(self.request("kmsg", text=text)["bytes"])
+        # Without a final newline printk keeps the record open for a
+        # continuation and the console prints it only with the next message.
+        return int(self.request("kmsg", text=text if text.endswith("\n") else text + "\n")["bytes"])
 
     def poweroff(self) -> None:
         """Ask the guest to power off (refused with EPERM unless the agent is

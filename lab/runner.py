@@ -279,7 +279,7 @@ def _snapshot(session: Session, device: dict, guest: _Guest, watched: dict, *, s
                                         in_pipe=guest.holds("pipe", map_name, page)))
     if device["align"] < PUD_SIZE:
         pages = _with_pagemap(session, pages)
-    time.sleep(0.02)  # let the console reader catch up with lines printed by the step
+    session.vm.sync_console()  # every line the step made the kernel print is in
     complaints = tuple((c.kind, c.text) for _, c in session.vm.complaints[complaints_from:])
     return StepRecord(step=step, action=action, proc=proc, label=label, detail=detail, errno=errno,
                       error=error, seconds=time.monotonic() - started, pages=tuple(pages),

@@ -364,6 +364,7 @@ class Vm:
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.complaints: list[tuple[int, Complaint]] = []  # (console line number, complaint)
         self.lines_seen = 0
+        self._marker = 0
         self.marks: list[tuple[float, str]] = []  # (seconds since launch, /init's line)
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
@@ -427,6 +428,24 @@ class Vm:
     def _fail(self, cls, message: str) -> VmError:
         time.sleep(0.2)  # let the console reader catch the last lines
         return cls(message, argv=self.argv, console_tail=self.console_tail())
+
+    def sync_console(self, timeout: float = 5.0) -> None:
+        """Return once every kernel message logged so far has reached the
+        console reader: a marker goes into the kernel log and is waited for
+        (the console prints records in order)."""
+        assert self.agent
+        self._marker += 1
+        token = f"devdax-lab: console mark {self._marker}"
+        self.agent.kmsg(f"<4>{token}")
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if any(token in line for line in list(self.tail)[-20:]):
+                    return
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise self._fail(VmTimeout, f"the guest console fell silent for {timeout:.0f} s")
+            time.sleep(0.002)
 
     def _settle(self, timeout: float = 3.0) -> None:
         """After the guest went quiet: give QEMU time to exit and the console
