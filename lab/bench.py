@@ -5,6 +5,8 @@ that docs/BENCHMARKS.md records.
   where the time goes, from the guest-uptime stamps /init prints.
 - ``snapshot``: every struct page of the 1 GiB 4K device, read page by page
   through drgn objects against one bulk read decoded with numpy.
+- ``compare``: a whole `compare` of a scenario (boots included) and the
+  latency of one step.
 """
 
 from __future__ import annotations
@@ -114,6 +116,31 @@ def bench_snapshot(kernel_name: str, runs: int) -> int:
         return 0 if same else 1
 
 
+def bench_compare(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
+    """Wall time of a whole compare (boots included, kernels cached) and the
+    latency of one step (agent action + snapshot + console sync)."""
+    from pathlib import Path
+
+    from .experiment import run_experiment
+
+    walls, step_seconds = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        exp = run_experiment(Path(scenario), kernel_names, say=lambda *_: None)
+        walls.append(time.perf_counter() - t)
+        steps = exp.frames["steps"]
+        step_seconds += list(steps[steps["step"] > 0]["seconds"])
+    med = statistics.median(walls)
+    print(f"compare {Path(scenario).name} on {','.join(kernel_names)}: {runs} runs")
+    print(f"  wall time: median {med:.1f} s (min {min(walls):.1f}, max {max(walls):.1f}); "
+          f"target 20 s: {med / 20:.2f}x of target")
+    step_med = statistics.median(step_seconds)
+    print(f"  one step (action + snapshot): median {step_med * 1000:.0f} ms over "
+          f"{len(step_seconds)} steps (max {max(step_seconds) * 1000:.0f} ms); "
+          f"target 100 ms: {step_med / 0.1:.2f}x of target")
+    return 0
+
+
 def dtype_size(prog) -> int:
     import drgn
 
@@ -125,4 +152,6 @@ def main(args) -> int:
         return bench_boot(args.kernels.split(","), args.runs)
     if args.what == "snapshot":
         return bench_snapshot(args.kernels.split(",")[0], args.runs)
+    if args.what == "compare":
+        return bench_compare(args.scenario, args.kernels.split(","), args.runs)
     raise AssertionError(args.what)

@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
     s.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("bench", help="benchmarks: boot (time to ready), snapshot (bulk vs per-page)")
-    s.add_argument("what", choices=["boot", "snapshot"])
+    s = sub.add_parser("bench", help="benchmarks: boot, snapshot (bulk vs per-page), compare")
+    s.add_argument("what", choices=["boot", "snapshot", "compare"])
+    s.add_argument("--scenario", default="scenarios/fork-share.toml", help="for compare")
     s.add_argument("--kernels", default="before,after", help="comma list (snapshot uses the first)")
     s.add_argument("--runs", type=int, default=5)
     s.set_defaults(func=cmd_bench)
