@@ -21,7 +21,7 @@ from .model import FolioState, PgmapState, PteState, UserError, format_size
 from .scenario import Scenario, Step
 from .session import Session
 
-__all__ = ["StepRecord", "PageRecord", "RunResult", "run_scenario", "PAGE"]
+__all__ = ["StepRecord", "PageRecord", "RunResult", "Recorder", "run_scenario", "PAGE"]
 
 PAGE = 4096
 
@@ -65,7 +65,7 @@ class StepRecord:
 class RunResult:
     """All steps of one scenario on one kernel."""
 
-    scenario: Scenario
+    scenario: Scenario | None  # None for an interactive (notebook) session
     kernel: str
     release: str
     accel: str
@@ -105,6 +105,61 @@ class _Guest:
         return self.maps[proc][name]
 
 
+class Recorder:
+    """Takes steps one at a time and snapshots after each: the engine of
+    :func:`run_scenario` and of the notebook API (`lab.api.Lab`)."""
+
+    def __init__(self, session: Session, device: dict, scenario: Scenario | None = None,
+                 watched: dict[tuple[str, int], int] | None = None):
+        self.session = session
+        self.device = device
+        self.guest = _Guest()
+        self.watched = dict(watched or {})
+        self.result = RunResult(scenario=scenario, kernel=session.kernel.name,
+                                release=session.vm.release, accel=session.vm.spec.accel,
+                                device=device)
+        self.result.steps.append(self._snapshot(0, "start", None, "start", "", None, None,
+                                                time.monotonic(), len(session.vm.complaints)))
+
+    def watch(self, map_name: str, page: int) -> None:
+        """Follow page *page* of mapping *map_name* from the next snapshot on."""
+        for maps in self.guest.maps.values():
+            if map_name in maps:
+                m = maps[map_name]
+                self.watched.setdefault((map_name, page), (self.device["start"] + m.offset) // PAGE + page)
+                return
+        raise UserError(f"no mapping named {map_name!r}")
+
+    def mapping(self, proc: str, name: str) -> _Mapping:
+        """The live mapping *name* of process *proc* (address, length, offset)."""
+        try:
+            return self.guest.mapping(proc, name)
+        except KeyError:
+            raise UserError(f"process {proc!r} has no mapping named {name!r}") from None
+
+    def step(self, step: Step) -> StepRecord:
+        """Carry out *step* and record the snapshot after it. An agent error
+        (the kernel refused, a fault) is recorded with its errno, not raised."""
+        started = time.monotonic()
+        complaints_from = len(self.session.vm.complaints)
+        errno_, error, detail = None, None, ""
+        try:
+            detail = _do(self.session, self.device, self.guest, step)
+        except AgentError as exc:
+            errno_, error = exc.errno, exc.message
+        self.session.vm.check_alive()
+        record = self._snapshot(step.index, step.action, step.proc, step.label or "", detail,
+                                errno_, error, started, complaints_from)
+        self.result.steps.append(record)
+        return record
+
+    def _snapshot(self, index, action, proc, label, detail, errno_, error, started,
+                  complaints_from) -> StepRecord:
+        return _snapshot(self.session, self.device, self.guest, self.watched, step=index,
+                         action=action, proc=proc, label=label, detail=detail, errno=errno_,
+                         error=error, started=started, complaints_from=complaints_from)
+
+
 def run_scenario(session: Session, scenario: Scenario, *,
                  progress: Callable[[str, int, int | None], None] | None = None) -> RunResult:
     """Run every step of *scenario* in *session*'s guest, snapshot after each.
@@ -113,35 +168,18 @@ def run_scenario(session: Session, scenario: Scenario, *,
     recorded with its errno and the run goes on.
     """
     device = session.vm.device(scenario.device)
-    result = RunResult(scenario=scenario, kernel=session.kernel.name, release=session.vm.release,
-                       accel=session.vm.spec.accel, device=device)
-    guest = _Guest()
     # The watched pages are known before the run: a mapping's device offset
     # is in the scenario, and device-dax maps device offset X at its start + X.
     first_pfn = device["start"] // PAGE
     watched = {(w.map, w.page): first_pfn + scenario.device_page(w.map, w.page)
                for w in scenario.watch_list}
-    total = len(scenario.steps)
-    result.steps.append(_snapshot(session, device, guest, watched, step=0, action="start",
-                                  proc=None, label="start", detail="", errno=None, error=None,
-                                  started=time.monotonic(), complaints_from=len(session.vm.complaints)))
+    recorder = Recorder(session, device, scenario, watched)
     for step in scenario.steps:
         if progress:
             progress(f"{scenario.name} on {session.kernel.name}: step {step.index} {step.action}",
-                     step.index, total)
-        started = time.monotonic()
-        complaints_from = len(session.vm.complaints)
-        errno_, error, detail = None, None, ""
-        try:
-            detail = _do(session, device, guest, step)
-        except AgentError as exc:
-            errno_, error = exc.errno, exc.message
-        session.vm.check_alive()
-        result.steps.append(_snapshot(session, device, guest, watched, step=step.index,
-                                      action=step.action, proc=step.proc, label=step.label or "",
-                                      detail=detail, errno=errno_, error=error, started=started,
-                                      complaints_from=complaints_from))
-    return result
+                     step.index, len(scenario.steps))
+        recorder.step(step)
+    return recorder.result
 
 
 def _do(session: Session, device: dict, guest: _Guest, step: Step) -> str:

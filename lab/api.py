@@ -1,0 +1,337 @@
+"""The notebook API: one method per action, each a step with a snapshot after
+it, appended to ``lab.timeline``.
+
+    from lab import Lab
+    with Lab.boot("after") as lab:
+        m = lab.mmap("4K", length="64K")
+        lab.touch(m, pages=[0], write=True)
+        lab.timeline        # one row per (step, watched page, process)
+        lab.plot()          # refcount and mapcount per step
+
+``Lab.open(DIR)`` reopens the output of ``devdax-lab run``/``compare`` (or of
+``Lab.save``) with no VM, for reading, plotting and the panel's charts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import pandas as pd
+
+from . import timeline as tl
+from .model import DEFAULT_DAX, PUD_LAYOUT, UserError, format_size, parse_size
+from .scenario import MADVISE, Step
+
+__all__ = ["Lab", "Mapping", "Pin", "Pipe"]
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A device-dax mapping in a guest process."""
+
+    name: str
+    proc: str
+    device: str
+    addr: int
+    length: int
+
+    @property
+    def pages(self) -> int:
+        return self.length // PAGE
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str
+    proc: str
+    map: str
+
+
+@dataclass(frozen=True)
+class Pipe:
+    name: str
+    proc: str
+    map: str
+
+
+def _pages(pages: int | Iterable[int | str], npages: int, name: str) -> tuple[int, ...]:
+    """Page indices from ints and "A-B" ranges, checked against the mapping."""
+    if isinstance(pages, (int, str)):
+        pages = [pages]
+    out: set[int] = set()
+    for p in pages:
+        if isinstance(p, str) and "-" in p:
+            lo, hi = (int(x) for x in p.split("-", 1))
+            out.update(range(lo, hi + 1))
+        else:
+            out.add(int(p))
+    bad = sorted(p for p in out if not 0 <= p < npages)
+    if bad:
+        raise UserError(f"page {bad[0]} is outside mapping {name!r} ({npages} pages: 0-{npages - 1})")
+    return tuple(sorted(out))
+
+
+class Lab:
+    """A booted kernel driven step by step (or a saved run, read-only)."""
+
+    def __init__(self, *, session=None, recorder=None, frames: dict | None = None,
+                 meta: dict | None = None):
+        self._session = session
+        self._recorder = recorder
+        self._frames = frames  # for a reopened run
+        self.meta = meta or {}
+        self._names = itertools.count(1)
+        self._maps: dict[str, Mapping] = {}
+        self._index = 0
+        self._device_name: str | None = None
+
+    # -- opening -------------------------------------------------------------
+    @classmethod
+    def boot(cls, kernel: str = "after", *, pud: bool = False, say=print, progress=None) -> Lab:
+        """Boot *kernel* (``before``, ``after``...) with a 4K and a 2M device
+        (and a 1G one with *pud*) and attach drgn."""
+        from .session import Session
+
+        session = Session.boot(kernel, dax=PUD_LAYOUT if pud else DEFAULT_DAX, say=say,
+                               progress=progress)
+        return cls(session=session)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Lab:
+        """A saved run (``timeline.parquet`` and friends) with no VM."""
+        import json
+
+        d = Path(directory)
+        if not (d / "timeline.parquet").exists():
+            raise UserError(f"{d} holds no timeline.parquet (the output of `devdax-lab run`)")
+        frames = {p.stem: pd.read_parquet(p) for p in sorted(d.glob("*.parquet"))}
+        meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
+        return cls(frames=frames, meta=meta)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the VM (nothing to do for a reopened run)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    @property
+    def live(self) -> bool:
+        return self._session is not None
+
+    @property
+    def kernel(self) -> str:
+        if self._session is not None:
+            return self._session.kernel.name
+        return ",".join(self.meta.get("kernels", {})) or "saved run"
+
+    @property
+    def release(self) -> str:
+        return self._session.vm.release if self._session else ""
+
+    def _need_live(self) -> None:
+        if self._session is None:
+            raise UserError("this Lab is a saved run (Lab.open): boot one with Lab.boot() to take steps")
+
+    # -- steps -----------------------------------------------------------------
+    def _run(self, action: str, proc: str | None, args: dict, label: str | None = None):
+        self._need_live()
+        if self._recorder is None:
+            if self._device_name is None:
+                raise UserError("map a device first: lab.mmap(\"4K\", length=\"64K\")")
+            from .runner import Recorder
+
+            self._recorder = Recorder(self._session, self._device(self._device_name))
+        self._index += 1
+        step = Step(self._index, action, proc, MappingProxyType(args), label)
+        for map_name, page in step.pages_touched:
+            self._recorder.watch(map_name, page)
+        return self._recorder.step(step)
+
+    def _device(self, device: str) -> dict:
+        self._need_live()
+        d = next((x for x in self._session.vm.devices if x["name"] == device), None)
+        return d or self._session.vm.device(device)
+
+    def mmap(self, device: str = "4K", length: int | str = "64K", *, proc: str = "a",
+             offset: int | str = 0, name: str | None = None, label: str | None = None) -> Mapping:
+        """Map *length* of a device (by alignment "4K"/"2M"/"1G" or name) in *proc*."""
+        dev = self._device(device)
+        if self._device_name is None:
+            self._device_name = dev["name"]
+        elif dev["name"] != self._device_name:
+            raise UserError(f"this Lab follows {self._device_name}; one device per Lab")
+        length, offset = parse_size(length), parse_size(offset)
+        if length <= 0 or length % dev["align"] or offset % dev["align"]:
+            raise UserError(f"length and offset must be multiples of {format_size(dev['align'])} "
+                            f"on {dev['name']}")
+        if offset + length > dev["size"]:
+            raise UserError(f"{format_size(offset + length)} is beyond {dev['name']} "
+                            f"({format_size(dev['size'])})")
+        name = name or f"m{next(self._names)}"
+        if name in self._maps:
+            raise UserError(f"a mapping is already named {name!r}")
+        record = self._run("mmap", proc, {"name": name, "length": length, "offset": offset,
+                                          "write": True, "shared": True}, label)
+        self._raise_on_error(record)
+        m = self._recorder.mapping(proc, name)
+        mapping = Mapping(name, proc, dev["name"], m.addr, m.length)
+        self._maps[name] = mapping
+        return mapping
+
+    def touch(self, m: Mapping, pages: int | Sequence[int | str] = (0,), *, write: bool = True,
+              proc: str | None = None, label: str | None = None):
+        """Fault in *pages* (4K page indices within the mapping) by reading or writing one byte."""
+        pages = _pages(pages, m.pages, m.name)
+        return self._checked("touch", proc or m.proc, {"map": m.name, "pages": pages,
+                                                       "write": write}, label)
+
+    def fork(self, proc: str = "a", child: str = "b", *, label: str | None = None):
+        """Fork *proc*; the child inherits its mappings."""
+        return self._checked("fork", proc, {"child": child}, label)
+
+    def munmap(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
+               proc: str | None = None, label: str | None = None):
+        """Unmap all of *m*, or *length* at *offset* within it."""
+        offset = parse_size(offset)
+        length = m.length - offset if length is None else parse_size(length)
+        return self._checked("munmap", proc or m.proc, {"map": m.name, "offset": offset,
+                                                        "length": length}, label)
+
+    def exit(self, proc: str, *, label: str | None = None):
+        """End guest process *proc* (its mappings go with it)."""
+        return self._checked("exit", proc, {}, label)
+
+    def pin(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
+            proc: str | None = None, name: str | None = None, label: str | None = None) -> Pin:
+        """Take a long-term pin (io_uring registered buffer) on a range of *m*."""
+        offset = parse_size(offset)
+        length = m.length - offset if length is None else parse_size(length)
+        name = name or f"pin{next(self._names)}"
+        proc = proc or m.proc
+        self._checked("pin", proc, {"map": m.name, "name": name, "offset": offset,
+                                    "length": length}, label)
+        return Pin(name, proc, m.name)
+
+    def unpin(self, pin: Pin, *, label: str | None = None):
+        return self._checked("unpin", pin.proc, {"pin": pin.name, "map": pin.map}, label)
+
+    def splice(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
+               proc: str | None = None, name: str | None = None, label: str | None = None) -> Pipe:
+        """vmsplice a range of *m* into a pipe: transient references until drained."""
+        offset = parse_size(offset)
+        length = min(m.length - offset, 1 << 20) if length is None else parse_size(length)
+        name = name or f"pipe{next(self._names)}"
+        proc = proc or m.proc
+        self._checked("splice", proc, {"map": m.name, "name": name, "offset": offset,
+                                       "length": length}, label)
+        return Pipe(name, proc, m.name)
+
+    def drain(self, pipe: Pipe, *, label: str | None = None):
+        return self._checked("drain", pipe.proc, {"splice": pipe.name, "map": pipe.map}, label)
+
+    def madvise(self, m: Mapping, advice: str, *, offset: int | str = 0,
+                length: int | str | None = None, label: str | None = None):
+        """madvise by name (DONTNEED, HUGEPAGE, ...); a refusal is recorded, not raised."""
+        key = advice.upper().removeprefix("MADV_")
+        if key not in MADVISE:
+            raise UserError(f"unknown advice {advice!r} (known: {', '.join(MADVISE)})")
+        offset = parse_size(offset)
+        length = m.length - offset if length is None else parse_size(length)
+        return self._run("madvise", m.proc, {"map": m.name, "advice": key,
+                                             "advice_value": MADVISE[key], "offset": offset,
+                                             "length": length}, label)
+
+    def snapshot(self, label: str = "snapshot"):
+        """A snapshot with no action."""
+        return self._run("snapshot", None, {}, label)
+
+    def _checked(self, action: str, proc: str | None, args: dict, label: str | None):
+        record = self._run(action, proc, args, label)
+        self._raise_on_error(record)
+        return record
+
+    @staticmethod
+    def _raise_on_error(record) -> None:
+        if record.errno is not None:
+            raise UserError(f"step {record.step} ({record.action}) failed: {record.error} "
+                            f"(errno {record.errno}); it is recorded in the timeline")
+
+    # -- data ------------------------------------------------------------------
+    def _runs(self) -> list:
+        return [self._recorder.result] if self._recorder else []
+
+    def frame(self, name: str) -> pd.DataFrame:
+        """One of timeline, steps, device, device_pages, complaints (see lab.timeline)."""
+        if self._frames is not None:
+            return self._frames.get(name, pd.DataFrame())
+        runs = self._runs()
+        builders = {"timeline": tl.df_timeline, "steps": tl.df_steps, "device": tl.df_device,
+                    "device_pages": tl.df_device_pages, "complaints": tl.df_complaints}
+        if name not in builders:
+            raise UserError(f"no frame {name!r} (have: {', '.join(builders)})")
+        return builders[name](runs) if runs else pd.DataFrame(columns=list(tl.TIMELINE_COLUMNS))
+
+    @property
+    def timeline(self) -> pd.DataFrame:
+        """One row per (kernel, step, watched page, process): `lab.timeline.df_timeline`."""
+        return self.frame("timeline")
+
+    @property
+    def steps(self) -> pd.DataFrame:
+        return self.frame("steps")
+
+    @property
+    def complaints(self) -> pd.DataFrame:
+        return self.frame("complaints")
+
+    def current(self) -> pd.DataFrame:
+        """The rows of the latest step: the folios, pgmap and page-table state now."""
+        t = self.timeline
+        return t[t["step"] == t["step"].max()] if len(t) else t
+
+    def plot(self):
+        """Refcount and mapcount per step of every watched folio."""
+        from .plots import plot_counts
+
+        return plot_counts(self.timeline, self.complaints)
+
+    def panel(self):
+        """The ipywidgets control panel (lab.widgets)."""
+        from .widgets import LabPanel
+
+        return LabPanel(self).widget
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the frames, meta.json and report.html like `devdax-lab run`."""
+        from . import report
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        frames = {n: self.frame(n) for n in ("timeline", "steps", "device", "device_pages", "complaints")}
+        meta = {"kernels": {self.kernel: {"release": self.release}},
+                "scenario": {"name": "notebook session", "text": ""}, **self.meta}
+        report.write_outputs(out, frames, meta)
+        return report.build_report(out, title=f"notebook session on {self.kernel}", scenario_text="",
+                                   meta=meta, timeline=frames["timeline"], steps=frames["steps"],
+                                   device=frames["device"], device_pages=frames["device_pages"],
+                                   complaints=frames["complaints"])
+
+    @property
+    def mappings(self) -> dict[str, Mapping]:
+        return dict(self._maps)
+
+    def processes(self) -> list[str]:
+        """Names of the live guest processes."""
+        return sorted(self._session.agent.procs()) if self._session else []
