@@ -77,6 +77,14 @@ def _pages(pages: int | Iterable[int | str], npages: int, name: str) -> tuple[in
     return tuple(sorted(out))
 
 
+def _span(m: Mapping, offset: int | str, length: int | str | None, cap: int | None = None) -> dict:
+    """{"offset", "length"} in bytes within *m*; the rest of it by default."""
+    offset = parse_size(offset)
+    if length is None:
+        length = min(m.length - offset, cap) if cap else m.length - offset
+    return {"offset": offset, "length": parse_size(length)}
+
+
 class Lab:
     """A booted kernel driven step by step (or a saved run, read-only)."""
 
@@ -204,10 +212,8 @@ class Lab:
     def munmap(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
                proc: str | None = None, label: str | None = None):
         """Unmap all of *m*, or *length* at *offset* within it."""
-        offset = parse_size(offset)
-        length = m.length - offset if length is None else parse_size(length)
-        return self._checked("munmap", proc or m.proc, {"map": m.name, "offset": offset,
-                                                        "length": length}, label)
+        return self._checked("munmap", proc or m.proc, {"map": m.name, **_span(m, offset, length)},
+                             label)
 
     def exit(self, proc: str, *, label: str | None = None):
         """End guest process *proc* (its mappings go with it)."""
@@ -216,12 +222,8 @@ class Lab:
     def pin(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
             proc: str | None = None, name: str | None = None, label: str | None = None) -> Pin:
         """Take a long-term pin (io_uring registered buffer) on a range of *m*."""
-        offset = parse_size(offset)
-        length = m.length - offset if length is None else parse_size(length)
-        name = name or f"pin{next(self._names)}"
-        proc = proc or m.proc
-        self._checked("pin", proc, {"map": m.name, "name": name, "offset": offset,
-                                    "length": length}, label)
+        name, proc = name or f"pin{next(self._names)}", proc or m.proc
+        self._checked("pin", proc, {"map": m.name, "name": name, **_span(m, offset, length)}, label)
         return Pin(name, proc, m.name)
 
     def unpin(self, pin: Pin, *, label: str | None = None):
@@ -229,13 +231,11 @@ class Lab:
 
     def splice(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
                proc: str | None = None, name: str | None = None, label: str | None = None) -> Pipe:
-        """vmsplice a range of *m* into a pipe: transient references until drained."""
-        offset = parse_size(offset)
-        length = min(m.length - offset, 1 << 20) if length is None else parse_size(length)
-        name = name or f"pipe{next(self._names)}"
-        proc = proc or m.proc
-        self._checked("splice", proc, {"map": m.name, "name": name, "offset": offset,
-                                       "length": length}, label)
+        """vmsplice a range of *m* into a pipe: transient references until drained
+        (at most 1 MiB: what one pipe holds)."""
+        name, proc = name or f"pipe{next(self._names)}", proc or m.proc
+        span = _span(m, offset, length, cap=1 << 20)
+        self._checked("splice", proc, {"map": m.name, "name": name, **span}, label)
         return Pipe(name, proc, m.name)
 
     def drain(self, pipe: Pipe, *, label: str | None = None):
@@ -247,11 +247,9 @@ class Lab:
         key = advice.upper().removeprefix("MADV_")
         if key not in MADVISE:
             raise UserError(f"unknown advice {advice!r} (known: {', '.join(MADVISE)})")
-        offset = parse_size(offset)
-        length = m.length - offset if length is None else parse_size(length)
         return self._run("madvise", m.proc, {"map": m.name, "advice": key,
-                                             "advice_value": MADVISE[key], "offset": offset,
-                                             "length": length}, label)
+                                             "advice_value": MADVISE[key],
+                                             **_span(m, offset, length)}, label)
 
     def snapshot(self, label: str = "snapshot"):
         """A snapshot with no action."""
