@@ -169,6 +169,50 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
+def cmd_notebook(args) -> int:
+    """JupyterLab on 127.0.0.1 with a notebook open, until Ctrl-C."""
+    import getpass
+    import signal
+    import socket
+    from pathlib import Path
+
+    from .jupyter import JupyterServer, JupyterStartError, notebook_ipynb, resolve_notebook
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "notebooks").is_dir():
+        root = Path.cwd()
+    def interrupt(signum, frame):  # a closed ssh session or a kill: stop cleanly as on Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+    open_path = None
+    if not args.no_open:
+        ipynb, written = notebook_ipynb(resolve_notebook(root / "notebooks", args.name))
+        open_path = ipynb.relative_to(root).as_posix()
+        print(f"devdax-lab: wrote {open_path} from its .py" if written else
+              f"devdax-lab: opening {open_path} (newer than its .py: delete it to start afresh)")
+    try:
+        with JupyterServer(root, port=args.port, open_path=open_path) as server:
+            print(f"devdax-lab: JupyterLab is running (pid {server.proc.pid}); open\n\n"
+                  f"    {server.url}\n")
+            print(f"From another machine: ssh -L 8888:127.0.0.1:{server.port} "
+                  f"{getpass.getuser()}@{socket.gethostname()}\n"
+                  f"then open the address above with port 8888 instead of {server.port}.")
+            print("Ctrl-C stops JupyterLab, its kernels and their VMs.", flush=True)
+            try:
+                status = server.wait()
+            except KeyboardInterrupt:
+                print("\ndevdax-lab: stopping JupyterLab", flush=True)
+                return 0
+            print(f"devdax-lab: JupyterLab exited by itself (status {status}):\n"
+                  + "\n".join(server.tail), file=sys.stderr)
+            return 1
+    except JupyterStartError as exc:
+        print(f"devdax-lab: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="devdax-lab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
     s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("notebook", help="JupyterLab on 127.0.0.1 with a notebook open (Ctrl-C stops)")
+    s.add_argument("name", nargs="?", default="00-quickstart",
+                   help="a notebook in notebooks/ (default 00-quickstart)")
+    s.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    s.add_argument("--no-open", action="store_true", help="open JupyterLab without a notebook")
+    s.set_defaults(func=cmd_notebook)
 
     s = sub.add_parser("bench", help="benchmarks: boot, snapshot (bulk vs per-page), compare")
     s.add_argument("what", choices=["boot", "snapshot", "compare"])
