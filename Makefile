@@ -12,9 +12,13 @@ setup:
 prepare: setup
 	$(DEVDAX) prepare $(KERNELS)
 
-# The main job: boot each kernel and print its device-dax namespaces.
+# The main job: boot each kernel and print its device-dax namespaces, then
+# JupyterLab on 127.0.0.1 with notebooks/00-quickstart open (its URL, token
+# included, is printed; Ctrl-C stops it). Under CI (CI set) the server, which
+# blocks, is skipped.
 lab: prepare
 	$(DEVDAX) boot --kernel $(subst $(space),$(comma),$(KERNELS))
+	@if [ -z "$$CI" ]; then $(DEVDAX) notebook; else echo "CI is set: not starting JupyterLab"; fi
 
 test: prepare
 	$(PYTEST) -q

@@ -84,7 +84,11 @@ def notebook_ipynb(source: Path, *, force: bool = False) -> tuple[Path, bool]:
     (path, written). An existing .ipynb newer than *source* is kept (it may
     hold the user's work and outputs) unless *force*. The copy is not paired
     with the .py: jupytext pairing metadata is dropped."""
-    import jupytext
+    try:
+        import jupytext
+    except ImportError:
+        raise UserError("jupytext is missing: `make setup` installs it "
+                        "(or .venv/bin/pip install jupytext)") from None
 
     source = Path(source)
     target = source.with_suffix(".ipynb")
@@ -94,7 +98,7 @@ def notebook_ipynb(source: Path, *, force: bool = False) -> tuple[Path, bool]:
     nb = jupytext.read(source)
     nb.metadata.get("jupytext", {}).pop("formats", None)
     tmp = target.with_name(f".{target.name}.tmp")
-    jupytext.write(nb, tmp, fmt="ipynb")
+    tmp.write_text(jupytext.writes(nb, fmt="ipynb"), encoding="utf-8")
     os.replace(tmp, target)
     return target, True
 
