@@ -39,6 +39,19 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_kernel_build(args) -> int:
+    from . import build
+
+    try:
+        k = build.build_kernel(args.tree, args.patch, args.name,
+                               say=lambda line: print(line, file=sys.stderr, flush=True))
+    except build.BuildError as exc:
+        print(f"devdax-lab: {exc}", file=sys.stderr)
+        return 1
+    print(f"{k.name}: {k.release} at {k.root} (use --kernel {k.name})")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     """Fetch kernels, build their images and the prepared NVDIMM files."""
     from . import image, kernels, vm
@@ -225,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="fetch again even if cached")
     s.set_defaults(func=cmd_fetch)
 
+    s = sub.add_parser("kernel", help="kernels of your own: build a (patched) tree")
+    ksub = s.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
+    s = ksub.add_parser("build", help="build a kernel tree with the lab's config and register it")
+    s.add_argument("--tree", required=True, help="a Linux source tree (git or not); never modified")
+    s.add_argument("--patch", action="append", default=[], metavar="FILE",
+                   help="a patch to apply first (git am, or patch -p1); repeatable")
+    s.add_argument("--name", help="name for --kernel (default: the tree's name, + hash if patched)")
+    s.set_defaults(func=cmd_kernel_build)
+
     s = sub.add_parser("prepare", help="fetch kernels, build guest images and NVDIMM files")
     s.add_argument("names", nargs="+", metavar="NAME")
     s.add_argument("--pud", action="store_true", help="also prepare the 1G-aligned device")
@@ -261,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_notebook)
 
     s = sub.add_parser("bench", help="benchmarks: boot, snapshot (bulk vs per-page), compare")
-    s.add_argument("what", choices=["boot", "snapshot", "compare"])
+    s.add_argument("what", choices=["boot", "snapshot", "compare", "build"])
     s.add_argument("--scenario", default="scenarios/fork-share.toml", help="for compare")
     s.add_argument("--kernels", default="before,after", help="comma list (snapshot uses the first)")
     s.add_argument("--runs", type=int, default=5)

@@ -1223,20 +1223,43 @@ def _stamp_all(root: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def known_kernels() -> list[str]:
-    """The names in ``kernel/catalog.toml``, in file order."""
-    return list(load_catalog())
+    """The names in ``kernel/catalog.toml``, in file order, then the kernels
+    built by ``devdax-lab kernel build`` (:mod:`lab.build`), sorted."""
+    from lab import build
+
+    catalog = list(load_catalog())
+    return catalog + [n for n in build.built_names() if n not in catalog]
+
+
+def _is_path(name: str) -> bool:
+    return os.sep in name or name.startswith((".", "~"))
+
+
+def _local(name: str, catalog: Mapping[str, CatalogEntry] | None) -> KernelArtifacts | None:
+    """A kernel tree built in place (*name* is a path) or one registered by
+    ``devdax-lab kernel build``; None for a catalog name."""
+    from lab import build
+
+    if _is_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise UserError(
+                f"{name}: no such directory (kernel trees are given by path: a tree built in "
+                "place, or one built with `devdax-lab kernel build --tree DIR`)"
+            )
+        return build.tree_artifacts(path)
+    if name in (catalog if catalog is not None else load_catalog()):
+        return None
+    return build.built_artifacts(name)
 
 
 def _entry(name: str, catalog: Mapping[str, CatalogEntry] | None = None) -> CatalogEntry:
     catalog = catalog if catalog is not None else load_catalog()
-    if os.sep in name or name.startswith((".", "~")):
-        raise UserError(
-            f"{name}: kernel trees are not supported yet; use a named kernel ({', '.join(catalog)})"
-        )
     if name not in catalog:
         raise UserError(
             f"unknown kernel {name!r}: known kernels are {', '.join(catalog)}; "
-            "a path to a built kernel tree is also accepted"
+            "a path to a built kernel tree is also accepted, or a name registered by "
+            "`devdax-lab kernel build`"
         )
     return catalog[name]
 
@@ -1304,7 +1327,11 @@ def resolve(
 ) -> KernelArtifacts:
     """The local files of the named kernel: the verified cache entry, or a
     fresh one fetched now (if *fetch*; otherwise a missing, corrupt or stale
-    entry is a :class:`UserError`)."""
+    entry is a :class:`UserError`). A path to a kernel tree built in place, or
+    a name registered by ``devdax-lab kernel build``, gives its bzImage and
+    vmlinux (no modules)."""
+    if (local := _local(name, catalog)) is not None:
+        return local
     entry = _entry(name, catalog)
     root = kernel_dir(entry.name)
     check = _check(entry, root, progress)
@@ -1343,6 +1370,17 @@ def status(
     """The state of the named kernel's cache entry. Never touches the network:
     when nothing usable is cached, the release is the newest one in the apt
     index already on this machine (None if there is none)."""
+    if (local := _local(name, catalog)) is not None:
+        assert local.root is not None
+        built = not _is_path(name)
+        return KernelStatus(
+            name=local.name,
+            description=f"built from {_built_tree(local.root)}" if built else "tree built in place",
+            state="cached",
+            path=local.root,
+            release=local.release,
+            source="built" if built else "tree",
+        )
     entry = _entry(name, catalog)
     root = kernel_dir(name)
     check = _check(entry, root, progress)
@@ -1368,3 +1406,12 @@ def status(
         source=str(entry.apt),
         problems=check.problems,
     )
+
+
+def _built_tree(root: Path) -> str:
+    try:
+        m = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "?"
+    patches = len(m.get("patches", []))
+    return m.get("tree", "?") + (f" + {patches} patch(es)" if patches else "")

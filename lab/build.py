@@ -1,0 +1,537 @@
+"""Kernels built from a developer's own (patched) tree: ``devdax-lab kernel
+build --tree DIR [--patch FILE ...] [--name NAME]``.
+
+The tree is never written to. The build happens out of tree (``make O=``) in
+a work directory of the cache, stable per tree (``cache_root()/build/<tree
+name>-<hash of its path>/``) so that make's own dependency tracking and
+ccache (which keys on the object directory with ``-g``) both hit on a
+rebuild:
+
+- a git tree is checked out at its HEAD commit in a worktree there
+  (``git worktree add``), and the patches are applied with ``git am``;
+  uncommitted changes are not built (commit them, or pass them as a patch);
+- any other tree is built in place with ``O=`` when it has no patches (its
+  files are only read), else copied (``cp -a``) and patched with ``patch -p1``.
+
+The configuration is ``make tinyconfig`` plus ``kernel/devdax-lab.config``
+merged with the tree's own ``scripts/kconfig/merge_config.sh``; every
+``CONFIG_X=y`` line of the fragment must survive into the final ``.config``.
+
+The result is registered in ``cache_root()/built/<NAME>/`` (bzImage, vmlinux,
+manifest.json, build.log), written with :func:`lab.cache.atomic_entry`, and
+keyed by the tree's identity (git: the commit; otherwise a hash of every
+file's path, size and mtime, which a touched file changes), the patches'
+sha256 and the fragment's sha256: a second build of the same inputs returns
+the entry at once. ``--kernel NAME`` then finds it through
+:func:`lab.kernels.resolve`, as does ``--kernel PATH`` for a tree already
+built in place (its ``arch/x86/boot/bzImage`` and ``vmlinux``).
+
+Pure parts (fragment parsing, the required-options check, the cache key, the
+progress summary of make's output) are separate from the I/O ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lab.cache import atomic_entry, cache_root, sha256_file
+from lab.model import KernelArtifacts, UserError
+
+__all__ = [
+    "FRAGMENT_PATH",
+    "BuildError",
+    "BuildInputs",
+    "build_kernel",
+    "built_artifacts",
+    "built_dir",
+    "built_names",
+    "cache_key",
+    "check_config",
+    "configure",
+    "debian_source_tree",
+    "default_name",
+    "is_kernel_tree",
+    "make",
+    "parse_config",
+    "required_options",
+    "tree_artifacts",
+    "tree_identity",
+]
+
+FRAGMENT_PATH = Path(__file__).resolve().parent.parent / "kernel" / "devdax-lab.config"
+MANIFEST = "manifest.json"
+ARCH = "x86"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+Say = Callable[[str], None]
+
+
+class BuildError(Exception):
+    """``make`` failed: carries the tail of the build log (the CLI prints it
+    and exits 1)."""
+
+    def __init__(self, message: str, log: Path | None = None, tail: Sequence[str] = ()) -> None:
+        self.log = log
+        self.tail = list(tail)
+        text = message
+        if self.tail:
+            text += "\n" + "\n".join(f"  {line}" for line in self.tail)
+        if log is not None:
+            text += f"\nfull log: {log}"
+        super().__init__(text)
+
+
+# ---------------------------------------------------------------- pure parts
+
+_SET = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
+_UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """A .config or fragment as {option: value}; ``# CONFIG_X is not set``
+    gives ``"n"``. Other comments and blank lines are ignored."""
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if m := _SET.match(line):
+            out[m[1]] = m[2]
+        elif m := _UNSET.match(line):
+            out[m[1]] = "n"
+    return out
+
+
+def required_options(fragment_text: str) -> list[str]:
+    """The options a fragment requires: its ``CONFIG_X=y`` lines, in order."""
+    return [k for k, v in parse_config(fragment_text).items() if v == "y"]
+
+
+def check_config(config_text: str, required: Iterable[str]) -> list[str]:
+    """The *required* options that are not ``=y`` in a final .config."""
+    have = parse_config(config_text)
+    return [opt for opt in required if have.get(opt) != "y"]
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What a built kernel is a function of."""
+
+    tree: str  # resolved path of the developer's tree
+    identity: str  # "git:<commit>" or "files:<hash of paths, sizes, mtimes>"
+    patches: tuple[tuple[str, str], ...]  # (file name, sha256), in application order
+    fragment_sha256: str
+
+
+def cache_key(inputs: BuildInputs) -> str:
+    """A short stable key over the inputs (not the tree's path: a tree moved
+    elsewhere with the same commit gives the same kernel)."""
+    h = hashlib.sha256()
+    h.update(f"identity:{inputs.identity}\0".encode())
+    for name, digest in inputs.patches:
+        h.update(f"patch:{digest}\0".encode())  # content, not name, matters
+    h.update(f"fragment:{inputs.fragment_sha256}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def default_name(tree: Path, patches: Sequence[tuple[str, str]]) -> str:
+    """The tree's directory name, plus a short hash of the patches if any."""
+    base = re.sub(r"[^A-Za-z0-9._+-]", "-", tree.resolve().name).lstrip(".-") or "tree"
+    if not patches:
+        return base
+    h = hashlib.sha256("".join(d for _, d in patches).encode()).hexdigest()[:8]
+    return f"{base}-{h}"
+
+
+def files_identity(entries: Iterable[tuple[str, int, int]]) -> str:
+    """Hash of (relative path, size, mtime_ns) triples, in sorted order."""
+    h = hashlib.sha256()
+    for rel, size, mtime in sorted(entries):
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+    return "files:" + h.hexdigest()[:24]
+
+
+_STEP = re.compile(r"^\s{2}([A-Z][A-Z0-9_]*)\s+(\S.*)$")
+
+
+def make_step(line: str) -> tuple[str, str] | None:
+    """(``CC``, ``mm/memremap.o``) for one of kbuild's short lines, else None."""
+    m = _STEP.match(line)
+    return (m[1], m[2]) if m else None
+
+
+# ---------------------------------------------------------------- trees
+
+
+def is_kernel_tree(path: Path) -> bool:
+    return (path / "Makefile").is_file() and (path / "Kconfig").is_file() and (
+        path / "scripts" / "kconfig" / "merge_config.sh"
+    ).is_file()
+
+
+def _is_git(path: Path) -> bool:
+    return (path / ".git").exists()
+
+
+def _git(tree: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [
+        "git", "-C", str(tree),
+        "-c", "user.name=devdax-lab", "-c", "user.email=devdax-lab@localhost",
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise UserError(f"`git {' '.join(args)}` in {tree} failed: {proc.stderr.strip()[-400:]}")
+    return proc
+
+
+def _walk_files(tree: Path) -> Iterator[tuple[str, int, int]]:
+    for root, dirs, files in os.walk(tree):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            yield os.path.relpath(p, tree), st.st_size, st.st_mtime_ns
+
+
+def tree_identity(tree: Path) -> str:
+    """``git:<HEAD commit>`` for a git tree, else :func:`files_identity` of
+    every file under it (``.git`` excluded)."""
+    if _is_git(tree):
+        return "git:" + _git(tree, "rev-parse", "HEAD").stdout.strip()
+    return files_identity(_walk_files(tree))
+
+
+def _in_place_built(tree: Path) -> bool:
+    return (tree / ".config").exists() or (tree / "include" / "config").exists()
+
+
+def tree_artifacts(tree: Path) -> KernelArtifacts:
+    """A tree already built in place, as the lab boots it: its bzImage and
+    vmlinux, no modules.
+
+    :raises UserError: not a kernel tree, or not built."""
+    tree = tree.expanduser().resolve()
+    if not tree.is_dir():
+        raise UserError(f"{tree}: no such directory")
+    bz, vmlinux = tree / "arch" / "x86" / "boot" / "bzImage", tree / "vmlinux"
+    if not (bz.is_file() and vmlinux.is_file()):
+        if is_kernel_tree(tree):
+            raise UserError(
+                f"{tree}: a kernel tree, but not built in place (no arch/x86/boot/bzImage and "
+                f"vmlinux): run `devdax-lab kernel build --tree {tree}` and use the name it prints"
+            )
+        raise UserError(f"{tree}: not a kernel tree (no Makefile, Kconfig, scripts/kconfig)")
+    rel = tree / "include" / "config" / "kernel.release"
+    release = rel.read_text().strip() if rel.is_file() else "unknown"
+    return KernelArtifacts(name=tree.name, release=release, vmlinuz=bz, vmlinux=vmlinux, root=tree)
+
+
+DEBIAN_SOURCE = Path("/usr/src/linux-source-6.12.tar.xz")
+
+
+def debian_source_tree(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Path:
+    """Debian's ``linux-source-6.12`` unpacked once into
+    ``cache_root()/src/<name>/`` (kept across runs: the tests and ``bench
+    build`` use it).
+
+    :raises UserError: the package is not installed."""
+    name = tarball.name.removesuffix(".tar.xz")
+    final = cache_root() / "src" / name
+    if (final / "Makefile").is_file():
+        return final
+    if not tarball.is_file():
+        raise UserError(f"{tarball} is missing: install the Debian package {name} "
+                        "(scripts/setup.sh does)")
+    with _locked(final.parent / f".{name}.lock"):
+        if (final / "Makefile").is_file():
+            return final
+        say(f"unpacking {tarball} into {final}")
+        with atomic_entry(final) as tmp:
+            subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp), "--strip-components=1"],
+                           check=True)
+    return final
+
+
+# ---------------------------------------------------------------- registry
+
+
+def built_dir(name: str) -> Path:
+    return cache_root() / "built" / name
+
+
+def built_names() -> list[str]:
+    root = cache_root() / "built"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def built_artifacts(name: str) -> KernelArtifacts | None:
+    """The registered built kernel *name*, or None if there is none."""
+    root = built_dir(name)
+    m = _read_manifest(root)
+    if m is None or not (root / "bzImage").is_file() or not (root / "vmlinux").is_file():
+        return None
+    return KernelArtifacts(
+        name=name, release=m["release"], vmlinuz=root / "bzImage", vmlinux=root / "vmlinux",
+        root=root,
+    )
+
+
+# ---------------------------------------------------------------- build (I/O)
+
+
+def _cc() -> str:
+    return "ccache gcc" if shutil.which("ccache") else "gcc"
+
+
+def _make_argv(src: Path, obj: Path, *targets: str) -> list[str]:
+    return ["make", "-C", str(src), f"O={obj}", f"ARCH={ARCH}", f"CC={_cc()}",
+            f"-j{os.cpu_count() or 1}", *targets]
+
+
+def _tail(log: Path, n: int = 25) -> list[str]:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    errors = [i for i, line in enumerate(lines) if re.search(r"\berror\b|Error \d", line)]
+    if errors:  # the first error and what follows, rather than make's echo of it
+        start = max(0, errors[0] - 3)
+        return lines[start:start + n]
+    return lines[-n:]
+
+
+def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = print,
+         interval: float = 5.0, env: dict[str, str] | None = None) -> float:
+    """Run make for *targets* (output appended to *log*), printing a line every
+    *interval* seconds: elapsed time, objects compiled, the last step.
+    Returns the elapsed seconds.
+
+    :raises BuildError: make failed (with the tail of the log)."""
+    argv = _make_argv(src, obj, *targets)
+    started = last = time.monotonic()
+    count, step = 0, ""
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(argv)}\n")
+        out.flush()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", env={**os.environ, **(env or {})})
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                if s := make_step(line):
+                    step = f"{s[0]} {s[1]}"
+                    count += s[0] == "CC"
+                now = time.monotonic()
+                if now - last >= interval:
+                    last = now
+                    say(f"  [{_mmss(now - started)}] {count} objects compiled; {step}")
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    elapsed = time.monotonic() - started
+    if rc != 0:
+        raise BuildError(f"`make {' '.join(targets)}` failed (exit status {rc}) after "
+                         f"{_mmss(elapsed)}:", log, _tail(log))
+    return elapsed
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def configure(src: Path, obj: Path, log: Path, fragment: Path = FRAGMENT_PATH, *,
+              say: Say = print) -> None:
+    """tinyconfig + *fragment* (merge_config.sh) + olddefconfig in *obj*, then
+    check the result.
+
+    :raises UserError: naming every required option the final .config lacks."""
+    obj.mkdir(parents=True, exist_ok=True)
+    make(src, obj, ["tinyconfig"], log, say=say)
+    cmd = [str(src / "scripts" / "kconfig" / "merge_config.sh"), "-m", "-O", str(obj),
+           str(obj / ".config"), str(fragment)]
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        rc = subprocess.run(cmd, cwd=obj, stdout=out, stderr=subprocess.STDOUT, check=False,
+                            env={**os.environ, "ARCH": ARCH}).returncode
+    if rc != 0:
+        raise BuildError(f"merge_config.sh failed (exit status {rc}):", log, _tail(log))
+    make(src, obj, ["olddefconfig"], log, say=say)
+    missing = check_config((obj / ".config").read_text(), required_options(fragment.read_text()))
+    if missing:
+        raise UserError(
+            f"the kernel configuration lacks {len(missing)} option(s) the lab needs after merging "
+            f"{fragment.name}: {', '.join(missing)} (missing or unmet dependencies in this tree; "
+            f"see {obj / '.config'})"
+        )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def work_dir(tree: Path) -> Path:
+    """The stable work directory of *tree* (its source copy or worktree and
+    object directory)."""
+    digest = hashlib.sha256(str(tree.resolve()).encode()).hexdigest()[:8]
+    return cache_root() / "build" / f"{tree.resolve().name}-{digest}"
+
+
+def _prepare_source(tree: Path, identity: str, patches: Sequence[Path], work: Path,
+                    say: Say) -> Path:
+    """The source directory to build: *tree* itself, or a patched worktree or copy."""
+    src = work / "src"
+    if identity.startswith("git:"):
+        commit = identity.removeprefix("git:")
+        if _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip():
+            say(f"note: {tree} has uncommitted changes; building its HEAD {commit[:12]} "
+                "(commit them or pass them with --patch)")
+        if not (src / ".git").exists():
+            shutil.rmtree(src, ignore_errors=True)
+            _git(tree, "worktree", "prune")
+            say(f"checking out {commit[:12]} in {src}")
+            _git(tree, "worktree", "add", "--detach", "--force", str(src), commit)
+        else:
+            _git(src, "am", "--abort", check=False)
+            _git(src, "checkout", "--detach", "--force", commit)
+            _git(src, "clean", "-fdxq")
+        for p in patches:
+            proc = _git(src, "am", "--3way", str(p), check=False)
+            if proc.returncode != 0:
+                _git(src, "am", "--abort", check=False)
+                raise UserError(f"patch {p} does not apply to {commit[:12]} of {tree}: "
+                                f"{(proc.stdout + proc.stderr).strip()[-600:]}")
+        return src
+    if not patches:
+        if _in_place_built(tree):
+            raise UserError(
+                f"{tree} has been configured or built in place (.config or include/config), "
+                "so it cannot be built out of tree: run `make mrproper` in it, or boot it as "
+                f"built with --kernel {tree}"
+            )
+        return tree
+    if _in_place_built(tree):
+        raise UserError(f"{tree} has been configured or built in place: run `make mrproper` in it")
+    shutil.rmtree(src, ignore_errors=True)
+    say(f"copying {tree} to {src}")
+    subprocess.run(["cp", "-a", f"{tree}/.", str(src)], check=True)
+    for p in patches:
+        proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(src), "-i",
+                               str(p)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise UserError(f"patch {p} does not apply to {tree}: "
+                            f"{(proc.stdout + proc.stderr).strip()[-600:]}")
+    return src
+
+
+def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str | None = None,
+                 *, fragment: Path = FRAGMENT_PATH, say: Say = print) -> KernelArtifacts:
+    """Build *tree* with *patches* and the lab's configuration and register
+    it as *name*; a registered kernel of the same inputs is returned at once.
+
+    :raises UserError: bad tree, patch, name, or a configuration lacking a
+        required option.
+    :raises BuildError: make failed."""
+    from lab import kernels
+
+    tree = Path(tree).expanduser().resolve()
+    if not tree.is_dir():
+        raise UserError(f"--tree {tree}: no such directory")
+    if not is_kernel_tree(tree):
+        raise UserError(f"--tree {tree}: not a kernel tree (no Makefile, Kconfig and "
+                        "scripts/kconfig/merge_config.sh)")
+    patch_paths = [Path(p).expanduser().resolve() for p in patches]
+    for p in patch_paths:
+        if not p.is_file():
+            raise UserError(f"--patch {p}: no such file")
+    patch_sums = tuple((p.name, sha256_file(p)) for p in patch_paths)
+    name = name or default_name(tree, patch_sums)
+    if not _NAME_RE.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_', '+', '-'")
+    catalog: list[str] = []
+    with contextlib.suppress(UserError):  # an unreadable catalog is not this command's problem
+        catalog = list(kernels.load_catalog())
+    if name in catalog:
+        raise UserError(f"--name {name!r} is a kernel of the catalog: choose another name")
+    if not shutil.which("make"):
+        raise UserError("`make` is not installed: run scripts/setup.sh")
+
+    identity = tree_identity(tree)
+    inputs = BuildInputs(str(tree), identity, patch_sums, sha256_file(fragment))
+    key = cache_key(inputs)
+    entry = built_dir(name)
+    m = _read_manifest(entry)
+    if m is not None and m.get("key") == key and (art := built_artifacts(name)) is not None:
+        say(f"{name}: cached ({m['release']}, {entry})")
+        return art
+
+    work = work_dir(tree)
+    with _locked(work.parent / f".{work.name}.lock"):
+        work.mkdir(parents=True, exist_ok=True)
+        obj = work / "obj"
+        log = work / "build.log"
+        log.write_text(f"# devdax-lab kernel build {name} at {datetime.now(UTC).isoformat()}\n")
+        src = _prepare_source(tree, identity, patch_paths, work, say)
+        started = time.monotonic()
+        say(f"configuring {name} (tinyconfig + {fragment.name}) in {obj}")
+        configure(src, obj, log, fragment, say=say)
+        say(f"building {name} with {os.cpu_count()} jobs (CC={_cc()}); log: {log}")
+        make(src, obj, ["bzImage"], log, say=say)
+        elapsed = time.monotonic() - started
+        release = (obj / "include" / "config" / "kernel.release").read_text().strip()
+        with atomic_entry(entry) as tmp:
+            tmp.chmod(0o755)
+            shutil.copy2(obj / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+            shutil.copy2(obj / "vmlinux", tmp / "vmlinux")
+            shutil.copy2(obj / ".config", tmp / "config")
+            shutil.copy2(log, tmp / "build.log")
+            manifest = {
+                "format": 1,
+                "name": name,
+                "key": key,
+                "tree": str(tree),
+                "identity": identity,
+                "patches": [{"file": n, "sha256": d} for n, d in patch_sums],
+                "fragment_sha256": inputs.fragment_sha256,
+                "release": release,
+                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "build_seconds": round(elapsed, 1),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    say(f"{name}: built {release} in {_mmss(elapsed)}; registered at {entry}")
+    art = built_artifacts(name)
+    assert art is not None
+    return art
