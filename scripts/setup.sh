@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(qemu-system-x86 busybox-static ndctl daxctl cpio gcc libc6-dev
-              zstd xz-utils util-linux ccache chromium python3-venv)
+              zstd xz-utils util-linux ccache chromium python3-venv linux-source-6.12 make patch git bc flex bison libelf-dev libssl-dev)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
