@@ -53,6 +53,9 @@ SETTING_OVERRIDES = {
 
 TMP_PREFIX = "devdax-lab-jupyter-"
 
+# The kernel of the server's own Python (ipykernel's built-in "python3").
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+
 
 class JupyterStartError(RuntimeError):
     """The server exited or did not answer in time; carries the command and
@@ -79,11 +82,12 @@ def resolve_notebook(notebooks: Path, name: str) -> Path:
     raise UserError(f"no notebook {name!r} in {notebooks} (known: {known})")
 
 
-def notebook_ipynb(source: Path, *, force: bool = False) -> tuple[Path, bool]:
-    """Write ``source.ipynb`` next to the jupytext file *source*; returns
-    (path, written). An existing .ipynb newer than *source* is kept (it may
-    hold the user's work and outputs) unless *force*. The copy is not paired
-    with the .py: jupytext pairing metadata is dropped."""
+def notebook_ipynb(source: Path, target: Path | None = None, *,
+                   force: bool = False) -> tuple[Path, bool]:
+    """Write *target* (default: ``source.ipynb`` next to it) from the jupytext
+    file *source*; returns (path, written). An existing .ipynb newer than
+    *source* is kept (it may hold the user's work and outputs) unless *force*.
+    The copy is not paired with the .py: jupytext pairing metadata is dropped."""
     try:
         import jupytext
     except ImportError:
@@ -91,12 +95,15 @@ def notebook_ipynb(source: Path, *, force: bool = False) -> tuple[Path, bool]:
                         "(or .venv/bin/pip install jupytext)") from None
 
     source = Path(source)
-    target = source.with_suffix(".ipynb")
+    target = Path(target) if target is not None else source.with_suffix(".ipynb")
     if (not force and target.exists()
             and target.stat().st_mtime >= source.stat().st_mtime):
         return target, False
     nb = jupytext.read(source)
     nb.metadata.get("jupytext", {}).pop("formats", None)
+    # With no kernelspec JupyterLab asks which kernel to start: the lab's own.
+    nb.metadata.setdefault("kernelspec", dict(KERNELSPEC))
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(jupytext.writes(nb, fmt="ipynb"), encoding="utf-8")
     os.replace(tmp, target)
@@ -173,6 +180,7 @@ class JupyterServer:
             "JUPYTER_DATA_DIR": str(self.tmp / "data"),
             "JUPYTER_RUNTIME_DIR": str(self.tmp / "runtime"),
             "PYTHONUNBUFFERED": "1",
+            "JUPYTER_PREFER_ENV_PATH": "1",  # this venv's python3 kernel, not a user's
         })
         return env
 

@@ -235,6 +235,11 @@ def test_notebook_ipynb_converts_unpaired_and_keeps_newer_work(tmp_path):
     os.utime(path, (1, 1))
     assert notebook_ipynb(src)[1]
     assert not list(tmp_path.glob(".*.tmp"))
+    # A .py with no header gets the lab's kernel (else JupyterLab asks for one).
+    bare = tmp_path / "01-bare.py"
+    bare.write_text("# %%\nx = 1\n")
+    nb = json.loads(notebook_ipynb(bare)[0].read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
 def test_resolve_notebook(tmp_path):
