@@ -1,0 +1,323 @@
+"""The notebook control panel: ipywidgets over a :class:`lab.api.Lab`.
+
+House rule: the panel wires library calls together and holds no logic of its
+own. Every button calls one :class:`~lab.api.Lab` method; the chart is
+``lab.plot()`` and the table is ``lab.current()``, redrawn after each step.
+
+    from lab import Lab
+    lab = Lab.boot("after")
+    lab.panel()                      # a panel over a live Lab
+
+    from lab.widgets import LabPanel
+    LabPanel.boot_panel("after")     # from nothing: pick a kernel, click Boot
+
+Stable CSS classes (for browser tests): ``devdax-panel`` (the whole panel),
+``devdax-kernel``, ``devdax-boot``, ``devdax-status``, ``devdax-action``,
+``devdax-proc``, ``devdax-map``, ``devdax-pages``, ``devdax-write``,
+``devdax-device``, ``devdax-length``, ``devdax-offset``, ``devdax-child``,
+``devdax-pin``, ``devdax-pipe``, ``devdax-advice``, ``devdax-label``,
+``devdax-run``, ``devdax-error``, ``devdax-chart``, ``devdax-table``.
+"""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as w
+import plotly.graph_objects as go
+
+from .api import Lab, Pin, Pipe
+from .model import UserError
+from .scenario import MADVISE, parse_pages
+
+__all__ = ["ACTIONS", "TABLE_COLUMNS", "LabPanel"]
+
+ACTIONS = ("mmap", "touch", "fork", "munmap", "exit", "pin", "unpin", "splice", "drain",
+           "madvise", "snapshot")
+
+# The argument widgets each action shows, in order.
+_ARGS = {
+    "mmap": ("device", "map_length", "proc_new", "label"),
+    "touch": ("map", "pages", "write", "proc_opt", "label"),
+    "fork": ("proc", "child", "label"),
+    "munmap": ("map", "offset", "length", "label"),
+    "exit": ("proc", "label"),
+    "pin": ("map", "offset", "length", "label"),
+    "unpin": ("pin", "label"),
+    "splice": ("map", "offset", "length", "label"),
+    "drain": ("pipe", "label"),
+    "madvise": ("map", "advice", "offset", "length", "label"),
+    "snapshot": ("label",),
+}
+
+# The columns of the table: folio, pgmap and page-table state of the latest step.
+TABLE_COLUMNS = ("proc", "map", "page", "pfn", "folio_pfn", "order", "refcount", "mapcount",
+                 "large_mapcount", "entire_mapcount", "pincount", "pgmap_type", "pgmap_ref",
+                 "pt_level", "pt_write", "pt_dirty", "pt_devmap", "pinned", "in_pipe")
+
+_OWNER = "(owner)"  # the touch's process: the mapping's owner
+
+
+def _classed(widget, css: str):
+    widget.add_class(css)
+    return widget
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: the message of a UserError, else its type and message."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(exc, UserError):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class LabPanel:
+    """Controls, a live refcount/mapcount chart and a state table over *lab*.
+
+    With no Lab (or one that is not live), the panel starts with a kernel
+    picker and a Boot button; booting replaces ``self.lab``.
+    """
+
+    def __init__(self, lab: Lab | None = None, *, kernel: str = "after"):
+        self.lab = lab
+        self.pins: dict[str, Pin] = {}
+        self.pipes: dict[str, Pipe] = {}
+        self.last_error: str = ""
+
+        # -- boot -------------------------------------------------------------
+        self.kernel = _classed(w.Dropdown(options=["before", "after"], value=kernel,
+                                          description="kernel"), "devdax-kernel")
+        self.pud = _classed(w.Checkbox(value=False, description="add the 1G device",
+                                       indent=False), "devdax-pud")
+        self.boot_button = _classed(w.Button(description="Boot", button_style="primary",
+                                             icon="play"), "devdax-boot")
+        self.boot_button.on_click(self._on_boot)
+        self.boot_box = _classed(w.HBox([self.kernel, self.pud, self.boot_button]),
+                                 "devdax-bootbox")
+        self.status = _classed(w.HTML(), "devdax-status")
+
+        # -- actions ----------------------------------------------------------
+        self.action = _classed(w.Dropdown(options=ACTIONS, value="touch", description="action"),
+                               "devdax-action")
+        self.action.observe(lambda _change: self._show_args(), names="value")
+        self.args = {
+            "device": _classed(w.Dropdown(options=["4K", "2M"], value="4K",
+                                          description="device"), "devdax-device"),
+            "map_length": _classed(w.Text(value="64K", description="length"), "devdax-length"),
+            "length": _classed(w.Text(value="", description="length",
+                                      placeholder="to the end"), "devdax-length"),
+            "offset": _classed(w.Text(value="0", description="offset"), "devdax-offset"),
+            "proc": _classed(w.Dropdown(options=[], description="process"), "devdax-proc"),
+            "proc_new": _classed(w.Combobox(value="a", options=[], description="process",
+                                            placeholder="new or existing"), "devdax-proc"),
+            "proc_opt": _classed(w.Dropdown(options=[_OWNER], description="process"),
+                                 "devdax-proc"),
+            "map": _classed(w.Dropdown(options=[], description="mapping"), "devdax-map"),
+            "pages": _classed(w.Text(value="0", description="pages",
+                                     placeholder="0, 3-5"), "devdax-pages"),
+            "write": _classed(w.Checkbox(value=True, description="write"), "devdax-write"),
+            "child": _classed(w.Text(value="b", description="child"), "devdax-child"),
+            "pin": _classed(w.Dropdown(options=[], description="pin"), "devdax-pin"),
+            "pipe": _classed(w.Dropdown(options=[], description="pipe"), "devdax-pipe"),
+            "advice": _classed(w.Dropdown(options=list(MADVISE), value="DONTNEED",
+                                          description="advice"), "devdax-advice"),
+            "label": _classed(w.Text(value="", description="label",
+                                     placeholder="optional"), "devdax-label"),
+        }
+        self.args_box = _classed(w.HBox(layout=w.Layout(flex_flow="row wrap")), "devdax-args")
+        self.run_button = _classed(w.Button(description="Run", button_style="success",
+                                            icon="step-forward"), "devdax-run")
+        self.run_button.on_click(self._on_run)
+        self.controls = _classed(w.VBox([w.HBox([self.action, self.run_button]),
+                                         self.args_box]), "devdax-controls")
+        self.error = _classed(w.HTML(), "devdax-error")
+
+        # -- views ------------------------------------------------------------
+        self.figure = go.FigureWidget(self._plot())
+        self.figure.add_class("devdax-figure")
+        self.chart = _classed(w.Box([self.figure], layout=w.Layout(width="100%")), "devdax-chart")
+        self.table = _classed(w.HTML(layout=w.Layout(width="100%", overflow="auto")),
+                              "devdax-table")
+
+        self.widget = _classed(w.VBox([self.boot_box, self.status, self.controls, self.error,
+                                       self.chart, self.table]), "devdax-panel")
+        self._refresh()
+
+    @classmethod
+    def boot_panel(cls, kernel: str = "after") -> LabPanel:
+        """A panel with no Lab yet: pick a kernel and click Boot."""
+        return cls(None, kernel=kernel)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # -- callbacks ----------------------------------------------------------------
+    def _on_boot(self, _button=None) -> None:
+        kernel = self.kernel.value
+        self.boot_button.disabled = True
+        self._set_status(f"booting {kernel}… (about 4 s under TCG)")
+        self._set_error("")
+        try:
+            self.lab = Lab.boot(kernel, pud=self.pud.value, say=self._set_status)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line in the panel
+            self._set_error(_one_line(exc))
+        finally:
+            self.boot_button.disabled = False
+        self._refresh()
+
+    def _on_run(self, _button=None) -> None:
+        self.run_button.disabled = True
+        try:
+            self.run(self.action.value)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line in the panel
+            self._set_error(_one_line(exc))
+        else:
+            self._set_error("")
+        finally:
+            self.run_button.disabled = False
+            self._refresh()
+
+    def run(self, action: str) -> None:
+        """Take one step: call the Lab method of *action* with the argument
+        widgets' values (raises what the Lab raises)."""
+        lab, a = self.lab, {k: v.value for k, v in self.args.items()}
+        if lab is None or not lab.live:
+            raise UserError("boot a kernel first (pick one and click Boot)")
+        if action not in _ARGS:
+            raise UserError(f"unknown action {action!r}")
+        label = a["label"] or None
+        length = a["length"].strip() or None
+        offset = a["offset"].strip() or 0
+        if action == "mmap":
+            lab.mmap(a["device"], length=a["map_length"].strip() or "64K",
+                     proc=a["proc_new"].strip() or "a", label=label)
+        elif action == "fork":
+            lab.fork(self._need(a["proc"], "process"), a["child"].strip() or "b", label=label)
+        elif action == "exit":
+            lab.exit(self._need(a["proc"], "process"), label=label)
+        elif action == "unpin":
+            lab.unpin(self.pins[self._need(a["pin"], "pin")], label=label)
+            del self.pins[a["pin"]]
+        elif action == "drain":
+            lab.drain(self.pipes[self._need(a["pipe"], "pipe")], label=label)
+            del self.pipes[a["pipe"]]
+        elif action == "snapshot":
+            lab.snapshot(label or "snapshot")
+        else:
+            m = lab.mappings[self._need(a["map"], "mapping")]
+            if action == "touch":
+                pages = parse_pages([p for p in a["pages"].split(",") if p.strip()], m.pages,
+                                    m.name)
+                proc = None if a["proc_opt"] in (None, _OWNER) else a["proc_opt"]
+                lab.touch(m, pages, write=a["write"], proc=proc, label=label)
+            elif action == "munmap":
+                lab.munmap(m, offset=offset, length=length, label=label)
+            elif action == "pin":
+                pin = lab.pin(m, offset=offset, length=length, label=label)
+                self.pins[pin.name] = pin
+            elif action == "splice":
+                pipe = lab.splice(m, offset=offset, length=length, label=label)
+                self.pipes[pipe.name] = pipe
+            elif action == "madvise":
+                lab.madvise(m, a["advice"], offset=offset, length=length, label=label)
+
+    @staticmethod
+    def _need(value, what: str):
+        if not value:
+            raise UserError(f"no {what} to choose yet: create one first")
+        return value
+
+    # -- redrawing ----------------------------------------------------------------
+    def _set_status(self, text: str) -> None:
+        self.status.value = f"<span>{html.escape(str(text))}</span>"
+
+    def _set_error(self, text: str) -> None:
+        self.last_error = text
+        self.error.value = ("" if not text else
+                            f"<span style='color:#c00000;font-weight:600'>{html.escape(text)}"
+                            "</span>")
+
+    def _plot(self) -> go.Figure:
+        return self.lab.plot() if self.lab is not None else go.Figure()
+
+    def _refresh(self) -> None:
+        """Show what the Lab holds now: boot or action controls, argument
+        choices, chart and table."""
+        lab = self.lab
+        live = lab is not None and lab.live
+        self.boot_box.layout.display = "none" if live else None
+        self.controls.layout.display = None if live else "none"
+        if live:
+            steps = lab.steps
+            last = (f"step {int(steps['step'].max())}: {steps.iloc[-1].get('detail', '')}"
+                    if len(steps) else "no steps yet: map a device (action mmap)")
+            self._set_status(f"{lab.kernel} ({lab.release}) — {last}")
+            try:
+                self._update_choices()
+            except Exception as exc:  # noqa: BLE001 - e.g. the guest is gone
+                self._set_error(_one_line(exc))
+        elif lab is not None:
+            self._set_status(f"{lab.kernel}: not live (boot a kernel to take steps)")
+        elif not self.status.value:
+            self._set_status("no kernel booted yet: pick one and click Boot")
+        self._show_args()
+        self._update_views()
+
+    def _update_choices(self) -> None:
+        lab, a = self.lab, self.args
+        procs = lab.processes()
+        maps = list(lab.mappings)
+        _set_options(a["proc"], procs)
+        _set_options(a["proc_opt"], [_OWNER, *procs])
+        a["proc_new"].options = tuple(procs)
+        _set_options(a["map"], maps, prefer_last=True)
+        _set_options(a["pin"], list(self.pins), prefer_last=True)
+        _set_options(a["pipe"], list(self.pipes), prefer_last=True)
+        devices = ["4K", "2M", "1G"] if self.pud.value else ["4K", "2M"]
+        _set_options(a["device"], devices)
+
+    def _show_args(self) -> None:
+        self.args_box.children = [self.args[k] for k in _ARGS.get(self.action.value, ())]
+
+    def _update_views(self) -> None:
+        fig = self._plot()
+        with self.figure.batch_update():
+            self.figure.data = ()
+            self.figure.add_traces(list(fig.data))
+            self.figure.layout = fig.layout
+        lab = self.lab
+        if lab is None:
+            self.table.value = ""
+            return
+        now = lab.current()
+        cols = [c for c in TABLE_COLUMNS if c in now.columns]
+        parts = []
+        if len(now):
+            step = int(now["step"].max())
+            parts.append(f"<b>after step {step}</b>")
+            shown = now[cols].astype(object).where(now[cols].notna(), "–")
+            parts.append(shown.to_html(index=False, border=0, classes="devdax-state"))
+            complaints = lab.complaints
+            if len(complaints) and "step" in complaints.columns:
+                here = complaints[complaints["step"] == step]
+                if len(here):
+                    parts.append("<b style='color:#c00000'>kernel complaints at this step</b>")
+                    parts.append(here.to_html(index=False, border=0))
+        else:
+            parts.append("<i>no snapshot yet</i>")
+        self.table.value = "\n".join(parts)
+
+
+def _set_options(dropdown, options, *, prefer_last: bool = False) -> None:
+    """New choices for *dropdown*, keeping its value when it is still offered."""
+    options, before = list(options), list(dropdown.options)
+    old = dropdown.value
+    if before != options:
+        dropdown.options = options
+    if prefer_last and options and options[-1] not in before:  # a new one: choose it
+        dropdown.value = options[-1]
+    elif old in options:
+        dropdown.value = old
+    elif options:
+        dropdown.value = options[-1] if prefer_last else options[0]
