@@ -346,6 +346,40 @@ def make_run_dir() -> Path:
     return run
 
 
+class ThreadedQmp:
+    """qemu.qmp's synchronous client, run on one private thread.
+
+    Its sync shim drives an asyncio loop with run_until_complete(), which
+    fails in a thread whose loop is already running: a Jupyter kernel's.
+    """
+
+    def __init__(self, address):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devdax-qmp")
+        self._qmp = self._call(QEMUMonitorProtocol, address)
+
+    def _call(self, fn, *args, **kwargs):
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._call(self._qmp.settimeout, timeout)
+
+    def connect(self, negotiate: bool = True):
+        return self._call(self._qmp.connect, negotiate)
+
+    def cmd(self, name: str, **kwargs):
+        return self._call(self._qmp.cmd, name, **kwargs)
+
+    def close(self) -> None:
+        try:
+            self._call(self._qmp.close)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class Vm:
     """The one owner of a QEMU process.
 
@@ -482,13 +516,11 @@ class Vm:
             time.sleep(0.02)
 
     def _connect(self) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
         deadline = time.monotonic() + 10
         self._agent_sock = self._wait_for_socket(self.spec.run_dir / "agent.sock", deadline)
         self.agent = AgentClient(self._agent_sock)
         qmp_sock = self._wait_for_socket(self.spec.run_dir / "qmp.sock", deadline)
-        self.qmp = QEMUMonitorProtocol(qmp_sock)
+        self.qmp = ThreadedQmp(qmp_sock)
         self.qmp.settimeout(10)
         self.qmp.connect(negotiate=True)
 
