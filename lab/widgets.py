@@ -239,7 +239,9 @@ class LabPanel:
                             "</span>")
 
     def _plot(self) -> go.Figure:
-        return self.lab.plot() if self.lab is not None else go.Figure()
+        fig = self.lab.plot() if self.lab is not None else go.Figure()
+        # The panel is narrower than a report page: a short title that fits.
+        return fig.update_layout(title_text="refcount and raw mapcount per step")
 
     def _refresh(self) -> None:
         """Show what the Lab holds now: boot or action controls, argument
@@ -306,7 +308,8 @@ class LabPanel:
                     parts.append(here.to_html(index=False, border=0))
         else:
             parts.append("<i>no snapshot yet</i>")
-        self.table.value = "\n".join(parts)
+        # Wide tables scroll inside the panel instead of being cut off.
+        self.table.value = "<div style='overflow-x:auto'>" + "\n".join(parts) + "</div>"
 
 
 def _set_options(dropdown, options, *, prefer_last: bool = False) -> None:
