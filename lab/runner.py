@@ -9,6 +9,7 @@ DataFrames.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,7 +103,14 @@ class _Guest:
                    for k, m, first, n in self.held.values())
 
     def mapping(self, proc: str, name: str) -> _Mapping:
-        return self.maps[proc][name]
+        """The mapping, or an error recorded against the step (e.g. its mmap
+        failed earlier, or the process is gone)."""
+        try:
+            return self.maps[proc][name]
+        except KeyError:
+            raise AgentError("map", errno.ENOENT,
+                             f"process {proc!r} has no mapping {name!r} "
+                             f"(its mmap failed, or it was unmapped or exited)") from None
 
 
 class Recorder:
@@ -134,8 +142,8 @@ class Recorder:
         """The live mapping *name* of process *proc* (address, length, offset)."""
         try:
             return self.guest.mapping(proc, name)
-        except KeyError:
-            raise UserError(f"process {proc!r} has no mapping named {name!r}") from None
+        except AgentError as exc:
+            raise UserError(exc.message) from None
 
     def step(self, step: Step) -> StepRecord:
         """Carry out *step* and record the snapshot after it. An agent error
