@@ -269,7 +269,7 @@ def _inv_refcount_covers(timeline: pd.DataFrame, _steps: pd.DataFrame) -> Iterab
     # not pages.
     span = mapped["pt_level"].map(_LEVEL_SIZE).astype("UInt64")
     mapped["entry"] = mapped["vaddr"] - mapped["vaddr"] % span
-    for (kernel, step, folio_pfn), g in mapped.groupby(["kernel", "step", "folio_pfn"]):
+    for (kernel, step, _folio), g in mapped.groupby(["kernel", "step", "folio_pfn"]):
         n = len(g.drop_duplicates(["proc", "pt_level", "entry"]))
         ref = int(g["refcount"].iloc[0])
         if ref < n:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import kernels, vm
+from lab import vm
 from lab.model import DEFAULT_DAX
 
 pytestmark = pytest.mark.live

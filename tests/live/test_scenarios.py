@@ -15,7 +15,7 @@ import pytest
 
 from lab import timeline as tl
 from lab.experiment import run_experiment
-from lab.scenario import validate_text
+from lab.scenario import ScenarioError, validate_text
 
 pytestmark = pytest.mark.live
 
@@ -173,7 +173,7 @@ def test_bad_scenario_exits_2_and_boots_nothing(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "step 3 (touch): pages" in proc.stderr
     assert not (tmp_path / "out").exists()
-    with pytest.raises(Exception):
+    with pytest.raises(ScenarioError, match="step 3 \\(touch\\): pages"):
         validate_text(bad.read_text())
 
 
