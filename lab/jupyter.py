@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Self
 
 from .model import UserError
+from .procs import pid_alive
 
 __all__ = ["JupyterServer", "JupyterStartError", "notebook_ipynb", "resolve_notebook"]
 
@@ -305,7 +306,7 @@ def sweep_stale() -> list[Path]:
             owner = int((d / "owner.pid").read_text())
         except (OSError, ValueError):
             continue
-        if owner != os.getpid() and not Path(f"/proc/{owner}").exists():
+        if owner != os.getpid() and not pid_alive(owner):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

@@ -33,7 +33,8 @@ from pathlib import Path
 from .agent import AgentClient, AgentDisconnected, AgentError, AgentTimeout
 from .cache import atomic_entry, cache_root, hash_inputs
 from .console import Complaint, find_complaint
-from .model import DEFAULT_DAX, GiB, MiB, DaxSpec, KernelArtifacts, UserError, VmSpec, format_size
+from .model import DEFAULT_DAX, DaxSpec, GiB, KernelArtifacts, MiB, UserError, VmSpec, format_size
+from .procs import pid_alive
 
 __all__ = [
     "VmError",
@@ -305,15 +306,6 @@ def copy_sparse(src: Path, dst: Path) -> None:
             pos = end
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether *pid* runs (a zombie waiting for a reaper does not)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat_line.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def run_parent() -> Path:
     """Where run directories go: tmpfs (/dev/shm) when there is one."""
     shm = Path("/dev/shm")
@@ -331,7 +323,7 @@ def sweep_stale_run_dirs(parent: Path | None = None) -> list[Path]:
                 pids.append(int((d / name).read_text()))
             except (OSError, ValueError):
                 pass
-        if not any(_pid_alive(p) for p in pids):
+        if not any(pid_alive(p) for p in pids):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from lab.jupyter import JupyterServer, notebook_ipynb
+from lab.procs import wait_gone
 
 pytestmark = pytest.mark.live
 
@@ -219,13 +220,4 @@ def _children(pid: int) -> list[int]:
 
 
 def _gone(pid: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return True
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_gone(pid, timeout)

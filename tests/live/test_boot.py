@@ -16,6 +16,7 @@ import pytest
 
 from lab import vm
 from lab.model import DEFAULT_DAX
+from lab.procs import pid_alive
 
 pytestmark = pytest.mark.live
 
@@ -70,13 +71,13 @@ def test_no_qemu_left_after_sigkill_of_python():
         line = child.stdout.readline()
         # setpriv execs QEMU, so this is QEMU's pid.
         qemu_pids, run_dir = [int(line.split()[0])], Path(line.split()[1])
-        assert _alive(qemu_pids[0])
+        assert pid_alive(qemu_pids[0])
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in qemu_pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in qemu_pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(p) for p in qemu_pids), "QEMU outlived its Python parent"
+        assert not any(pid_alive(p) for p in qemu_pids), "QEMU outlived its Python parent"
         # The next start sweeps what a killed process could not clean up.
         vm.sweep_stale_run_dirs()
         assert not run_dir.exists()
@@ -86,12 +87,6 @@ def test_no_qemu_left_after_sigkill_of_python():
             child.wait()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def test_guest_panic_is_a_clear_error_and_leaves_nothing():
@@ -113,7 +108,7 @@ def test_ctrl_c_stops_qemu_and_cleans_up():
         qemu_pid, run_dir = int(line.split()[0]), Path(line.split()[1])
         child.send_signal(signal.SIGINT)
         assert child.wait(timeout=30) != 0  # KeyboardInterrupt ended it
-        assert not _alive(qemu_pid)
+        assert not pid_alive(qemu_pid)
         assert not run_dir.exists()
     finally:
         if child.poll() is None:

@@ -22,6 +22,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from lab.procs import pid_alive
 from lab.vm import RUN_PREFIX, run_parent
 
 pytestmark = pytest.mark.live
@@ -71,14 +72,6 @@ def _text(output) -> str:
     if output.get("output_type") == "error":
         return f"{output.get('ename')}: {output.get('evalue')}"
     return str(output.get("data", {}).get("text/plain", ""))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _run(path: Path, nb=None):
@@ -135,9 +128,9 @@ def test_notebook_runs(source, tmp_path):
         # 00 leaves its Lab open: QEMU must die with the kernel (pdeathsig)
         assert kernel_pid is not None
         deadline = time.monotonic() + 15
-        while any(_alive(p) for p in _qemu_of(kernel_pid)) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in _qemu_of(kernel_pid)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(p) for p in _qemu_of(kernel_pid)), \
+        assert not any(pid_alive(p) for p in _qemu_of(kernel_pid)), \
             "QEMU outlived the notebook's kernel"
     if source.stem == "05-onboarding-tour":
         assert "prediction missed" not in text, text

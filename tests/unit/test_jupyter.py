@@ -20,6 +20,7 @@ import pytest
 
 from lab.jupyter import JupyterServer, JupyterStartError, notebook_ipynb, resolve_notebook
 from lab.model import UserError
+from lab.procs import wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,16 +42,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def _gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return True
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie: dead, not yet reaped
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_gone(pid, timeout)
 
 
 def _get(url: str, token: str | None = None) -> int:
