@@ -54,16 +54,19 @@ class Session:
         self.vm = vm
         self.kernel = kernel
         self.prog = prog
+        self._watcher = None
 
     @classmethod
     def boot(cls, kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
-             say=print, progress=None, ready_timeout: float = 120.0) -> Session:
-        """Boot *kernel*, wait until its devices are ready and attach drgn."""
+             say=print, progress=None, ready_timeout: float = 120.0,
+             events: bool = False) -> Session:
+        """Boot *kernel*, wait until its devices are ready and attach drgn.
+        With *events*, QEMU also serves a gdbstub for :attr:`watcher`."""
         from . import kernels
 
         artifacts = kernel if isinstance(kernel, KernelArtifacts) else kernels.resolve(
             kernel, progress=progress)
-        vm = boot(artifacts, dax=dax, say=say, ready_timeout=ready_timeout)
+        vm = boot(artifacts, dax=dax, say=say, ready_timeout=ready_timeout, gdbstub=events)
         try:
             prog = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", artifacts)
         except BaseException:
@@ -78,20 +81,48 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        """Drop the Program (its QMP connection) and stop the VM."""
-        self.detach()
-        self.vm.close()
+        """Remove any watchpoints, drop the Program (its QMP connection) and
+        stop the VM."""
+        try:
+            if self._watcher is not None:
+                self._watcher.close()
+        finally:
+            self.detach()
+            self.vm.close()
+
+    @property
+    def events_enabled(self) -> bool:
+        return self.vm.spec.gdbstub
+
+    @property
+    def watcher(self):
+        """The :class:`lab.events.Watcher` of this guest (needs ``events=True``
+        at boot: QEMU serves a gdbstub only then)."""
+        if self._watcher is None:
+            from .model import UserError
+
+            if not self.events_enabled:
+                raise UserError("this VM was booted without events: boot it with events=True "
+                                "(Lab.boot(..., events=True), devdax-lab run --watch)")
+            from .events import Watcher
+
+            self._watcher = Watcher(self.vm.spec.run_dir / "gdb.sock", self.prog)
+        return self._watcher
 
     def detach(self) -> None:
         """Drop the drgn Program: drgn closes its QMP connection when the
         Program is freed, and QEMU serves one QMP client per socket."""
         self.prog = None
+        if self._watcher is not None:
+            self._watcher.prog = None
         gc.collect()
 
     def attach(self, kernel: KernelArtifacts | None = None) -> drgn.Program:
         """(Re)attach drgn, with *kernel*'s debug info (default: the booted one)."""
         self.detach()
         self.prog = inspect.attach(self.vm.spec.run_dir / "drgn-qmp.sock", kernel or self.kernel)
+        if self._watcher is not None:
+            self._watcher.prog = self.prog
         return self.prog
 
     @property
@@ -110,7 +141,13 @@ class Session:
 
     @contextlib.contextmanager
     def stopped(self) -> Iterator[None]:
-        """Stop the guest's CPUs for the duration (a consistent view)."""
+        """Stop the guest's CPUs for the duration (a consistent view): with
+        QMP, or through the gdbstub while watchpoints are armed (a stop the
+        lab asks for must not look like, or hide, a watchpoint hit)."""
+        if self._watcher is not None and self._watcher.connected:
+            with self._watcher.paused():
+                yield
+            return
         self.vm.qmp.cmd("stop")
         try:
             yield

@@ -7,7 +7,7 @@ differences between kernel versions by probing which fields exist.
 
 from .attach import InspectError, attach, debug_files_for
 from .bulk import PageArray, read_pages
-from .folio import folio_state
+from .folio import folio_counters, folio_state
 from .pgmap import find_dev_pagemap, pgmap_state, percpu_ref_state
 from .pgtable import devmap_supported, pte_state, vma_state
 
@@ -16,6 +16,7 @@ __all__ = [
     "attach",
     "debug_files_for",
     "folio_state",
+    "folio_counters",
     "pgmap_state",
     "find_dev_pagemap",
     "percpu_ref_state",

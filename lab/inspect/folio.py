@@ -17,7 +17,7 @@ from drgn.helpers.linux.mm import (
 from ..model import FolioState
 from .attach import InspectError
 
-__all__ = ["folio_state", "page_pgmap", "has_member"]
+__all__ = ["folio_state", "folio_counters", "page_pgmap", "has_member"]
 
 
 def has_member(prog: drgn.Program, type_name: str, member: str) -> bool:
@@ -104,3 +104,40 @@ def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) 
         pgmap=pgmap,
         **large,
     )
+
+
+# The counters a watch follows: name in the event rows -> struct folio member.
+# The large-folio ones live in the first tail page; which exist depends on
+# the kernel (probed, as in _large_fields).
+COUNTER_MEMBERS = (
+    ("refcount", "_refcount"),
+    ("mapcount", "_mapcount"),
+    ("large_mapcount", "_large_mapcount"),
+    ("entire_mapcount", "_entire_mapcount"),
+    ("nr_pages_mapped", "_nr_pages_mapped"),
+    ("pincount", "_pincount"),
+)
+
+
+def folio_counters(prog: drgn.Program, pfn: int) -> tuple[int, int, list[tuple[str, int, int]]]:
+    """(folio's head PFN, order, [(counter, address, size)]) of the folio
+    holding *pfn*: the kernel virtual address and width of each counter, from
+    the type info of the running kernel, for watchpoints.
+
+    :raises InspectError: if no dev_pagemap covers *pfn*.
+    """
+    from .pgmap import find_dev_pagemap
+
+    if not find_dev_pagemap(prog, pfn):
+        raise InspectError(f"PFN {pfn:#x} is not on any device-dax namespace (no dev_pagemap covers it)")
+    head = compound_head(pfn_to_page(prog, pfn))
+    folio = cast("struct folio *", head)
+    order = compound_order(head).value_()
+    out = []
+    for name, member in COUNTER_MEMBERS:
+        if name not in ("refcount", "mapcount") and (
+                order == 0 or not has_member(prog, "struct folio", member)):
+            continue
+        counter = getattr(folio, member).counter
+        out.append((name, counter.address_, counter.type_.size))
+    return page_to_pfn(head).value_(), order, out

@@ -1,0 +1,356 @@
+"""The one owner of a guest's gdbstub connection: write watchpoints on the
+counters of watched folios, one event per change, and the lab's own stops.
+
+Stops and the gdbstub: while a gdb client is attached, QEMU reports every
+stop of the guest to it, and a watchpoint hit leaves the guest stopped until
+the client continues. So once a watch is armed, the lab's consistent
+snapshots stop the guest through the gdbstub too (``\\x03``, answered by a
+``T02`` stop) instead of QMP ``stop``: a stop the lab asked for is then never
+mistaken for a hit, and a hit is never left waiting behind a snapshot.
+
+A thread waits for stop replies while the guest runs. At a hit it reads the
+registers and the folio's counters, notes who ran (task on that CPU) and,
+for watches that want it, the kernel stack (drgn), then continues the guest.
+Every other conversation with the stub happens while that thread is parked
+in a stop the lab asked for (:meth:`Watcher.paused`).
+
+Accounting: each watched counter's value is known when it is armed and
+after every event; :meth:`Watcher.reconcile`, called while stopped, reads
+each counter again and records any difference as a ``lost`` event, so
+nothing the watchpoints missed is hidden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import drgn
+
+from .. import inspect
+from ..inspect.stack import Frame, code_location, kernel_stack, task_on_cpu
+from ..model import UserError
+from .rsp import GdbRemote, RspError, RspTimeout, StopReply
+
+__all__ = ["Counter", "Event", "EventsError", "Watcher"]
+
+
+class EventsError(RuntimeError):
+    """The gdbstub did not answer or refused; the guest was left running."""
+
+
+@dataclass
+class Counter:
+    """One watched counter of one folio."""
+
+    folio_pfn: int
+    order: int
+    name: str  # refcount, mapcount, large_mapcount, entire_mapcount, ...
+    address: int
+    size: int
+    stacks: bool
+    value: int  # last known value
+    start: int  # value when armed
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change of one watched counter (or, with kind "lost", a change the
+    watchpoints did not see, found by :meth:`Watcher.reconcile`)."""
+
+    seq: int
+    step: int
+    kind: str  # "write" or "lost"
+    folio_pfn: int
+    field: str
+    old: int
+    new: int
+    cpu: int | None
+    comm: str | None
+    pid: int | None
+    pc: int | None  # the instruction after the write, as reported
+    location: tuple[Frame, ...]  # of pc - 1, inline frames included
+    stack: tuple[Frame, ...] | None  # None: not asked for
+    seconds: float  # time spent handling the hit (guest stopped)
+
+    @property
+    def delta(self) -> int:
+        return self.new - self.old
+
+
+@dataclass
+class _Stats:
+    hits: int = 0
+    silent_writes: int = 0  # a write that left the value as it was
+    handling_seconds: float = 0.0
+    stack_seconds: float = 0.0
+    stacks: int = 0
+    pauses: int = 0
+
+
+def _signed(raw: bytes) -> int:
+    return int.from_bytes(raw, "little", signed=True)
+
+
+class Watcher:
+    """Watchpoints on folio counters of one guest, through its gdbstub."""
+
+    def __init__(self, socket_path: Path, prog: drgn.Program, *, timeout: float = 10.0,
+                 record: bool = False):
+        self.prog = prog
+        self.timeout = timeout
+        self._path = socket_path
+        self._record = record
+        self._rsp: GdbRemote | None = None
+        self.counters: dict[int, Counter] = {}  # by address
+        self.events: list[Event] = []
+        self.step = 0
+        self.stats = _Stats()
+        self.error: str | None = None  # what went wrong in the hit thread
+        self._lock = threading.Lock()  # pause flag vs the thread's "continue"
+        self._pause_wanted = False
+        self._parked = threading.Event()
+        self._resume = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._paused_depth = 0
+
+    # -- connection ------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._rsp is not None
+
+    @property
+    def transcript(self):
+        return self._rsp.transcript if self._rsp else None
+
+    def _connect(self) -> None:
+        """Attach (which stops the guest), then park the hit thread there."""
+        try:
+            self._rsp = GdbRemote.connect(self._path, timeout=self.timeout, record=self._record)
+            self._rsp.start()
+        except RspError as exc:
+            self._drop()
+            raise EventsError(f"{exc}; is the VM booted with events on (Session.boot(events=True))?") from None
+        self._pause_wanted = True
+        self._parked.set()
+        self._paused_depth = 1
+        self._thread = threading.Thread(target=self._loop, name="devdax-lab-watcher", daemon=True)
+        self._thread.start()
+
+    def _drop(self) -> None:
+        if self._rsp is not None:
+            self._rsp.close()
+        self._rsp = None
+
+    # -- stops the lab asks for -------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The guest stopped, through the gdbstub (nestable)."""
+        if self._rsp is None:
+            self._connect()  # connecting stops the guest
+        else:
+            self._pause()
+        try:
+            yield
+        finally:
+            self._unpause()
+
+    def _pause(self) -> None:
+        self._paused_depth += 1
+        if self._paused_depth > 1:
+            return
+        with self._lock:
+            self._pause_wanted = True
+            self._rsp.interrupt()
+        if not self._parked.wait(self.timeout):
+            self._paused_depth = 0
+            reason = self.error or f"no stop reply within {self.timeout:.0f} s"
+            raise EventsError(f"the gdbstub did not stop the guest ({reason})")
+        self.stats.pauses += 1
+
+    def _unpause(self) -> None:
+        self._paused_depth -= 1
+        if self._paused_depth > 0:
+            return
+        if not self.counters:  # nothing watched: let go of the stub altogether
+            self._detach()
+            return
+        with self._lock:
+            self._pause_wanted = False
+            self._parked.clear()
+            self._resume.set()
+
+    # -- the hit thread ----------------------------------------------------------
+    def _loop(self) -> None:
+        """Wait for stops while the guest runs; park in the ones the lab asked for."""
+        rsp = self._rsp
+        try:
+            while self._wait_resume():
+                rsp.cont()
+                while True:
+                    try:
+                        stop = rsp.wait_stop(timeout=0.5)
+                    except RspTimeout:
+                        continue
+                    if stop.exited:
+                        self.error = "the guest exited"
+                        self._parked.set()
+                        return
+                    if stop.watch is not None:
+                        self._hit(stop)
+                    with self._lock:
+                        if self._pause_wanted:
+                            # our \x03, or a hit that raced with it (QEMU then
+                            # ignores the \x03: the guest is already stopped)
+                            self._parked.set()
+                            break
+                        rsp.cont()
+        except Exception as exc:  # noqa: BLE001 - never leave the guest stopped
+            self.error = f"{type(exc).__name__}: {exc}"
+            # Let go of the stub so no watchpoint can stop the guest again
+            # with nobody to continue it (D removes them all and continues).
+            with contextlib.suppress(Exception):
+                rsp.detach()
+            self._parked.set()
+
+    def _wait_resume(self) -> bool:
+        """Parked: wait until the lab lets the guest go (False: closing)."""
+        self._resume.wait()
+        self._resume.clear()
+        return not self._closing
+
+    def _hit(self, stop: StopReply) -> None:
+        t0 = time.perf_counter()
+        self.stats.hits += 1
+        rsp = self._rsp
+        hit = self.counters.get(stop.watch)
+        if hit is None:
+            return
+        regs = rsp.read_registers()
+        pc = regs["rip"]
+        # Every counter of the hit's folio is read again: one write can cover
+        # two counters (a struct page initialised as a whole), and a
+        # watchpoint reports only the first it matches.
+        group = [c for c in self.counters.values() if c.folio_pfn == hit.folio_pfn]
+        lo = min(c.address for c in group)
+        hi = max(c.address + c.size for c in group)
+        raw = rsp.read_memory(lo, hi - lo)
+        changed = []
+        for c in group:
+            new = _signed(raw[c.address - lo:c.address - lo + c.size])
+            if new != c.value:
+                changed.append((c, c.value, new))
+                c.value = new
+        if not changed:
+            self.stats.silent_writes += 1
+            self.stats.handling_seconds += time.perf_counter() - t0
+            return
+        comm, pid = task_on_cpu(self.prog, stop.cpu or 0)
+        location = code_location(self.prog, pc - 1)
+        stack = None
+        if any(c.stacks for c, _, _ in changed):
+            t1 = time.perf_counter()
+            stack = kernel_stack(self.prog, regs, pc - 1)
+            self.stats.stack_seconds += time.perf_counter() - t1
+            self.stats.stacks += 1
+        seconds = time.perf_counter() - t0
+        self.stats.handling_seconds += seconds
+        for c, old, new in changed:
+            self.events.append(Event(
+                seq=len(self.events), step=self.step, kind="write", folio_pfn=c.folio_pfn,
+                field=c.name, old=old, new=new, cpu=stop.cpu, comm=comm, pid=pid, pc=pc,
+                location=location, stack=stack if c.stacks else None, seconds=seconds))
+
+    # -- watches -------------------------------------------------------------------
+    def watch(self, pfn: int, *, stacks: bool = False) -> list[Counter]:
+        """Arm write watchpoints on the counters of the folio holding *pfn*
+        (addresses and widths from the running kernel's types)."""
+        try:
+            head, order, fields = inspect.folio_counters(self.prog, pfn)
+        except inspect.InspectError as exc:
+            raise UserError(str(exc)) from None
+        armed = []
+        with self.paused():
+            for name, address, size in fields:
+                if address in self.counters:
+                    self.counters[address].stacks |= stacks
+                    armed.append(self.counters[address])
+                    continue
+                value = _signed(self._rsp.read_memory(address, size))
+                try:
+                    self._rsp.insert_watchpoint(address, size)
+                except RspError as exc:
+                    raise EventsError(str(exc)) from None
+                c = Counter(folio_pfn=head, order=order, name=name, address=address, size=size,
+                            stacks=stacks, value=value, start=value)
+                self.counters[address] = c
+                armed.append(c)
+        return armed
+
+    def unwatch(self, pfn: int | None = None) -> None:
+        """Remove the watchpoints of the folio holding *pfn* (all with None).
+        The guest keeps running; with nothing left, the stub is let go."""
+        if self._rsp is None:
+            return
+        with self.paused():
+            heads = {c.folio_pfn for c in self.counters.values()}
+            if pfn is not None:
+                heads = {c.folio_pfn for c in self.counters.values()
+                         if c.folio_pfn <= pfn < c.folio_pfn + (1 << c.order)}
+            for address, c in list(self.counters.items()):
+                if c.folio_pfn in heads:
+                    self._rsp.remove_watchpoint(address, c.size)
+                    del self.counters[address]
+
+    def reconcile(self) -> list[Event]:
+        """While stopped: read every watched counter and record what the
+        watchpoints missed as ``lost`` events (returned)."""
+        lost = []
+        if self._rsp is None or not self.counters:
+            return lost
+        with self.paused():
+            for c in self.counters.values():
+                now = _signed(self._rsp.read_memory(c.address, c.size))
+                if now != c.value:
+                    ev = Event(seq=len(self.events), step=self.step, kind="lost",
+                               folio_pfn=c.folio_pfn, field=c.name, old=c.value, new=now,
+                               cpu=None, comm=None, pid=None, pc=None, location=(), stack=None,
+                               seconds=0.0)
+                    self.events.append(ev)
+                    lost.append(ev)
+                    c.value = now
+        return lost
+
+    # -- the end -------------------------------------------------------------------
+    def _detach(self) -> None:
+        """Let go of the stub: ``D`` removes every watchpoint and continues."""
+        rsp, self._rsp = self._rsp, None
+        self._closing = True
+        self._resume.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout)
+            self._thread = None
+        if rsp is not None:
+            with contextlib.suppress(RspError):
+                rsp.detach()
+            rsp.close()
+        self.counters.clear()
+        self._closing = False
+        self._pause_wanted = False
+        self._parked.clear()
+        self._resume.clear()
+        self._paused_depth = 0
+
+    def close(self) -> None:
+        """Remove every watch and leave the guest running."""
+        if self._rsp is None:
+            return
+        if not self._parked.is_set():
+            with contextlib.suppress(EventsError):
+                self._pause()
+        self._detach()
