@@ -1,17 +1,22 @@
 """Kernels built from a developer's own (patched) tree: ``devdax-lab kernel
 build --tree DIR [--patch FILE ...] [--name NAME]``.
 
-The tree is never written to. The build happens out of tree (``make O=``) in
-a work directory of the cache, stable per tree (``cache_root()/build/<tree
-name>-<hash of its path>/``) so that make's own dependency tracking and
-ccache (which keys on the object directory with ``-g``) both hit on a
-rebuild:
+The tree is never written to. Every build compiles a source directory of its
+own, ``<work>/src``, into ``<work>/obj``, where ``<work>`` is stable per tree
+(``cache_root()/build/<tree name>-<hash of its path>/``), so that make's own
+dependency tracking hits on a rebuild and ccache hits across trees (its
+``base_dir`` is ``<work>``, so every path it sees is ``../src/...`` whatever
+the tree, and ``hash_dir`` is off so that ``-g`` does not key on the object
+directory):
 
 - a git tree is checked out at its HEAD commit in a worktree there
-  (``git worktree add``), and the patches are applied with ``git am``;
-  uncommitted changes are not built (commit them, or pass them as a patch);
-- any other tree is built in place with ``O=`` when it has no patches (its
-  files are only read), else copied (``cp -a``) and patched with ``patch -p1``.
+  (``git worktree add``), and the patches are applied with ``git am``
+  (``git apply`` and a commit for a patch not in ``git format-patch`` form);
+  uncommitted changes are not built (commit them, or pass them as a patch).
+  A patch that does not apply removes the worktree again;
+- any other tree is mirrored there with hard links (``cp -al``; a copy
+  across file systems), and patched with ``patch -p1`` after the files each
+  patch touches have been made private copies.
 
 The configuration is ``make tinyconfig`` plus ``kernel/devdax-lab.config``
 merged with the tree's own ``scripts/kconfig/merge_config.sh``; every
@@ -58,16 +63,23 @@ __all__ = [
     "built_dir",
     "built_names",
     "cache_key",
+    "ccache_env",
+    "ccache_hits",
     "check_config",
     "configure",
+    "debian_source_git",
     "debian_source_tree",
     "default_name",
     "is_kernel_tree",
+    "is_mbox",
     "make",
     "parse_config",
+    "patch_failure",
+    "patched_paths",
     "required_options",
     "tree_artifacts",
     "tree_identity",
+    "worktree_paths",
 ]
 
 FRAGMENT_PATH = Path(__file__).resolve().parent.parent / "kernel" / "devdax-lab.config"
@@ -170,6 +182,90 @@ def make_step(line: str) -> tuple[str, str] | None:
     return (m[1], m[2]) if m else None
 
 
+def ccache_env(src: Path, obj: Path) -> dict[str, str]:
+    """ccache settings for compiling *src* in *obj*: paths under their common
+    parent become relative (``../src/mm/memremap.c`` from ``<work>/obj``),
+    so that a build hits on objects compiled in another work directory; the
+    directory compiled in is not hashed (with ``-g`` it would be; the hit
+    then keeps the DW_AT_comp_dir of the first build, which drgn does not
+    use); and depend mode: a miss runs the compiler once, not the
+    preprocessor too (kbuild's ``-Wp,-MMD`` gives ccache the headers)."""
+    return {"CCACHE_BASEDIR": os.path.commonpath([src, obj]), "CCACHE_NOHASHDIR": "1",
+            "CCACHE_DEPEND": "1"}
+
+
+def ccache_hits(stats_log: Iterable[str]) -> tuple[int, int]:
+    """(hits, misses) of the compilations in a ccache ``stats_log`` (one
+    ``# file`` line, then one counter a line, per compilation)."""
+    hits = misses = 0
+    for line in stats_log:
+        word = line.strip()
+        if word in ("direct_cache_hit", "preprocessed_cache_hit"):
+            hits += 1
+        elif word == "cache_miss":
+            misses += 1
+    return hits, misses
+
+
+_DIFF_PATH = re.compile(r"^(?:---|\+\+\+) (\S+)")
+_GIT_PATH = re.compile(r"^diff --git (\S+) (\S+)$")
+
+
+def patched_paths(patch_text: str, strip: int = 1) -> list[str]:
+    """The files a unified diff touches (old and new names, ``-p``*strip*),
+    in order of appearance, without ``/dev/null``."""
+    out: list[str] = []
+    for line in patch_text.splitlines():
+        names: Sequence[str] = ()
+        if m := _DIFF_PATH.match(line):
+            names = (m[1],)
+        elif m := _GIT_PATH.match(line):
+            names = (m[1], m[2])
+        for name in names:
+            if name == "/dev/null":
+                continue
+            parts = name.split("/")[strip:]
+            rel = "/".join(parts)
+            if rel and rel not in out:
+                out.append(rel)
+    return out
+
+
+def is_mbox(patch_text: str) -> bool:
+    """A patch in ``git format-patch`` (mbox) form, which ``git am`` takes."""
+    return patch_text.startswith("From ")
+
+
+_FAILURE = re.compile(r"^(error: .*|can't find file to patch.*|No file to patch.*|"
+                      r"patch: \*\*\*\* .*|Reversed \(or previously applied\) patch detected.*)$")
+_PATCHING = re.compile(r"^(?:patching|checking) file (.+)$")
+_HUNK_FAILED = re.compile(r"^Hunk #\d+ FAILED.*$")
+
+
+def patch_failure(output: str) -> str:
+    """One line out of the output of a failed ``git apply``/``git am``/``patch``:
+    its error lines (a failed hunk prefixed with its file) joined with "; ",
+    else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    picked: list[str] = []
+    current = ""
+    for line in lines:
+        if m := _PATCHING.match(line):
+            current = m[1].strip("'")
+        elif _HUNK_FAILED.match(line):
+            picked.append(f"{current}: {line}" if current else line)
+        elif _FAILURE.match(line):
+            picked.append(line)
+    text = "; ".join(dict.fromkeys(picked)) or (lines[-1] if lines else "no output")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def worktree_paths(porcelain: str) -> list[str]:
+    """The paths of ``git worktree list --porcelain``, the main tree first."""
+    return [line.removeprefix("worktree ") for line in porcelain.splitlines()
+            if line.startswith("worktree ")]
+
+
 # ---------------------------------------------------------------- trees
 
 
@@ -266,6 +362,35 @@ def debian_source_tree(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pa
     return final
 
 
+def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Path:
+    """A git repository of :func:`debian_source_tree` (one commit, its files
+    hard-linked from the unpacked tree), made once into
+    ``cache_root()/src/<name>-git/``: a developer's git tree for the tests
+    and benchmarks of the git path.
+
+    :raises UserError: the package is not installed."""
+    plain = debian_source_tree(tarball, say=say)
+    final = plain.with_name(plain.name + "-git")
+    if (final / ".git" / "HEAD").is_file() and (final / "Makefile").is_file():
+        return final
+    with _locked(final.parent / f".{final.name}.lock"):
+        if (final / ".git" / "HEAD").is_file() and (final / "Makefile").is_file():
+            return final
+        started = time.monotonic()
+        say(f"making a git repository of {plain} in {final}")
+        with atomic_entry(final) as tmp:
+            if subprocess.run(["cp", "-al", f"{plain}/.", str(tmp)], check=False,
+                              capture_output=True).returncode != 0:
+                subprocess.run(["cp", "-a", f"{plain}/.", str(tmp)], check=True)
+            # Fast loose objects (a repository made once, read by checkouts).
+            fast = ("-c", "core.looseCompression=1", "-c", "gc.auto=0")
+            _git(tmp, "init", "--quiet")
+            _git(tmp, *fast, "add", "--all")
+            _git(tmp, *fast, "commit", "--quiet", "--no-verify", "-m", plain.name)
+        say(f"made {final} in {time.monotonic() - started:.0f} s")
+    return final
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -325,8 +450,9 @@ def _tail(log: Path, n: int = 25) -> list[str]:
 
 def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = print,
          interval: float = 5.0, env: dict[str, str] | None = None) -> float:
-    """Run make for *targets* (output appended to *log*), printing a line every
-    *interval* seconds: elapsed time, objects compiled, the last step.
+    """Run make for *targets* (output appended to *log*, ccache set up by
+    :func:`ccache_env`, then *env*), printing a line every *interval*
+    seconds: elapsed time, objects compiled, the last step.
     Returns the elapsed seconds.
 
     :raises BuildError: make failed (with the tail of the log)."""
@@ -337,7 +463,8 @@ def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = 
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env={**os.environ, **(env or {})})
+                                text=True, errors="replace",
+                                env={**os.environ, **ccache_env(src, obj), **(env or {})})
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -359,6 +486,13 @@ def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = 
         raise BuildError(f"`make {' '.join(targets)}` failed (exit status {rc}) after "
                          f"{_mmss(elapsed)}:", log, _tail(log))
     return elapsed
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def _mmss(seconds: float) -> str:
@@ -410,50 +544,115 @@ def work_dir(tree: Path) -> Path:
     return cache_root() / "build" / f"{tree.resolve().name}-{digest}"
 
 
-def _prepare_source(tree: Path, identity: str, patches: Sequence[Path], work: Path,
-                    say: Say) -> Path:
-    """The source directory to build: *tree* itself, or a patched worktree or copy."""
-    src = work / "src"
-    if identity.startswith("git:"):
-        commit = identity.removeprefix("git:")
-        if _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip():
-            say(f"note: {tree} has uncommitted changes; building its HEAD {commit[:12]} "
-                "(commit them or pass them with --patch)")
-        if not (src / ".git").exists():
-            shutil.rmtree(src, ignore_errors=True)
-            _git(tree, "worktree", "prune")
-            say(f"checking out {commit[:12]} in {src}")
-            _git(tree, "worktree", "add", "--detach", "--force", str(src), commit)
-        else:
-            _git(src, "am", "--abort", check=False)
-            _git(src, "checkout", "--detach", "--force", commit)
-            _git(src, "clean", "-fdxq")
-        for p in patches:
-            proc = _git(src, "am", "--3way", str(p), check=False)
-            if proc.returncode != 0:
-                _git(src, "am", "--abort", check=False)
-                raise UserError(f"patch {p} does not apply to {commit[:12]} of {tree}: "
-                                f"{(proc.stdout + proc.stderr).strip()[-600:]}")
-        return src
-    if not patches:
-        if _in_place_built(tree):
-            raise UserError(
-                f"{tree} has been configured or built in place (.config or include/config), "
-                "so it cannot be built out of tree: run `make mrproper` in it, or boot it as "
-                f"built with --kernel {tree}"
-            )
-        return tree
-    if _in_place_built(tree):
-        raise UserError(f"{tree} has been configured or built in place: run `make mrproper` in it")
+def _registered_worktree(tree: Path, src: Path) -> bool:
+    porcelain = _git(tree, "worktree", "list", "--porcelain").stdout
+    return str(src) in worktree_paths(porcelain) and (src / ".git").is_file()
+
+
+def _remove_worktree(tree: Path, src: Path) -> None:
+    """Unregister *src* from *tree*'s worktrees and delete it (no global
+    ``git worktree prune``: the user's other worktrees are not ours)."""
+    _git(tree, "worktree", "remove", "--force", str(src), check=False)
     shutil.rmtree(src, ignore_errors=True)
-    say(f"copying {tree} to {src}")
-    subprocess.run(["cp", "-a", f"{tree}/.", str(src)], check=True)
+    if str(src) in worktree_paths(_git(tree, "worktree", "list", "--porcelain").stdout):
+        _git(tree, "worktree", "prune", check=False)  # only stale entries: src is gone
+
+
+def _git_source(tree: Path, commit: str, patches: Sequence[Path], src: Path, say: Say) -> None:
+    if _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip():
+        say(f"note: {tree} has uncommitted changes; building its HEAD {commit[:12]} "
+            "(commit them or pass them with --patch)")
+    if _registered_worktree(tree, src):
+        _git(src, "am", "--abort", check=False)
+        _git(src, "checkout", "--quiet", "--detach", "--force", commit)
+        _git(src, "clean", "-fdxq")
+    else:
+        shutil.rmtree(src, ignore_errors=True)
+        say(f"checking out {commit[:12]} in {src}")
+        # --force: a worktree of ours registered earlier whose directory is gone
+        _git(tree, "worktree", "add", "--quiet", "--detach", "--force", str(src), commit)
+    for p in patches:
+        text = p.read_text(errors="replace")
+        if is_mbox(text):
+            proc = _git(src, "am", "--3way", str(p), check=False)
+        else:
+            proc = _git(src, "apply", "--index", str(p), check=False)
+            if proc.returncode == 0:
+                proc = _git(src, "commit", "--quiet", "-m", f"devdax-lab: {p.name}", check=False)
+        if proc.returncode != 0:
+            # git am --3way says why it could not merge, not why the patch
+            # does not apply: git apply --check does.
+            why = _git(src, "apply", "--check", str(p), check=False)
+            output = why.stdout + why.stderr if why.returncode else proc.stdout + proc.stderr
+            _git(src, "am", "--abort", check=False)
+            _remove_worktree(tree, src)
+            raise UserError(f"patch {p} does not apply to {commit[:12]} of {tree}: "
+                            f"{patch_failure(output)}")
+
+
+def _private_copy(path: Path) -> None:
+    """Replace a hard link of the user's file by a copy of it with a new
+    mtime (so that make rebuilds what depended on its former content)."""
+    if not path.is_file() or path.is_symlink():
+        return
+    tmp = path.with_name(f".{path.name}.devdax-lab-tmp")
+    shutil.copyfile(path, tmp)
+    tmp.chmod(path.stat().st_mode & 0o7777)
+    tmp.replace(path)
+
+
+def _mirror_source(tree: Path, patches: Sequence[Path], src: Path, state: dict,
+                   say: Say) -> list[str]:
+    """*src* as a hard-linked mirror of *tree* (a copy across file systems)
+    with *patches* applied; returns the files the patches touch."""
+    touched = [rel for p in patches for rel in patched_paths(p.read_text(errors="replace"))]
+    shutil.rmtree(src, ignore_errors=True)
+    say(f"mirroring {tree} in {src}")
+    proc = subprocess.run(["cp", "-al", f"{tree}/.", str(src)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:  # another file system: a real copy
+        shutil.rmtree(src, ignore_errors=True)
+        subprocess.run(["cp", "-a", f"{tree}/.", str(src)], check=True)
+    # Files patched last time or now: private, and newer than their objects.
+    for rel in dict.fromkeys([*state.get("patched", []), *touched]):
+        _private_copy(src / rel)
     for p in patches:
         proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(src), "-i",
                                str(p)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
+            shutil.rmtree(src, ignore_errors=True)
             raise UserError(f"patch {p} does not apply to {tree}: "
-                            f"{(proc.stdout + proc.stderr).strip()[-600:]}")
+                            f"{patch_failure(proc.stdout + proc.stderr)}")
+    return touched
+
+
+def _prepare_source(tree: Path, identity: str, patches: Sequence[Path],
+                    patch_sums: Sequence[tuple[str, str]], work: Path, say: Say) -> Path:
+    """``<work>/src``: a worktree of a git tree, or a mirror of another tree,
+    with *patches* applied.
+
+    :raises UserError: a tree configured in place, or a patch that does not apply."""
+    src = work / "src"
+    if identity.startswith("git:"):
+        _git_source(tree, identity.removeprefix("git:"), patches, src, say)
+        return src
+    if _in_place_built(tree):
+        raise UserError(
+            f"{tree} has been configured or built in place (.config or include/config), "
+            "so it cannot be built out of tree: run `make mrproper` in it, or boot it as "
+            f"built with --kernel {tree}"
+        )
+    state_file = work / "src.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = {}
+    wanted = {"identity": identity, "patches": [d for _, d in patch_sums]}
+    if (src / "Makefile").is_file() and all(state.get(k) == v for k, v in wanted.items()):
+        return src  # the mirror is up to date
+    state_file.unlink(missing_ok=True)  # a mirror being made is no mirror
+    touched = _mirror_source(tree, patches, src, state, say)
+    state_file.write_text(json.dumps({**wanted, "patched": touched}) + "\n")
     return src
 
 
@@ -504,13 +703,18 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
         obj = work / "obj"
         log = work / "build.log"
         log.write_text(f"# devdax-lab kernel build {name} at {datetime.now(UTC).isoformat()}\n")
-        src = _prepare_source(tree, identity, patch_paths, work, say)
+        src = _prepare_source(tree, identity, patch_paths, patch_sums, work, say)
         started = time.monotonic()
         say(f"configuring {name} (tinyconfig + {fragment.name}) in {obj}")
         configure(src, obj, log, fragment, say=say)
         say(f"building {name} with {os.cpu_count()} jobs (CC={_cc()}); log: {log}")
-        make(src, obj, ["bzImage"], log, say=say)
+        stats_log = work / "ccache-stats.log"
+        stats_log.unlink(missing_ok=True)
+        make(src, obj, ["bzImage"], log, say=say, env={"CCACHE_STATSLOG": str(stats_log)})
         elapsed = time.monotonic() - started
+        hits, misses = ccache_hits(_read_lines(stats_log))
+        if hits + misses:
+            say(f"ccache: {hits} of {hits + misses} compilations were hits")
         release = (obj / "include" / "config" / "kernel.release").read_text().strip()
         with atomic_entry(entry) as tmp:
             tmp.chmod(0o755)
@@ -529,6 +733,7 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
                 "release": release,
                 "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "build_seconds": round(elapsed, 1),
+                "ccache": {"hits": hits, "misses": misses},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"{name}: built {release} in {_mmss(elapsed)}; registered at {entry}")

@@ -5,6 +5,8 @@ before anything is built or registered."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 
 import pytest
@@ -218,3 +220,203 @@ def test_a_tree_built_in_place_resolves_by_path(cache, tmp_path):
     assert kernels.status(str(tree)).source == "tree"
     with pytest.raises(UserError, match="not a kernel tree"):
         kernels.resolve(str(tmp_path / "linux" / "arch"))
+
+
+# ---------------------------------------------------------------- ccache, patches, worktrees
+
+def test_ccache_env_makes_paths_relative_to_the_work_directory(tmp_path):
+    env = build.ccache_env(tmp_path / "w" / "src", tmp_path / "w" / "obj")
+    assert env == {"CCACHE_BASEDIR": str(tmp_path / "w"), "CCACHE_NOHASHDIR": "1",
+                   "CCACHE_DEPEND": "1"}
+
+
+# A stats_log of ccache 4.7 (CCACHE_STATSLOG): a miss, then a direct hit of
+# the same file compiled in another directory.
+STATS_LOG = """\
+# ../src/f.c
+cache_miss
+direct_cache_miss
+local_storage_miss
+local_storage_read_miss
+local_storage_read_miss
+local_storage_write
+local_storage_write
+preprocessed_cache_miss
+# ../src/f.c
+direct_cache_hit
+local_storage_hit
+local_storage_read_hit
+local_storage_read_hit
+# ../src/g.c
+preprocessed_cache_hit
+"""
+
+
+def test_ccache_hits_counts_compilations():
+    assert build.ccache_hits(STATS_LOG.splitlines()) == (2, 1)
+    assert build.ccache_hits([]) == (0, 0)
+
+
+FORMAT_PATCH = """\
+From 1234567890abcdef1234567890abcdef12345678 Mon Sep 17 00:00:00 2001
+From: devdax-lab <devdax-lab@localhost>
+Date: Mon, 1 Jan 2024 00:00:00 +0000
+Subject: [PATCH] dax: say hello
+
+---
+ drivers/dax/device.c | 1 +
+ drivers/dax/new.c    | 1 +
+ 2 files changed, 2 insertions(+)
+
+diff --git a/drivers/dax/device.c b/drivers/dax/device.c
+index 1111111..2222222 100644
+--- a/drivers/dax/device.c
++++ b/drivers/dax/device.c
+@@ -1 +1,2 @@
+ x
++y
+diff --git a/drivers/dax/new.c b/drivers/dax/new.c
+new file mode 100644
+--- /dev/null
++++ b/drivers/dax/new.c
+@@ -0,0 +1 @@
++z
+--
+2.39.5
+"""
+
+
+def test_patched_paths_of_a_format_patch_and_a_plain_diff():
+    assert build.patched_paths(FORMAT_PATCH) == ["drivers/dax/device.c", "drivers/dax/new.c"]
+    plain = "--- linux.orig/mm/memremap.c\n+++ linux/mm/memremap.c\n@@ -1 +1 @@\n-a\n+b\n"
+    assert build.patched_paths(plain) == ["mm/memremap.c"]
+    renamed = "diff --git a/old.c b/new.c\nsimilarity index 100%\nrename from old.c\n"
+    assert build.patched_paths(renamed) == ["old.c", "new.c"]
+    assert build.is_mbox(FORMAT_PATCH) and not build.is_mbox(plain)
+
+
+def test_patch_failure_is_one_line():
+    # git apply --check, which the git path runs after git am fails
+    assert build.patch_failure("error: nothere.c: No such file or directory\n") == (
+        "error: nothere.c: No such file or directory")
+    assert build.patch_failure("error: patch failed: f.c:1\nerror: f.c: patch does not apply\n"
+                               ) == "error: patch failed: f.c:1; error: f.c: patch does not apply"
+    # patch -p1 --batch
+    out = ("patching file f.c\nHunk #1 FAILED at 1.\n"
+           "1 out of 1 hunk FAILED -- saving rejects to file f.c.rej\n")
+    assert build.patch_failure(out) == "f.c: Hunk #1 FAILED at 1."
+    assert build.patch_failure("something odd\nlast words\n") == "last words"
+    assert "\n" not in build.patch_failure("error: x\n" * 3 + "error: y\n")
+    assert len(build.patch_failure("error: " + "x" * 1000)) == 300
+
+
+def test_worktree_paths():
+    porcelain = ("worktree /src/linux\nHEAD 1234\nbranch refs/heads/main\n\n"
+                 "worktree /cache/build/linux-1/src\nHEAD 1234\ndetached\n\n")
+    assert build.worktree_paths(porcelain) == ["/src/linux", "/cache/build/linux-1/src"]
+
+
+def _git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+                           *args], capture_output=True, text=True, check=True).stdout
+
+
+def _fake_git_tree(path):
+    _fake_tree(path)
+    (path / "drivers").mkdir()
+    (path / "drivers" / "device.c").write_text("a\nb\nc\n")
+    _git(path, "init", "-q")
+    _git(path, "add", "-A")
+    _git(path, "commit", "-qm", "base")
+    return path
+
+
+def _format_patch(repo, rel, old, new, tmp_path, name="good.patch"):
+    """A `git format-patch` of a commit changing *rel*, made without touching
+    *repo*'s index, HEAD or files (a temporary index)."""
+    env = {"GIT_INDEX_FILE": str(tmp_path / "index.tmp")}
+    text = (repo / rel).read_text().replace(old, new)
+    run = lambda *a, **k: subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c",
+                                          "user.email=t@t", *a], capture_output=True, text=True,
+                                         check=True, env={**os.environ, **env},
+                                         **k).stdout.strip()
+    run("read-tree", "HEAD")
+    blob = run("hash-object", "-w", "--stdin", input=text)
+    run("update-index", "--cacheinfo", f"100644,{blob},{rel}")
+    commit = run("commit-tree", run("write-tree"), "-p", "HEAD", "-m", f"change {rel}")
+    patch = tmp_path / name
+    patch.write_text(run("format-patch", "-1", "--stdout", commit) + "\n")
+    return patch
+
+
+def _stop_after_source(monkeypatch, seen):
+    def stop(src, obj, log, fragment=None, **k):
+        seen["src"] = src
+        raise build.BuildError("stopped before make (test)")
+
+    monkeypatch.setattr(build, "configure", stop)
+
+
+def test_git_tree_worktree_with_git_am_and_the_tree_untouched(cache, tmp_path, monkeypatch):
+    tree = _fake_git_tree(tmp_path / "linux")
+    head = _git(tree, "rev-parse", "HEAD")
+    patch = _format_patch(tree, "drivers/device.c", "b\n", "b patched\n", tmp_path)
+    seen = {}
+    _stop_after_source(monkeypatch, seen)
+    with pytest.raises(build.BuildError):
+        build.build_kernel(tree, [patch], name="mine", say=lambda *_: None)
+    src = seen["src"]
+    assert src == build.work_dir(tree) / "src"
+    assert (src / "drivers" / "device.c").read_text() == "a\nb patched\nc\n"
+    assert _git(src, "log", "-1", "--format=%s").strip() == "change drivers/device.c"
+    assert (tree / "drivers" / "device.c").read_text() == "a\nb\nc\n"
+    assert _git(tree, "rev-parse", "HEAD") == head and _git(tree, "status", "--porcelain") == ""
+    assert str(src) in build.worktree_paths(_git(tree, "worktree", "list", "--porcelain"))
+    # The same worktree again, without the patch: back at HEAD
+    with pytest.raises(build.BuildError):
+        build.build_kernel(tree, [], name="mine", say=lambda *_: None)
+    assert (src / "drivers" / "device.c").read_text() == "a\nb\nc\n"
+    assert not (cache / "built" / "mine").exists()
+
+
+def test_git_tree_patch_that_does_not_apply_leaves_no_worktree(cache, tmp_path, monkeypatch,
+                                                                capsys):
+    tree = _fake_git_tree(tmp_path / "linux")
+    bad = _format_patch(tree, "drivers/device.c", "b\n", "B\n", tmp_path, "bad.patch")
+    # context the file lacks, and blobs git does not have (no 3-way merge)
+    text = bad.read_text().replace("\n a\n", "\n not in the file\n")
+    bad.write_text(re.sub(r"^index \w+\.\.\w+", "index 1111111..2222222", text, flags=re.MULTILINE))
+    monkeypatch.setattr(build, "configure", lambda *a, **k: pytest.fail("configured"))
+    assert main(["kernel", "build", "--tree", str(tree), "--patch", str(bad), "--name", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error
+    assert err[-1].startswith("devdax-lab: patch ") and sum("devdax-lab:" in e for e in err) == 1
+    assert "does not apply" in err[-1] and "drivers/device.c" in err[-1], err
+    assert build.worktree_paths(_git(tree, "worktree", "list", "--porcelain")) == [str(tree)]
+    assert not (build.work_dir(tree) / "src").exists()
+    assert not (cache / "built" / "x").exists()
+    assert _git(tree, "status", "--porcelain") == ""
+
+
+def test_plain_tree_mirror_is_patched_without_writing_the_tree(cache, tmp_path, monkeypatch):
+    tree = _fake_tree(tmp_path / "linux")
+    (tree / "drivers").mkdir()
+    original = tree / "drivers" / "device.c"
+    original.write_text("a\nb\nc\n")
+    patch = tmp_path / "p.diff"
+    patch.write_text("--- a/drivers/device.c\n+++ b/drivers/device.c\n@@ -1,3 +1,3 @@\n a\n-b\n"
+                     "+B\n c\n")
+    seen = {}
+    _stop_after_source(monkeypatch, seen)
+    with pytest.raises(build.BuildError):
+        build.build_kernel(tree, [patch], say=lambda *_: None)
+    src = seen["src"]
+    assert (src / "drivers" / "device.c").read_text() == "a\nB\nc\n"
+    assert original.read_text() == "a\nb\nc\n"
+    assert (src / "Makefile").stat().st_ino == (tree / "Makefile").stat().st_ino  # hard link
+    # Unpatched again: the file is the tree's, newer than what was built from the patch
+    patched_mtime = (src / "drivers" / "device.c").stat().st_mtime_ns
+    with pytest.raises(build.BuildError):
+        build.build_kernel(tree, [], say=lambda *_: None)
+    assert (src / "drivers" / "device.c").read_text() == "a\nb\nc\n"
+    assert (src / "drivers" / "device.c").stat().st_mtime_ns >= patched_mtime
+    assert original.stat().st_mtime_ns < patched_mtime
