@@ -129,8 +129,15 @@ def _write_experiment(exp, out) -> None:
         out, title=f"{exp.scenario.title or exp.scenario.name}",
         scenario_text=exp.scenario.text, meta=exp.meta, timeline=f["timeline"], steps=f["steps"],
         device=f["device"], device_pages=f["device_pages"], complaints=f["complaints"],
-        diff=f.get("diff"), differences=exp.differences, violations=exp.violations)
+        diff=f.get("diff"), differences=exp.differences, violations=exp.violations,
+        events=f.get("events"), accounting=f.get("accounting"), call_paths=f.get("call_paths"))
     print(f"devdax-lab: wrote {out}/timeline.parquet, timeline.csv, meta.json and {path}")
+    if "accounting" in f:
+        acc, ev = f["accounting"], f["events"]
+        lost = int((acc["lost"] != 0).sum()) if len(acc) else 0
+        print(f"devdax-lab: {int((ev['kind'] == 'write').sum())} counter change(s) recorded in "
+              f"events.parquet; accounting " + ("holds" if not lost else
+                                                f"found {lost} lost change(s) (kind 'lost')"))
     if exp.violations:
         print(f"devdax-lab: {len(exp.violations)} invariant violation(s), listed in the report")
 
@@ -141,7 +148,7 @@ def cmd_run(args) -> int:
     from .experiment import run_experiment
     from .progress import TextProgress
 
-    exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress())
+    exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch)
     _write_experiment(exp, args.out)
     return 0
 
@@ -155,7 +162,7 @@ def cmd_compare(args) -> int:
     names = [k for k in args.kernels.split(",") if k]
     if len(names) < 2:
         raise UserError(f"--kernels needs at least two kernels separated by commas, got {args.kernels!r}")
-    exp = run_experiment(Path(args.scenario), names, progress=TextProgress())
+    exp = run_experiment(Path(args.scenario), names, progress=TextProgress(), events=args.watch)
     _write_experiment(exp, args.out)
     for line in exp.differences:
         print(f"  {line}")
@@ -226,6 +233,13 @@ def cmd_notebook(args) -> int:
         return 1
 
 
+def _add_watch_argument(parser) -> None:
+    parser.add_argument(
+        "--watch", nargs="?", const="counts", choices=["counts", "stacks"], default=None,
+        help="also record every change of the watched folios' counters (watchpoints, "
+             "events.parquet); 'stacks' adds each writer's kernel stack (about 15x slower a hit)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="devdax-lab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,12 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
     s.add_argument("--kernel", required=True, help="before, after, or another known kernel")
     s.add_argument("--out", required=True, help="output directory")
+    _add_watch_argument(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("compare", help="run a scenario on several kernels and report the differences")
     s.add_argument("scenario")
     s.add_argument("--kernels", default="before,after", help="comma list (default before,after)")
     s.add_argument("--out", required=True)
+    _add_watch_argument(s)
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")

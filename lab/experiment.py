@@ -47,6 +47,10 @@ def frames_of(runs: Sequence[RunResult]) -> dict[str, pd.DataFrame]:
     }
     if len(runs) > 1:
         frames["diff"] = tl.df_diff(timeline)
+    if any(run.accounting for run in runs):  # watches were armed
+        frames["events"] = tl.df_events(runs)
+        frames["accounting"] = tl.df_accounting(runs)
+        frames["call_paths"] = tl.df_call_paths(frames["events"])
     return frames
 
 
@@ -84,9 +88,11 @@ def provenance(scenario: Scenario, runs: Sequence[RunResult]) -> dict:
 
 
 def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
-                   progress: Callable | None = None, say=print) -> Experiment:
+                   progress: Callable | None = None, say=print,
+                   events: str | None = None) -> Experiment:
     """Validate *scenario_path* (nothing boots if it is bad), then run it on
-    each kernel in turn."""
+    each kernel in turn. *events* ("counts" or "stacks") watches every
+    watched page's folio counters (else only the entries that ask)."""
     from .session import Session
 
     scenario = load_scenario(scenario_path)
@@ -100,8 +106,10 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
     runs = []
     for name in kernel_names:
         say(f"devdax-lab: {scenario.name} on {name}: booting")
-        with Session.boot(name, dax=dax, say=say, progress=progress) as session:
-            runs.append(run_scenario(session, scenario, progress=progress))
+        wants_events = bool(events) or any(w.events for w in scenario.watch_list)
+        with Session.boot(name, dax=dax, say=say, progress=progress,
+                          events=wants_events) as session:
+            runs.append(run_scenario(session, scenario, progress=progress, events=events))
     frames = frames_of(runs)
     differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
     violations = tl.check_invariants(frames["timeline"], frames["steps"])

@@ -23,6 +23,7 @@ __all__ = [
     "plot_counts",
     "plot_device_heatmap",
     "plot_device_summary",
+    "plot_events",
     "plot_page_table",
     "pt_kind",
     "step_ticks",
@@ -513,4 +514,64 @@ def plot_device_summary(device: pd.DataFrame, steps: pd.DataFrame | None = None,
                        "mapcounts of struct pages on one kernel and not on the other?"},
         height=height, template="plotly_white", hovermode="x unified",
         legend={"title": {"text": "kernel"}}, margin={"t": 90, "b": 110})
+    return fig
+
+
+# -- events ------------------------------------------------------------------
+
+FIELD_COLORS = {"refcount": "#d62728", "mapcount": "#1f77b4", "large_mapcount": "#17becf",
+                "entire_mapcount": "#9467bd", "nr_pages_mapped": "#8c564b", "pincount": "#ff7f0e"}
+
+
+def _event_hover(r) -> str:
+    head = (f"<b>{_text(r['field'])}</b> {_text(r['old'])} → {_text(r['new'])} "
+            f"({int(r['delta']):+d})")
+    if r["kind"] == "lost":
+        return head + "<br><b>lost</b>: the watchpoints missed this change; the accounting found it"
+    lines = [head, f"by <b>{_text(r['writer'])}</b> (in {_text(r['function'])})",
+             f"{_text(r['comm'])} pid {_text(r['pid'])} on CPU {_text(r['cpu'])}, pc {_text(r['pc'])}"]
+    stack = _value(r.get("stack"))
+    if stack:
+        frames = stack.split(" < ")
+        lines.append("stack: " + "<br>  &lt; ".join(html.escape(f) for f in frames[:14]))
+    return "<br>".join(lines)
+
+
+def plot_events(events: pd.DataFrame, steps: pd.DataFrame | None = None) -> go.Figure:
+    """A waterfall of every recorded change per kernel: bars grouped under
+    their step, one trace per (folio, counter) starting at the counter's
+    value before its first event; the writer's name under each bar and the
+    whole story (function, task, stack) on hover. Lost changes (found by the
+    accounting, not by a watchpoint) are marked "lost"."""
+    kernels = _kernels(events) if len(events) else []
+    fig = make_subplots(rows=max(1, len(kernels)), cols=1, shared_xaxes=False,
+                        subplot_titles=[f"{k}: {int((events['kernel'] == k).sum())} change(s)"
+                                        for k in kernels] or ["no events"],
+                        vertical_spacing=0.18 if len(kernels) > 1 else 0.1)
+    labels = {}
+    if steps is not None and len(steps):
+        vals, texts = step_ticks(steps, steps, max_label=22)
+        labels = dict(zip(vals, texts, strict=True))
+    for row, kernel in enumerate(kernels, 1):
+        ev = events[events["kernel"] == kernel].sort_values("seq")
+        for (folio, field), g in ev.groupby(["folio_pfn", "field"], sort=False):
+            step_names = [html.unescape(labels.get(int(s), str(int(s)))) for s in g["step"]]
+            writers = [("lost" if k == "lost" else _value(w) or "?")
+                       for k, w in zip(g["kind"], g["writer"], strict=True)]
+            fig.add_trace(go.Waterfall(
+                x=[step_names, [f"#{int(q)} {w}" for q, w in zip(g["seq"], writers, strict=True)]],
+                y=_values(g["delta"]), base=int(g["old"].iloc[0]), measure=["relative"] * len(g),
+                name=f"{kernel} folio {int(folio):#x} {field}", legendgroup=field,
+                increasing={"marker": {"color": FIELD_COLORS.get(field, "#444")}},
+                decreasing={"marker": {"color": FIELD_COLORS.get(field, "#444"), "line":
+                                       {"color": "black", "width": 1}}},
+                connector={"line": {"color": "#bbb", "dash": "dot"}},
+                hovertext=[_event_hover(r) for _, r in g.iterrows()], hoverinfo="text",
+                text=writers, textposition="outside", cliponaxis=False,
+            ), row=row, col=1)
+        fig.update_yaxes(title_text="value", row=row, col=1)
+    fig.update_layout(waterfallmode="group", height=max(420, 380 * len(kernels)),
+                      margin={"t": 60, "b": 40}, hovermode="closest",
+                      legend={"orientation": "h", "y": -0.12},
+                      title="Every change of the watched counters, by step (hover for who made it)")
     return fig

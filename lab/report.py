@@ -218,11 +218,18 @@ _FIGURE_NOTES = {
     "device_summary": "Counts over every struct page of the device.",
     "device_heatmap": "Every device page near the watched ones (same color scale on every "
                       "kernel).",
+    "events": "Every write that changed a watched counter, caught by a watchpoint while the "
+              "step ran: each bar is one change, grouped under its step and named by its "
+              "writer (the first function that is not atomic/page_ref plumbing). Hover a bar "
+              "for the task, the writing function and, where asked for, the kernel stack.",
 }
 
 
-def _figures(timeline, steps, device, device_pages, complaints) -> list[tuple[str, str, go.Figure]]:
+def _figures(timeline, steps, device, device_pages, complaints,
+             events=None) -> list[tuple[str, str, go.Figure]]:
     figs = []
+    if events is not None and len(events):
+        figs.append(("events", "Who changed the counters", plots.plot_events(events, steps)))
     if len(timeline):
         figs.append(("counts", "Folio refcount and mapcount", plots.plot_counts(timeline,
                                                                                  complaints)))
@@ -234,6 +241,30 @@ def _figures(timeline, steps, device, device_pages, complaints) -> list[tuple[st
         figs.append(("device_heatmap", "Device page refcounts",
                      plots.plot_device_heatmap(device_pages, steps)))
     return figs
+
+
+def _events_section(events, accounting, call_paths) -> list[str]:
+    """Accounting verdict, call paths and every event (watches were armed)."""
+    parts = ["<h2>Events: every change of the watched counters</h2>"]
+    n = 0 if events is None else int((events["kind"] == "write").sum())
+    lost = accounting[accounting["lost"] != 0] if len(accounting) else accounting
+    if len(lost):
+        parts.append(f"<p class='bad'>Accounting: {len(lost)} counter/step pair(s) changed by more "
+                     f"than the recorded events (lost events, listed as kind \"lost\"):</p>"
+                     + _table(lost))
+    else:
+        parts.append(f"<p class='ok'>Accounting holds: for every watched counter at every step, "
+                     f"the value before the step plus the {n} recorded change(s) equals the value "
+                     f"read at the snapshot after it.</p>")
+    if call_paths is not None and len(call_paths):
+        parts.append("<h3>Call paths</h3>" + _table(call_paths))
+    if events is not None and len(events):
+        cols = [c for c in ("kernel", "step", "seq", "kind", "pages", "field", "old", "new",
+                            "delta", "writer", "function", "comm", "pid", "cpu", "source", "stack")
+                if c in events.columns]
+        parts.append(f"<details><summary>All {len(events)} events (events.parquet)</summary>"
+                     f"{_table(events[cols])}</details>")
+    return parts
 
 
 def build_report(
@@ -250,6 +281,9 @@ def build_report(
     diff: pd.DataFrame | None = None,
     differences: Sequence[str] | None = None,
     violations: Sequence = (),
+    events: pd.DataFrame | None = None,
+    accounting: pd.DataFrame | None = None,
+    call_paths: pd.DataFrame | None = None,
 ) -> Path:
     """Write ``report.html`` into *out_dir* (one file, plotly.js inline
     once, opens offline) and return its path."""
@@ -288,7 +322,9 @@ def build_report(
         parts.append("<p class='ok'>None: no kernel printed a warning, BUG, Oops or "
                      "\"Bad ...\" line.</p>")
 
-    figs = _figures(timeline, steps, device, device_pages, complaints)
+    if accounting is not None:
+        parts.extend(_events_section(events, accounting, call_paths))
+    figs = _figures(timeline, steps, device, device_pages, complaints, events)
     for i, (key, heading, fig) in enumerate(figs):
         div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config=_PLOTLY_CONFIG,
                           div_id=f"fig-{key}", default_width="100%",

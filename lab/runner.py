@@ -72,6 +72,12 @@ class RunResult:
     accel: str
     device: dict
     steps: list[StepRecord] = field(default_factory=list)
+    # with watches armed (`lab.events`): every change of a watched counter,
+    # the accounting rows of each snapshot, and what handling the hits cost
+    events: list = field(default_factory=list)
+    accounting: list[dict] = field(default_factory=list)
+    event_stats: dict = field(default_factory=dict)
+    watched_folios: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +144,26 @@ class Recorder:
                 return
         raise UserError(f"no mapping named {map_name!r}")
 
+    def arm(self, pfn: int, *, stacks: bool = False, page: tuple[str, int] | None = None) -> None:
+        """Watchpoints on the counters of the folio holding *pfn* from now on
+        (*page*: the (map, page) it is for, shown with its events)."""
+        counters = self.session.watcher.watch(pfn, stacks=stacks)
+        pages = self.result.watched_folios.setdefault(counters[0].folio_pfn, [])
+        if page is not None and page not in pages:
+            pages.append(page)
+
+    def disarm(self, pfn: int | None = None) -> None:
+        """Remove the watchpoints of the folio holding *pfn* (all with None)."""
+        if self.session._watcher is not None:
+            self.session.watcher.unwatch(pfn)
+
+    def _sync_events(self) -> None:
+        w = self.session._watcher
+        if w is None:
+            return
+        self.result.events = list(w.events)
+        self.result.event_stats = vars(w.stats).copy()
+
     def mapping(self, proc: str, name: str) -> _Mapping:
         """The live mapping *name* of process *proc* (address, length, offset)."""
         try:
@@ -150,6 +176,8 @@ class Recorder:
         (the kernel refused, a fault) is recorded with its errno, not raised."""
         started = time.monotonic()
         complaints_from = len(self.session.vm.complaints)
+        if self.session._watcher is not None:
+            self.session._watcher.step = step.index  # events during the action
         errno_, error, detail = None, None, ""
         try:
             detail = _do(self.session, self.device, self.guest, step)
@@ -163,17 +191,23 @@ class Recorder:
 
     def _snapshot(self, index, action, proc, label, detail, errno_, error, started,
                   complaints_from) -> StepRecord:
-        return _snapshot(self.session, self.device, self.guest, self.watched, step=index,
-                         action=action, proc=proc, label=label, detail=detail, errno=errno_,
-                         error=error, started=started, complaints_from=complaints_from)
+        record = _snapshot(self.session, self.device, self.guest, self.watched, step=index,
+                           action=action, proc=proc, label=label, detail=detail, errno=errno_,
+                           error=error, started=started, complaints_from=complaints_from,
+                           accounting=self.result.accounting)
+        self._sync_events()
+        return record
 
 
 def run_scenario(session: Session, scenario: Scenario, *,
-                 progress: Callable[[str, int, int | None], None] | None = None) -> RunResult:
+                 progress: Callable[[str, int, int | None], None] | None = None,
+                 events: str | None = None) -> RunResult:
     """Run every step of *scenario* in *session*'s guest, snapshot after each.
 
     An agent error on a step (an advice the kernel refuses, a fault) is
-    recorded with its errno and the run goes on.
+    recorded with its errno and the run goes on. Watched pages whose entry
+    asks for ``events`` (or all, with *events* "counts"/"stacks") get
+    watchpoints on their folio's counters after the first snapshot.
     """
     device = session.vm.device(scenario.device)
     # The watched pages are known before the run: a mapping's device offset
@@ -182,11 +216,16 @@ def run_scenario(session: Session, scenario: Scenario, *,
     watched = {(w.map, w.page): first_pfn + scenario.device_page(w.map, w.page)
                for w in scenario.watch_list}
     recorder = Recorder(session, device, scenario, watched)
+    for w in scenario.watch_list:
+        mode = events or w.events
+        if mode:
+            recorder.arm(watched[(w.map, w.page)], stacks=mode == "stacks", page=(w.map, w.page))
     for step in scenario.steps:
         if progress:
             progress(f"{scenario.name} on {session.kernel.name}: step {step.index} {step.action}",
                      step.index, len(scenario.steps))
         recorder.step(step)
+    recorder.disarm()
     return recorder.result
 
 
@@ -293,7 +332,8 @@ def _pages_text(pages) -> str:
 
 def _snapshot(session: Session, device: dict, guest: _Guest, watched: dict, *, step: int,
               action: str, proc: str | None, label: str, detail: str, errno: int | None,
-              error: str | None, started: float, complaints_from: int) -> StepRecord:
+              error: str | None, started: float, complaints_from: int,
+              accounting: list | None = None) -> StepRecord:
     prog = session.prog
     # Where each watched page is mapped, per process (pagemap asked first:
     # the agent's answer comes from the running guest).
@@ -306,6 +346,8 @@ def _snapshot(session: Session, device: dict, guest: _Guest, watched: dict, *, s
     pids = session.agent.procs()
     pages: list[PageRecord] = []
     with session.stopped():
+        if session._watcher is not None and accounting is not None:
+            accounting.extend(session._watcher.reconcile())
         first = device["start"] // PAGE
         bulk = inspect.read_pages(prog, first, device["size"] // PAGE)
         pgmap = inspect.pgmap_state(prog, inspect.find_dev_pagemap(prog, first))

@@ -146,10 +146,15 @@ class Step:
 
 @dataclass(frozen=True)
 class WatchSpec:
-    """One page to follow in every snapshot: 4K page *page* of mapping *map*."""
+    """One page to follow in every snapshot: 4K page *page* of mapping *map*;
+    with *events* ("counts" or "stacks"), also every change of its folio's
+    counters, through watchpoints (`lab.events`)."""
 
     map: str
     page: int
+    events: str | None = None
+
+EVENT_MODES = ("counts", "stacks")
 
 
 @dataclass(frozen=True)
@@ -737,7 +742,7 @@ def _watch(file: str, raw: Any, maps: Mapping[str, MapSpec]) -> tuple[WatchSpec,
         w = _Where(file, f"watch {i}")
         if not isinstance(entry, dict):
             w.fail("watch", f"must be a table {{map = ..., page = ...}}, not {_type_name(entry)}")
-        _check_keys(w, entry, ("map", "page"), ("map", "page"))
+        _check_keys(w, entry, ("map", "page", "events"), ("map", "page"))
         name = w.name("map", entry["map"])
         if name not in maps:
             known = ", ".join(f'"{m}"' for m in maps) or "none"
@@ -747,7 +752,12 @@ def _watch(file: str, raw: Any, maps: Mapping[str, MapSpec]) -> tuple[WatchSpec,
             w.fail("page", f"must be an integer, not {_type_name(page)} {_show(page)}")
         if not 0 <= page < maps[name].pages:
             w.fail("page", f'page {page} is outside mapping "{name}" ({maps[name].pages} pages)')
-        out.append(WatchSpec(name, page))
+        events = entry.get("events", False)
+        if events is True:
+            events = "counts"
+        if events is not False and events not in EVENT_MODES:
+            w.fail("events", f'must be true, false, "counts" or "stacks", not {_show(events)}')
+        out.append(WatchSpec(name, page, events or None))
     return tuple(dict.fromkeys(out))
 
 

@@ -28,6 +28,11 @@ __all__ = [
     "INVARIANTS",
     "describe_differences",
     "GUP_PIN_COUNTING_BIAS",
+    "EVENT_COLUMNS",
+    "df_events",
+    "df_accounting",
+    "df_call_paths",
+    "writer_of",
 ]
 
 # include/linux/mm.h: a FOLL_PIN on an order-0 folio adds this to _refcount.
@@ -139,6 +144,109 @@ def df_complaints(runs: Iterable[RunResult]) -> pd.DataFrame:
     rows = [{"kernel": run.kernel, "step": st.step, "action": st.action, "kind": kind, "text": text}
             for run in runs for st in run.steps for kind, text in st.complaints]
     return pd.DataFrame(rows, columns=["kernel", "step", "action", "kind", "text"])
+
+
+# -- events (watchpoints on folio counters, `lab.events`) ---------------------
+
+EVENT_COLUMNS = {
+    "kernel": "string", "seq": "Int64", "step": "Int64", "action": "string", "label": "string",
+    "kind": "string", "folio_pfn": "Int64", "pages": "string", "field": "string",
+    "old": "Int64", "new": "Int64", "delta": "Int64", "cpu": "Int64", "comm": "string",
+    "pid": "Int64", "pc": "string", "function": "string", "writer": "string",
+    "source": "string", "stack": "string", "handle_ms": "Float64",
+}
+
+# Frames that only carry a counter change out (atomics, page_ref/folio_ref
+# wrappers): the "writer" of an event is the first frame that is not one.
+_PLUMBING = ("arch_atomic", "raw_atomic", "atomic_", "atomic64_", "page_ref_", "folio_ref_",
+             "folio_get", "folio_put", "get_page", "put_page", "set_page_count",
+             "init_page_count", "set_page_refcounted", "__page_ref", "try_get_page")
+
+
+def writer_of(frames: Sequence[tuple]) -> str | None:
+    """The first frame (innermost first) that is not counter plumbing."""
+    for name, _where, _inline in frames:
+        if not name.startswith(_PLUMBING):
+            return name
+    return frames[-1][0] if frames else None
+
+
+def _frames_text(frames) -> str | None:
+    if not frames:
+        return None
+    return " < ".join(f"{n} ({w})" if w else n for n, w, _ in frames)
+
+
+def df_events(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """One row per change of a watched counter (kind "write"), or per change
+    the watchpoints missed and the accounting found (kind "lost").
+
+    ``function`` is the function holding the writing instruction (pc - 1,
+    inlining resolved), ``writer`` the first frame of the stack (or of the
+    inline chain) that is not atomic/page_ref plumbing, ``source`` the
+    inline chain with file:line, ``stack`` the drgn-unwound kernel stack
+    (innermost first; null where the watch did not ask for stacks).
+    """
+    rows = []
+    for run in runs:
+        labels = {st.step: (st.action, st.label) for st in run.steps}
+        for ev in run.events:
+            pages = run.watched_folios.get(ev.folio_pfn, [])
+            frames = ev.stack or ev.location
+            action, label = labels.get(ev.step, (None, None))
+            rows.append({
+                "kernel": run.kernel, "seq": ev.seq, "step": ev.step, "action": action,
+                "label": label, "kind": ev.kind, "folio_pfn": ev.folio_pfn,
+                "pages": ", ".join(f"{m}:{p}" for m, p in pages) or None, "field": ev.field,
+                "old": ev.old, "new": ev.new, "delta": ev.new - ev.old, "cpu": ev.cpu,
+                "comm": ev.comm, "pid": ev.pid, "pc": f"{ev.pc:#x}" if ev.pc is not None else None,
+                "function": next((n for n, _, inline in ev.location if not inline), None),
+                "writer": writer_of(frames) if frames else None,
+                "source": _frames_text(ev.location),
+                "stack": " < ".join(n for n, _, _ in ev.stack) if ev.stack else None,
+                "handle_ms": ev.seconds * 1000 if ev.kind == "write" else None,
+            })
+    return pd.DataFrame(rows, columns=list(EVENT_COLUMNS)).astype(EVENT_COLUMNS)
+
+
+def df_accounting(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """Per (kernel, step, watched counter): value at the previous snapshot
+    (``start``), sum of recorded deltas, value read at this snapshot, and
+    ``lost`` = read - start - recorded (0 when every change was caught)."""
+    cols = ["kernel", "step", "folio_pfn", "field", "start", "recorded", "read", "lost", "ok"]
+    rows = [{"kernel": run.kernel, **row, "ok": row["lost"] == 0}
+            for run in runs for row in run.accounting]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def df_call_paths(events: pd.DataFrame, depth: int = 8) -> pd.DataFrame:
+    """The distinct ways the counters changed: per (kernel, field, sign of
+    the delta, call path) the number of events, their summed delta and the
+    steps they happened in. The path is the stack (or, without one, the
+    inline chain) from the writer outwards, *depth* frames."""
+    cols = ["kernel", "field", "change", "path", "events", "total_delta", "steps"]
+    if events.empty:
+        return pd.DataFrame(columns=cols)
+    ev = events[events["kind"] == "write"].copy()
+    if ev.empty:
+        return pd.DataFrame(columns=cols)
+
+    def path(row) -> str:
+        names = (row["stack"] or "").split(" < ") if isinstance(row["stack"], str) else []
+        if not names:
+            names = [n.split(" (")[0] for n in (row["source"] or "").split(" < ") if n]
+        writer = row["writer"]
+        if writer in names:
+            names = names[names.index(writer):]
+        return " < ".join(names[:depth])
+
+    ev["path"] = ev.apply(path, axis=1)
+    ev["change"] = np.where(ev["delta"].astype("int64") > 0, "+", "-")
+    out = (ev.groupby(["kernel", "field", "change", "path"], sort=False)
+           .agg(events=("seq", "size"), total_delta=("delta", "sum"),
+                steps=("step", lambda s: ", ".join(map(str, sorted(set(s)))))).reset_index())
+    return out.sort_values(["kernel", "field", "events"], ascending=[True, True, False],
+                           ignore_index=True)[cols]
 
 
 DIFF_FIELDS = ("refcount", "mapcount", "large_mapcount", "entire_mapcount", "pincount",

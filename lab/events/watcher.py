@@ -26,7 +26,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import drgn
@@ -53,8 +53,8 @@ class Counter:
     address: int
     size: int
     stacks: bool
-    value: int  # last known value
-    start: int  # value when armed
+    value: int  # last known value (after the last event)
+    checked: int  # value at the last accounting (reconcile), or when armed
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,11 @@ class Watcher:
         rsp = self._rsp
         try:
             while self._wait_resume():
-                rsp.cont()
+                with self._lock:
+                    if self._pause_wanted:  # asked again before the guest ran
+                        self._parked.set()
+                        continue
+                    rsp.cont()  # under the lock: a \x03 can only come after it
                 while True:
                     try:
                         stop = rsp.wait_stop(timeout=0.5)
@@ -287,7 +291,7 @@ class Watcher:
                 except RspError as exc:
                     raise EventsError(str(exc)) from None
                 c = Counter(folio_pfn=head, order=order, name=name, address=address, size=size,
-                            stacks=stacks, value=value, start=value)
+                            stacks=stacks, value=value, checked=value)
                 self.counters[address] = c
                 armed.append(c)
         return armed
@@ -307,24 +311,29 @@ class Watcher:
                     self._rsp.remove_watchpoint(address, c.size)
                     del self.counters[address]
 
-    def reconcile(self) -> list[Event]:
-        """While stopped: read every watched counter and record what the
-        watchpoints missed as ``lost`` events (returned)."""
-        lost = []
+    def reconcile(self) -> list[dict]:
+        """While stopped: the accounting of every watched counter since the
+        last call. Each row: ``start`` (value then), ``recorded`` (sum of the
+        events' deltas), ``read`` (value now) and ``lost`` (read - start -
+        recorded). A non-zero ``lost`` also becomes a ``lost`` event, so what
+        the watchpoints missed is never hidden."""
+        rows: list[dict] = []
         if self._rsp is None or not self.counters:
-            return lost
+            return rows
         with self.paused():
             for c in self.counters.values():
                 now = _signed(self._rsp.read_memory(c.address, c.size))
-                if now != c.value:
-                    ev = Event(seq=len(self.events), step=self.step, kind="lost",
-                               folio_pfn=c.folio_pfn, field=c.name, old=c.value, new=now,
-                               cpu=None, comm=None, pid=None, pc=None, location=(), stack=None,
-                               seconds=0.0)
-                    self.events.append(ev)
-                    lost.append(ev)
-                    c.value = now
-        return lost
+                lost = now - c.value
+                rows.append({"step": self.step, "folio_pfn": c.folio_pfn, "field": c.name,
+                             "start": c.checked, "recorded": c.value - c.checked, "read": now,
+                             "lost": lost})
+                if lost:
+                    self.events.append(Event(
+                        seq=len(self.events), step=self.step, kind="lost", folio_pfn=c.folio_pfn,
+                        field=c.name, old=c.value, new=now, cpu=None, comm=None, pid=None, pc=None,
+                        location=(), stack=None, seconds=0.0))
+                c.value = c.checked = now
+        return rows
 
     # -- the end -------------------------------------------------------------------
     def _detach(self) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import drgn
 from drgn import Object, offsetof
-from drgn.helpers.linux.sched import cpu_curr
 
 __all__ = ["Frame", "task_on_cpu", "kernel_stack", "code_location"]
 

@@ -531,13 +531,24 @@ def test_explicit_watch():
     ('[{map = "m", page = 1}, {map = "n", page = 0}]',
      'watch 2: map: no mapping "n" (mappings: "m")'),
     ('[{map = "m"}]', "watch 1: page: missing"),
-    ('[{map = "m", page = 1, proc = "a"}]', "watch 1: proc: unknown field (allowed: map, page)"),
+    ('[{map = "m", page = 1, proc = "a"}]', "watch 1: proc: unknown field (allowed: map, page, events)"),
     ('[{map = "m", page = "1"}]', 'watch 1: page: must be an integer, not string "1"'),
     ('{map = "m", page = 1}', "watch: must be an array"),
+    ('[{map = "m", page = 1, events = "everything"}]',
+     'watch 1: events: must be true, false, "counts" or "stacks", not "everything"'),
+    ('[{map = "m", page = 1, events = 1}]', 'watch 1: events: must be true, false, "counts"'),
 ])
 def test_bad_watch(watch, expect):
     msg = error(scen(MMAP, top=f"watch = {watch}\n"))
     assert msg.startswith("scenarios/x.toml: " + expect), msg
+
+
+def test_watch_events_modes():
+    s = validate_text(scen(MMAP, top='watch = [{map = "m", page = 0, events = true}, '
+                                     '{map = "m", page = 1, events = "stacks"}, '
+                                     '{map = "m", page = 2, events = false}, {map = "m", page = 3}]\n'),
+                      "x.toml")
+    assert [w.events for w in s.watch_list] == ["counts", "stacks", None, None]
 
 
 def test_watch_after_a_step_header_belongs_to_the_step():
