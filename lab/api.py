@@ -101,13 +101,15 @@ class Lab:
 
     # -- opening -------------------------------------------------------------
     @classmethod
-    def boot(cls, kernel: str = "after", *, pud: bool = False, say=print, progress=None) -> Lab:
+    def boot(cls, kernel: str = "after", *, pud: bool = False, events: bool = False, say=print,
+             progress=None) -> Lab:
         """Boot *kernel* (``before``, ``after``...) with a 4K and a 2M device
-        (and a 1G one with *pud*) and attach drgn."""
+        (and a 1G one with *pud*) and attach drgn. With *events*, QEMU serves
+        a gdbstub so that :meth:`watch` can record every counter change."""
         from .session import Session
 
         session = Session.boot(kernel, dax=PUD_LAYOUT if pud else DEFAULT_DAX, say=say,
-                               progress=progress)
+                               progress=progress, events=events)
         return cls(session=session)
 
     @classmethod
@@ -251,6 +253,56 @@ class Lab:
                                              "advice_value": MADVISE[key],
                                              **_span(m, offset, length)}, label)
 
+    # -- events ----------------------------------------------------------------
+    def _pfn_of(self, target: Mapping | int, page: int) -> tuple[int, tuple[str, int] | None]:
+        if isinstance(target, Mapping):
+            (page,) = _pages(page, target.pages, target.name)
+            dev = self._device(target.device)
+            offset = self._recorder.mapping(target.proc, target.name).offset
+            return (dev["start"] + offset) // PAGE + page, (target.name, page)
+        return int(target), None
+
+    def watch(self, target: Mapping | int, page: int = 0, *, stacks: bool = False) -> None:
+        """From now on, record every change of the counters (refcount,
+        mapcount; large-folio mapcounts and pincount) of the folio holding
+        page *page* of mapping *target*, or PFN *target*: ``lab.events``.
+        *stacks* adds each writer's kernel stack (about 15x the cost a hit).
+        Needs ``Lab.boot(..., events=True)``."""
+        self._need_live()
+        if self._recorder is None:
+            raise UserError("map a device first: lab.mmap(\"4K\", length=\"64K\")")
+        pfn, where = self._pfn_of(target, page)
+        if where is not None:
+            self._recorder.watch(*where)  # and follow the page in the timeline
+        self._recorder.arm(pfn, stacks=stacks, page=where)
+
+    def unwatch(self, target: Mapping | int | None = None, page: int = 0) -> None:
+        """Stop recording the folio of *target* (every folio with None); the
+        guest keeps running."""
+        if self._recorder is None:
+            return
+        self._recorder.disarm(None if target is None else self._pfn_of(target, page)[0])
+
+    @property
+    def events(self) -> pd.DataFrame:
+        """Every recorded change of a watched counter: `lab.timeline.df_events`."""
+        return self.frame("events")
+
+    @property
+    def accounting(self) -> pd.DataFrame:
+        """Per step and watched counter: start + recorded deltas vs the value read."""
+        return self.frame("accounting")
+
+    def call_paths(self) -> pd.DataFrame:
+        """The distinct call paths that changed the counters, with counts."""
+        return self.frame("call_paths")
+
+    def plot_events(self):
+        """A waterfall of every recorded change, by step, with the writers."""
+        from .plots import plot_events
+
+        return plot_events(self.events, self.steps)
+
     def snapshot(self, label: str = "snapshot"):
         """A snapshot with no action."""
         return self._run("snapshot", None, {}, label)
@@ -276,10 +328,15 @@ class Lab:
             return self._frames.get(name, pd.DataFrame())
         runs = self._runs()
         builders = {"timeline": tl.df_timeline, "steps": tl.df_steps, "device": tl.df_device,
-                    "device_pages": tl.df_device_pages, "complaints": tl.df_complaints}
+                    "device_pages": tl.df_device_pages, "complaints": tl.df_complaints,
+                    "events": tl.df_events, "accounting": tl.df_accounting,
+                    "call_paths": lambda r: tl.df_call_paths(tl.df_events(r))}
         if name not in builders:
             raise UserError(f"no frame {name!r} (have: {', '.join(builders)})")
-        return builders[name](runs) if runs else pd.DataFrame(columns=list(tl.TIMELINE_COLUMNS))
+        if not runs:
+            empty = {"events": tl.EVENT_COLUMNS, "accounting": tl.df_accounting([]).columns}
+            return pd.DataFrame(columns=list(empty.get(name, tl.TIMELINE_COLUMNS)))
+        return builders[name](runs)
 
     @property
     def timeline(self) -> pd.DataFrame:
@@ -317,14 +374,19 @@ class Lab:
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        frames = {n: self.frame(n) for n in ("timeline", "steps", "device", "device_pages", "complaints")}
+        names = ["timeline", "steps", "device", "device_pages", "complaints"]
+        if any(r.accounting for r in self._runs()):
+            names += ["events", "accounting", "call_paths"]
+        frames = {n: self.frame(n) for n in names}
         meta = {"kernels": {self.kernel: {"release": self.release}},
                 "scenario": {"name": "notebook session", "text": ""}, **self.meta}
         report.write_outputs(out, frames, meta)
         return report.build_report(out, title=f"notebook session on {self.kernel}", scenario_text="",
                                    meta=meta, timeline=frames["timeline"], steps=frames["steps"],
                                    device=frames["device"], device_pages=frames["device_pages"],
-                                   complaints=frames["complaints"])
+                                   complaints=frames["complaints"], events=frames.get("events"),
+                                   accounting=frames.get("accounting"),
+                                   call_paths=frames.get("call_paths"))
 
     @property
     def mappings(self) -> dict[str, Mapping]:
