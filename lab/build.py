@@ -287,7 +287,8 @@ def _git(tree: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
-        raise UserError(f"`git {' '.join(args)}` in {tree} failed: {proc.stderr.strip()[-400:]}")
+        why = (proc.stderr.strip() or proc.stdout.strip())[-400:]
+        raise UserError(f"`git {' '.join(args)}` in {tree} failed: {why}")
     return proc
 
 
@@ -385,7 +386,8 @@ def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pat
             # Fast loose objects (a repository made once, read by checkouts).
             fast = ("-c", "core.looseCompression=1", "-c", "gc.auto=0")
             _git(tmp, "init", "--quiet")
-            _git(tmp, *fast, "add", "--all")
+            # --force: Debian's top-level .gitignore ignores everything (/*)
+            _git(tmp, *fast, "add", "--all", "--force")
             _git(tmp, *fast, "commit", "--quiet", "--no-verify", "-m", plain.name)
         say(f"made {final} in {time.monotonic() - started:.0f} s")
     return final
