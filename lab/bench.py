@@ -143,9 +143,11 @@ def bench_compare(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
 
 def bench_build(runs: int = 3) -> int:
     """Building Debian's linux-source-6.12 with the lab's configuration: cold
-    (empty object directory, ccache bypassed), warm (ccache, after `make
-    clean`), one touched file (mm/memremap.c), and QEMU start to ready of the
-    result (median of *runs*). Uses its own object directory."""
+    (empty object directory, ccache bypassed: every object compiled and
+    stored), warm (ccache, after `make clean`), one touched file
+    (mm/memremap.c), and QEMU start to ready of the result (median of
+    *runs*). Uses its own object directory; prints the machine's load average
+    around the cold build, which other work on the machine slows down."""
     import os
     import shutil
 
@@ -165,9 +167,12 @@ def bench_build(runs: int = 3) -> int:
     t = time.monotonic()
     build.configure(tree, obj, log, say=quiet)
     configured = time.monotonic() - t
+    load = os.getloadavg()[0]
     cold = build.make(tree, obj, ["bzImage"], log, say=quiet, env={"CCACHE_RECACHE": "1"})
+    objects = sum(1 for _ in obj.rglob("*.o"))
     print(f"  configure (tinyconfig + fragment) {configured:.1f} s")
-    print(f"  cold build          {cold:7.1f} s  (target 300 s: {cold / 300:.2f}x of target)")
+    print(f"  cold build          {cold:7.1f} s  (target 300 s: {cold / 300:.2f}x of target); "
+          f"{objects} objects; load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     build.make(tree, obj, ["clean"], log, say=quiet)
     warm = build.make(tree, obj, ["bzImage"], log, say=quiet)
     print(f"  warm (ccache) build {warm:7.1f} s  (target 30 s: {warm / 30:.2f}x of target)")

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -240,6 +241,8 @@ _FAILURE = re.compile(r"^(error: .*|can't find file to patch.*|No file to patch.
                       r"patch: \*\*\*\* .*|Reversed \(or previously applied\) patch detected.*)$")
 _PATCHING = re.compile(r"^(?:patching|checking) file (.+)$")
 _HUNK_FAILED = re.compile(r"^Hunk #\d+ FAILED.*$")
+# what git says when its 3-way fallback cannot help, before saying why
+_NOISE = re.compile(r"lacks the necessary blob|could not build fake ancestor")
 
 
 def patch_failure(output: str) -> str:
@@ -254,7 +257,7 @@ def patch_failure(output: str) -> str:
             current = m[1].strip("'")
         elif _HUNK_FAILED.match(line):
             picked.append(f"{current}: {line}" if current else line)
-        elif _FAILURE.match(line):
+        elif _FAILURE.match(line) and not _NOISE.search(line):
             picked.append(line)
     text = "; ".join(dict.fromkeys(picked)) or (lines[-1] if lines else "no output")
     return text if len(text) <= 300 else text[:297] + "..."
@@ -283,6 +286,8 @@ def _git(tree: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     cmd = [
         "git", "-C", str(tree),
         "-c", "user.name=devdax-lab", "-c", "user.email=devdax-lab@localhost",
+        # no automatic gc of the user's repository after our commits (git am)
+        "-c", "gc.auto=0",
         *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -383,9 +388,11 @@ def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pat
             if subprocess.run(["cp", "-al", f"{plain}/.", str(tmp)], check=False,
                               capture_output=True).returncode != 0:
                 subprocess.run(["cp", "-a", f"{plain}/.", str(tmp)], check=True)
-            # Fast loose objects (a repository made once, read by checkouts).
-            fast = ("-c", "core.looseCompression=1", "-c", "gc.auto=0")
+            # Fast loose objects (a repository made once, read by checkouts),
+            # never repacked behind a build's back.
+            fast = ("-c", "core.looseCompression=1")
             _git(tmp, "init", "--quiet")
+            _git(tmp, "config", "gc.auto", "0")
             # --force: Debian's top-level .gitignore ignores everything (/*)
             _git(tmp, *fast, "add", "--all", "--force")
             _git(tmp, *fast, "commit", "--quiet", "--no-verify", "-m", plain.name)
@@ -560,7 +567,27 @@ def _remove_worktree(tree: Path, src: Path) -> None:
         _git(tree, "worktree", "prune", check=False)  # only stale entries: src is gone
 
 
+def _check_patches(tree: Path, commit: str, patches: Sequence[Path]) -> None:
+    """Apply *patches* in order to *commit* in a temporary index (``git apply
+    --cached --3way``; only objects are written), so that a patch that does
+    not apply is found before the worktree is touched (deleting a worktree of
+    ~80k files takes minutes on a disk mounted with ``discard``).
+
+    :raises UserError: naming the first patch that does not apply, and why."""
+    with tempfile.TemporaryDirectory(prefix="devdax-lab-index-") as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        base = ["git", "-C", str(tree), "-c", "gc.auto=0"]
+        subprocess.run([*base, "read-tree", commit], env=env, check=True, capture_output=True)
+        for p in patches:
+            proc = subprocess.run([*base, "apply", "--cached", "--3way", str(p)], env=env,
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise UserError(f"patch {p} does not apply to {commit[:12]} of {tree}: "
+                                f"{patch_failure(proc.stdout + proc.stderr)}")
+
+
 def _git_source(tree: Path, commit: str, patches: Sequence[Path], src: Path, say: Say) -> None:
+    _check_patches(tree, commit, patches)
     if _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip():
         say(f"note: {tree} has uncommitted changes; building its HEAD {commit[:12]} "
             "(commit them or pass them with --patch)")
@@ -582,8 +609,8 @@ def _git_source(tree: Path, commit: str, patches: Sequence[Path], src: Path, say
             if proc.returncode == 0:
                 proc = _git(src, "commit", "--quiet", "-m", f"devdax-lab: {p.name}", check=False)
         if proc.returncode != 0:
-            # git am --3way says why it could not merge, not why the patch
-            # does not apply: git apply --check does.
+            # Rare after _check_patches. git am --3way says why it could not
+            # merge, not why the patch does not apply: git apply --check does.
             why = _git(src, "apply", "--check", str(p), check=False)
             output = why.stdout + why.stderr if why.returncode else proc.stdout + proc.stderr
             _git(src, "am", "--abort", check=False)

@@ -301,6 +301,11 @@ def test_patch_failure_is_one_line():
         "error: nothere.c: No such file or directory")
     assert build.patch_failure("error: patch failed: f.c:1\nerror: f.c: patch does not apply\n"
                                ) == "error: patch failed: f.c:1; error: f.c: patch does not apply"
+    assert build.patch_failure(  # git apply --cached --3way, which checks first
+        "error: repository lacks the necessary blob to perform 3-way merge.\n"
+        "Falling back to direct application...\nerror: patch failed: f.c:1\n"
+        "error: f.c: patch does not apply\n") == (
+        "error: patch failed: f.c:1; error: f.c: patch does not apply")
     # patch -p1 --batch
     out = ("patching file f.c\nHunk #1 FAILED at 1.\n"
            "1 out of 1 hunk FAILED -- saving rejects to file f.c.rej\n")
