@@ -653,7 +653,8 @@ def prepare_nvdimms(kernel: KernelArtifacts, initrd: Path, dax: Sequence[DaxSpec
 
 def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
          ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
-         progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None) -> Vm:
+         progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None,
+         cpus: int = 2) -> Vm:
     """Resolve *kernel*, build its image, boot it and wait until it is ready.
 
     The returned :class:`Vm` is running; use it as a context manager (or call
@@ -673,7 +674,7 @@ def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
             copy_sparse(src, dst)
             copies.append(dst)
         spec = VmSpec(kernel=artifacts, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
-                      dax=tuple(dax), accel=accel, gdbstub=gdbstub,
+                      dax=tuple(dax), accel=accel, gdbstub=gdbstub, cpus=cpus,
                       cmdline_extra=tuple(cmdline_extra), **fast_boot(artifacts))
     except BaseException:
         shutil.rmtree(run, ignore_errors=True)

@@ -55,6 +55,7 @@ class Counter:
     stacks: bool
     value: int  # last known value (after the last event)
     checked: int  # value at the last accounting (reconcile), or when armed
+    recorded: int = 0  # sum of write events' deltas since then
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,18 @@ class Watcher:
         changed = []
         for c in group:
             new = _signed(raw[c.address - lo:c.address - lo + c.size])
-            if new != c.value:
+            if new == c.value:
+                continue
+            if c is hit:
                 changed.append((c, c.value, new))
-                c.value = new
+                c.recorded += new - c.value
+            else:
+                # Not this watchpoint's counter: an earlier write whose own hit
+                # was not reported (QEMU reports one watchpoint per stop). Who
+                # made it is unknown: it is recorded as lost, not given this
+                # writer's name.
+                self._lost(c, new)
+            c.value = new
         if not changed:
             self.stats.silent_writes += 1
             self.stats.handling_seconds += time.perf_counter() - t0
@@ -323,17 +333,20 @@ class Watcher:
         with self.paused():
             for c in self.counters.values():
                 now = _signed(self._rsp.read_memory(c.address, c.size))
-                lost = now - c.value
                 rows.append({"step": self.step, "folio_pfn": c.folio_pfn, "field": c.name,
-                             "start": c.checked, "recorded": c.value - c.checked, "read": now,
-                             "lost": lost})
-                if lost:
-                    self.events.append(Event(
-                        seq=len(self.events), step=self.step, kind="lost", folio_pfn=c.folio_pfn,
-                        field=c.name, old=c.value, new=now, cpu=None, comm=None, pid=None, pc=None,
-                        location=(), stack=None, seconds=0.0))
+                             "start": c.checked, "recorded": c.recorded, "read": now,
+                             "lost": now - c.checked - c.recorded})
+                if now != c.value:  # a change no hit reported, found only now
+                    self._lost(c, now)
                 c.value = c.checked = now
+                c.recorded = 0
         return rows
+
+    def _lost(self, c: Counter, now: int) -> None:
+        self.events.append(Event(
+            seq=len(self.events), step=self.step, kind="lost", folio_pfn=c.folio_pfn,
+            field=c.name, old=c.value, new=now, cpu=None, comm=None, pid=None, pc=None,
+            location=(), stack=None, seconds=0.0))
 
     # -- the end -------------------------------------------------------------------
     def _detach(self) -> None:

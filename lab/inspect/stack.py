@@ -88,11 +88,14 @@ def code_location(prog: drgn.Program, pc: int) -> tuple[Frame, ...]:
     return tuple(out)
 
 
+_TOP_DIRS = ("arch", "block", "drivers", "fs", "include", "init", "io_uring", "ipc", "kernel",
+             "lib", "mm", "net")
+
+
 def _short(path: str) -> str:
-    """A kernel source path relative to the tree (DWARF may hold build paths)."""
-    for marker in ("/mm/", "/drivers/", "/include/", "/arch/", "/kernel/", "/fs/", "/lib/", "/block/",
-                   "/io_uring/", "/ipc/", "/init/", "/net/"):
-        i = path.find(marker)
-        if i >= 0:
-            return path[i + 1:]
+    """A kernel source path from the tree's top (DWARF may hold build paths)."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if part in _TOP_DIRS and i + 1 < len(parts):
+            return "/".join(parts[i:])
     return path

@@ -112,7 +112,7 @@ def _qemu_of(owner_pid: int) -> list[int]:
 def test_notebooks_are_found():
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["00-quickstart", "01-before-vs-after", "02-huge-pages", "03-gup-pinning",
-                     "04-bug-writeup", "05-onboarding-tour"]
+                     "04-bug-writeup", "05-onboarding-tour", "06-who-took-the-reference"]
 
 
 @pytest.mark.parametrize("source", [p for p in NOTEBOOKS if p.stem != "04-bug-writeup"],
