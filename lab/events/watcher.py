@@ -39,6 +39,9 @@ from .rsp import GdbRemote, RspError, RspTimeout, StopReply
 __all__ = ["Counter", "Event", "EventsError", "Watcher"]
 
 
+RIP = 16  # gdb's x86-64 register number of rip
+
+
 class EventsError(RuntimeError):
     """The gdbstub did not answer or refused; the guest was left running."""
 
@@ -119,6 +122,8 @@ class Watcher:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._paused_depth = 0
+        self._locations: dict[int, tuple[Frame, ...]] = {}  # pc -> code_location(pc - 1)
+        self._p_works = True  # the stub answers 'p' (one register)
 
     # -- connection ------------------------------------------------------------
     @property
@@ -236,8 +241,17 @@ class Watcher:
         hit = self.counters.get(stop.watch)
         if hit is None:
             return
-        regs = rsp.read_registers()
-        pc = regs["rip"]
+        wants_stack = any(c.stacks for c in self.counters.values() if c.folio_pfn == hit.folio_pfn)
+        # all registers only to unwind a stack; else just rip (a short reply)
+        pc = None
+        regs = rsp.read_registers() if wants_stack or not self._p_works else None
+        if regs is None:
+            pc = rsp.read_register(RIP)
+            if pc is None:
+                self._p_works = False
+        if pc is None:
+            regs = regs or rsp.read_registers()
+            pc = regs["rip"]
         # Every counter of the hit's folio is read again: one write can cover
         # two counters (a struct page initialised as a whole), and a
         # watchpoint reports only the first it matches.
@@ -265,9 +279,11 @@ class Watcher:
             self.stats.handling_seconds += time.perf_counter() - t0
             return
         comm, pid = task_on_cpu(self.prog, stop.cpu or 0)
-        location = code_location(self.prog, pc - 1)
+        location = self._locations.get(pc)
+        if location is None:  # the same few writers hit again and again
+            location = self._locations[pc] = code_location(self.prog, pc - 1)
         stack = None
-        if any(c.stacks for c, _, _ in changed):
+        if regs is not None and any(c.stacks for c, _, _ in changed):
             t1 = time.perf_counter()
             stack = kernel_stack(self.prog, regs, pc - 1)
             self.stats.stack_seconds += time.perf_counter() - t1
