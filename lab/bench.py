@@ -7,6 +7,9 @@ that docs/BENCHMARKS.md records.
   through drgn objects against one bulk read decoded with numpy.
 - ``compare``: a whole `compare` of a scenario (boots included) and the
   latency of one step.
+- ``events``: watchpoints: cost per hit with and without a stack, the cost
+  to code that touches no watched memory (during and after), and a
+  scenario's steps with watches off, counting and unwinding.
 """
 
 from __future__ import annotations
@@ -207,6 +210,89 @@ def dtype_size(prog) -> int:
     return drgn.sizeof(prog.type("struct page"))
 
 
+def _cycle_times(agent, addr: int, pages: int, reps: int) -> list[float]:
+    """Seconds per cycle of: write-fault *pages* 4K pages at *addr*, then
+    MADV_DONTNEED them (every page mapped and unmapped once)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        agent.touch("a", [addr + i * 4096 for i in range(pages)], write=True)
+        agent.madvise("a", addr, pages * 4096, 4)  # MADV_DONTNEED
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_events(kernel_name: str, runs: int, scenario: str = "scenarios/fork-share.toml") -> int:
+    """Watchpoints: the cost of a hit with and without a stack, the cost to
+    code that touches no watched memory, whether it lasts after the
+    watchpoints are gone, and a scenario with and without watches."""
+    import os
+
+    from .runner import run_scenario
+    from .scenario import load_scenario
+    from .session import Session
+
+    pages, reps, cycles = 64, max(20, runs * 8), 20
+    load = os.getloadavg()[0]
+    print(f"events: {kernel_name}, TCG, 1 vCPU, {pages}-page cycles (write-fault + DONTNEED), "
+          f"load average {load:.1f}")
+    with Session.boot(kernel_name, events=True, say=lambda *_: None) as s:
+        a, dev, w = s.agent, s.vm.device(4096), s.watcher
+        watched = a.mmap("a", dev["name"], pages * 4096, offset=0)
+        other = a.mmap("a", dev["name"], pages * 4096, offset=64 << 20)  # other vmemmap pages
+        first = dev["start"] // 4096
+
+        def other_ms() -> tuple[float, float]:
+            ts = _cycle_times(a, other, pages, reps)
+            return min(ts) * 1e3, statistics.median(ts) * 1e3
+
+        rows = [("no watchpoints", *other_ms())]
+        w.watch(first)
+        rows.append(("2 watchpoints (one folio)", *other_ms()))
+        for i in range(1, pages):
+            w.watch(first + i)
+        rows.append((f"{len(w.counters)} watchpoints ({pages} folios)", *other_ms()))
+        base = min(_cycle_times(a, watched, pages, 1) + [rows[0][1] / 1e3])
+
+        def hits(n: int) -> tuple[int, float, float]:
+            h0, s0, t = w.stats.hits, w.stats.handling_seconds, time.perf_counter()
+            for _ in range(n):
+                _cycle_times(a, watched, pages, 1)
+            wall, n_hits = time.perf_counter() - t, w.stats.hits - h0
+            return n_hits, (wall - n * base) / n_hits * 1e3, (w.stats.handling_seconds - s0) / n_hits * 1e3
+
+        n, wall, handling = hits(cycles)
+        print(f"  hit without stack: {wall:.3f} ms wall, {handling:.3f} ms handling on the host "
+              f"({n} hits)")
+        for i in range(pages):
+            w.watch(first + i, stacks=True)
+        n2, wall2, handling2 = hits(3)
+        print(f"  hit with stack:    {wall2:.3f} ms wall, {handling2:.3f} ms handling "
+              f"({n2} hits; {wall2 / wall:.1f}x)")
+        with s.stopped():
+            lost = sum(r["lost"] != 0 for r in w.reconcile())
+        print(f"  {len(w.events)} events, accounting: {lost} counter(s) with lost changes")
+        w.unwatch()
+        rows.append((f"all removed, after {w.stats.hits} hits", *other_ms()))
+        time.sleep(5)
+        rows.append(("5 s later", *other_ms()))
+        print("  code that touches no watched memory (ms per cycle, min / median):")
+        for label, lo, med in rows:
+            print(f"    {label:34s} {lo:6.2f} / {med:6.2f}   ({lo / rows[0][1]:.2f}x / "
+                  f"{med / rows[0][2]:.2f}x)")
+    sc = load_scenario(scenario)
+    for mode in (None, "counts", "stacks"):
+        times = []
+        for _ in range(max(1, runs)):
+            with Session.boot(kernel_name, events=bool(mode), say=lambda *_: None) as s:
+                t = time.perf_counter()
+                result = run_scenario(s, sc, events=mode)
+                times.append(time.perf_counter() - t)
+        print(f"  {sc.name} steps, watches {mode or 'off'}: {statistics.median(times):.2f} s "
+              f"median of {len(times)} ({len(result.events)} events)")
+    return 0
+
+
 def main(args) -> int:
     if args.what == "boot":
         return bench_boot(args.kernels.split(","), args.runs)
@@ -216,4 +302,6 @@ def main(args) -> int:
         return bench_compare(args.scenario, args.kernels.split(","), args.runs)
     if args.what == "build":
         return bench_build(min(args.runs, 3))
+    if args.what == "events":
+        return bench_events(args.kernels.split(",")[-1], args.runs)
     raise AssertionError(args.what)

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_notebook)
 
     s = sub.add_parser("bench", help="benchmarks: boot, snapshot (bulk vs per-page), compare")
-    s.add_argument("what", choices=["boot", "snapshot", "compare", "build"])
+    s.add_argument("what", choices=["boot", "snapshot", "compare", "build", "events"])
     s.add_argument("--scenario", default="scenarios/fork-share.toml", help="for compare")
     s.add_argument("--kernels", default="before,after", help="comma list (snapshot uses the first)")
     s.add_argument("--runs", type=int, default=5)
