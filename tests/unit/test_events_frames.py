@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from lab import timeline as tl
@@ -124,3 +125,23 @@ def test_a_gdbstub_that_does_not_answer_is_an_error_not_a_hang(tmp_path):
             pass
     assert time.monotonic() - t < 3 and not w.connected
     server.close()
+
+
+def test_report_has_the_events_section(runs, events, tmp_path):
+    from lab import report
+
+    gold = Path(__file__).resolve().parents[1] / "golden" / "timeline" / "compare-fork-share"
+    f = {n: pd.read_parquet(gold / f"{n}.parquet")
+         for n in ("timeline", "steps", "device", "device_pages", "complaints")}
+    acc, paths = tl.df_accounting(runs), tl.df_call_paths(events)
+    path = report.build_report(tmp_path, title="fork-share", scenario_text="", meta={}, **f,
+                               events=events, accounting=acc, call_paths=paths)
+    html = path.read_text()
+    assert "Accounting holds" in html and "the 28 recorded change(s)" in html
+    assert "fig-events" in html and "folios_put_refs &lt; free_pages_and_swap_cache" in html
+    assert html.count("<script type=\"text/javascript\">") <= 2  # plotly.js inline once
+    # a counter that moved more than its events: the verdict says so and lists it
+    acc.loc[acc.index[-1], "lost"] = -1
+    html = report.build_report(tmp_path, title="x", scenario_text="", meta={}, **f,
+                               events=events, accounting=acc, call_paths=paths).read_text()
+    assert "Accounting: 1 counter/step pair(s) changed by more than the recorded events" in html
