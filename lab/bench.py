@@ -232,7 +232,7 @@ def bench_events(kernel_name: str, runs: int, scenario: str = "scenarios/fork-sh
     from .scenario import load_scenario
     from .session import Session
 
-    pages, reps, cycles = 64, max(20, runs * 8), 20
+    pages, reps, cycles = 64, 40, 20 * max(1, runs)
     load = os.getloadavg()[0]
     print(f"events: {kernel_name}, TCG, 1 vCPU, {pages}-page cycles (write-fault + DONTNEED), "
           f"load average {load:.1f}")
