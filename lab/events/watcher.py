@@ -34,6 +34,7 @@ import drgn
 from .. import inspect
 from ..inspect.stack import Frame, code_location, kernel_stack, task_on_cpu
 from ..model import UserError
+from ..vm import VmError
 from .rsp import GdbRemote, RspError, RspTimeout, StopReply
 
 __all__ = ["Counter", "Event", "EventsError", "Watcher"]
@@ -42,8 +43,9 @@ __all__ = ["Counter", "Event", "EventsError", "Watcher"]
 RIP = 16  # gdb's x86-64 register number of rip
 
 
-class EventsError(RuntimeError):
-    """The gdbstub did not answer or refused; the guest was left running."""
+class EventsError(VmError):
+    """The gdbstub did not answer, refused, or the hit thread failed; the
+    watches are gone and the guest was left running."""
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Watcher:
         self._paused_depth = 0
         self._locations: dict[int, tuple[Frame, ...]] = {}  # pc -> code_location(pc - 1)
         self._p_works = True  # the stub answers 'p' (one register)
+        self._released = False  # the hit thread already sent D (after an error)
 
     # -- connection ------------------------------------------------------------
     @property
@@ -170,13 +173,16 @@ class Watcher:
         self._paused_depth += 1
         if self._paused_depth > 1:
             return
-        with self._lock:
+        with self._lock:  # the hit thread's D after an error takes it too
             self._pause_wanted = True
-            self._rsp.interrupt()
-        if not self._parked.wait(self.timeout):
+            if not self._released:
+                self._rsp.interrupt()
+        if not self._parked.wait(self.timeout) or self.error:
             self._paused_depth = 0
             reason = self.error or f"no stop reply within {self.timeout:.0f} s"
-            raise EventsError(f"the gdbstub did not stop the guest ({reason})")
+            self._detach()
+            raise EventsError(f"watching stopped: {reason}; the watches are removed and "
+                              f"the guest runs (events so far are kept)")
         self.stats.pauses += 1
 
     def _unpause(self) -> None:
@@ -206,6 +212,8 @@ class Watcher:
                     try:
                         stop = rsp.wait_stop(timeout=0.5)
                     except RspTimeout:
+                        if self._closing:
+                            return
                         continue
                     if stop.exited:
                         self.error = "the guest exited"
@@ -224,8 +232,10 @@ class Watcher:
             self.error = f"{type(exc).__name__}: {exc}"
             # Let go of the stub so no watchpoint can stop the guest again
             # with nobody to continue it (D removes them all and continues).
-            with contextlib.suppress(Exception):
-                rsp.detach()
+            with self._lock:
+                with contextlib.suppress(Exception):
+                    rsp.detach()
+                self._released = True  # whatever D did, no second one: the guest may run
             self._parked.set()
 
     def _wait_resume(self) -> bool:
@@ -366,17 +376,24 @@ class Watcher:
 
     # -- the end -------------------------------------------------------------------
     def _detach(self) -> None:
-        """Let go of the stub: ``D`` removes every watchpoint and continues."""
+        """Let go of the stub: ``D`` removes every watchpoint and continues.
+        A guest that may be running is stopped first (a running QEMU takes
+        any byte for an interrupt, so the ``D`` would be lost)."""
         rsp, self._rsp = self._rsp, None
         self._closing = True
         self._resume.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout)
             self._thread = None
-        if rsp is not None:
+        if rsp is not None and not self._released:
             with contextlib.suppress(RspError):
+                if not self._parked.is_set():
+                    rsp.interrupt()
+                    rsp.wait_stop(timeout=self.timeout)
                 rsp.detach()
+        if rsp is not None:
             rsp.close()
+        self._released = False
         self.counters.clear()
         self._closing = False
         self._pause_wanted = False

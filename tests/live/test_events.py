@@ -138,3 +138,23 @@ def test_session_close_with_watches_armed_leaves_nothing_behind():
     with pytest.raises(ProcessLookupError):
         import os
         os.kill(pid, 0)
+
+
+def test_a_failure_in_the_hit_thread_leaves_the_guest_running():
+    from lab.events import EventsError
+
+    with Session.boot("after", events=True, say=lambda *_: None) as s:
+        dev = s.vm.device(4096)
+        first = dev["start"] >> 12
+        s.watcher.watch(first)
+        s.watcher.prog = None  # the next hit's task lookup fails in the hit thread
+        addr = s.agent.mmap("a", dev["name"], 4 * 4096)
+        s.agent.touch("a", [addr], write=True)  # returns: the thread let the guest go
+        with pytest.raises(EventsError, match="watching stopped: AttributeError"):
+            with s.stopped():
+                pass
+        assert not s.watcher.connected
+        assert s.vm.qmp.cmd("query-status")["status"] == "running"
+        s.agent.touch("a", [addr + 4096], write=True)
+        snap = s.snapshot([first + 1], devices=False)  # through QMP again
+        assert snap.stopped and snap.folios[0].refcount == 2
