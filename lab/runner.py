@@ -154,11 +154,11 @@ class Recorder:
 
     def disarm(self, pfn: int | None = None) -> None:
         """Remove the watchpoints of the folio holding *pfn* (all with None)."""
-        if self.session._watcher is not None:
+        if self.session.armed_watcher is not None:
             self.session.watcher.unwatch(pfn)
 
     def _sync_events(self) -> None:
-        w = self.session._watcher
+        w = self.session.armed_watcher
         if w is None:
             return
         self.result.events = list(w.events)
@@ -176,8 +176,8 @@ class Recorder:
         (the kernel refused, a fault) is recorded with its errno, not raised."""
         started = time.monotonic()
         complaints_from = len(self.session.vm.complaints)
-        if self.session._watcher is not None:
-            self.session._watcher.step = step.index  # events during the action
+        if self.session.armed_watcher is not None:
+            self.session.armed_watcher.step = step.index  # events during the action
         errno_, error, detail = None, None, ""
         try:
             detail = _do(self.session, self.device, self.guest, step)
@@ -346,8 +346,8 @@ def _snapshot(session: Session, device: dict, guest: _Guest, watched: dict, *, s
     pids = session.agent.procs()
     pages: list[PageRecord] = []
     with session.stopped():
-        if session._watcher is not None and accounting is not None:
-            accounting.extend(session._watcher.reconcile())
+        if session.armed_watcher is not None and accounting is not None:
+            accounting.extend(session.armed_watcher.reconcile())
         first = device["start"] // PAGE
         bulk = inspect.read_pages(prog, first, device["size"] // PAGE)
         pgmap = inspect.pgmap_state(prog, inspect.find_dev_pagemap(prog, first))

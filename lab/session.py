@@ -63,8 +63,7 @@ class Session:
         """Boot *kernel*, wait until its devices are ready and attach drgn.
         With *events*, QEMU also serves a gdbstub for :attr:`watcher`, and
         the guest gets one CPU: QEMU reports one watchpoint per stop, so two
-        CPUs hitting at once lose one hit (seen with two: about one run in
-        six of fork-share had a lost change; none in eight with one)."""
+        CPUs hitting at once lose one hit (BENCHMARKS.md, "Events")."""
         from . import kernels
 
         artifacts = kernel if isinstance(kernel, KernelArtifacts) else kernels.resolve(
@@ -97,6 +96,11 @@ class Session:
     @property
     def events_enabled(self) -> bool:
         return self.vm.spec.gdbstub
+
+    @property
+    def armed_watcher(self):
+        """The watcher if one was made (watches asked for), else None."""
+        return self._watcher
 
     @property
     def watcher(self):
