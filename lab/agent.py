@@ -381,6 +381,11 @@ class AgentClient:
         # continuation and the console prints it only with the next message.
         return int(self.request("kmsg", text=text if text.endswith("\n") else text + "\n")["bytes"])
 
+    def sysfs(self, path: str, text: str) -> int:
+        """Write *text* to the file *path* under /sys in the guest (unbind a
+        device, say). Returns the bytes written."""
+        return int(self.request("sysfs", path=path, text=text)["bytes"])
+
     def poweroff(self) -> None:
         """Ask the guest to power off (refused with EPERM unless the agent is
         PID 1 or runs with --allow-poweroff).  The connection closes afterwards."""

@@ -524,6 +524,9 @@ FIELD_COLORS = {"refcount": "#d62728", "mapcount": "#1f77b4", "large_mapcount": 
 
 
 def _event_hover(r) -> str:
+    if r["kind"] == "gone":
+        return (f"<b>{_text(r['field'])}</b> was {_text(r['old'])}; <b>gone</b>: its struct page "
+                f"was removed while watched (the device's memmap went away)")
     head = (f"<b>{_text(r['field'])}</b> {_text(r['old'])} → {_text(r['new'])} "
             f"({int(r['delta']):+d})")
     if r["kind"] == "lost":
@@ -556,7 +559,7 @@ def plot_events(events: pd.DataFrame, steps: pd.DataFrame | None = None) -> go.F
         ev = events[events["kernel"] == kernel].sort_values("seq")
         for (folio, field), g in ev.groupby(["folio_pfn", "field"], sort=False):
             step_names = [html.unescape(labels.get(int(s), str(int(s)))) for s in g["step"]]
-            writers = [("lost" if k == "lost" else _value(w) or "?")
+            writers = [(k if k in ("lost", "gone") else _value(w) or "?")
                        for k, w in zip(g["kind"], g["writer"], strict=True)]
             fig.add_trace(go.Waterfall(
                 x=[step_names, [f"#{int(q)} {w}" for q, w in zip(g["seq"], writers, strict=True)]],

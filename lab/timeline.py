@@ -178,8 +178,9 @@ def _frames_text(frames) -> str | None:
 
 
 def df_events(runs: Iterable[RunResult]) -> pd.DataFrame:
-    """One row per change of a watched counter (kind "write"), or per change
-    the watchpoints missed and the accounting found (kind "lost").
+    """One row per change of a watched counter (kind "write"), per change
+    the watchpoints missed and the accounting found (kind "lost"), or per
+    counter whose struct page was removed while watched (kind "gone").
 
     ``function`` is the function holding the writing instruction (pc - 1,
     inlining resolved), ``writer`` the first frame of the stack (or of the
@@ -198,7 +199,7 @@ def df_events(runs: Iterable[RunResult]) -> pd.DataFrame:
                 "kernel": run.kernel, "seq": ev.seq, "step": ev.step, "action": action,
                 "label": label, "kind": ev.kind, "folio_pfn": ev.folio_pfn,
                 "pages": ", ".join(f"{m}:{p}" for m, p in pages) or None, "field": ev.field,
-                "old": ev.old, "new": ev.new, "delta": ev.new - ev.old, "cpu": ev.cpu,
+                "old": ev.old, "new": ev.new, "delta": ev.delta, "cpu": ev.cpu,
                 "comm": ev.comm, "pid": ev.pid, "pc": f"{ev.pc:#x}" if ev.pc is not None else None,
                 "function": next((n for n, _, inline in ev.location if not inline), None),
                 "writer": writer_of(frames) if frames else None,
@@ -212,7 +213,8 @@ def df_events(runs: Iterable[RunResult]) -> pd.DataFrame:
 def df_accounting(runs: Iterable[RunResult]) -> pd.DataFrame:
     """Per (kernel, step, watched counter): value at the previous snapshot
     (``start``), sum of recorded deltas, value read at this snapshot, and
-    ``lost`` = read - start - recorded (0 when every change was caught)."""
+    ``lost`` = read - start - recorded (0 when every change was caught;
+    null, and ``ok`` false, when the struct page is gone)."""
     cols = ["kernel", "step", "folio_pfn", "field", "start", "recorded", "read", "lost", "ok"]
     rows = [{"kernel": run.kernel, **row, "ok": row["lost"] == 0}
             for run in runs for row in run.accounting]

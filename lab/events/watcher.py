@@ -66,15 +66,16 @@ class Counter:
 @dataclass(frozen=True)
 class Event:
     """One change of one watched counter (or, with kind "lost", a change the
-    watchpoints did not see, found by :meth:`Watcher.reconcile`)."""
+    watchpoints did not see, found by :meth:`Watcher.reconcile`; with kind
+    "gone", a counter whose struct page no longer exists)."""
 
     seq: int
     step: int
-    kind: str  # "write" or "lost"
+    kind: str  # "write", "lost", or "gone" (the struct page was removed)
     folio_pfn: int
     field: str
     old: int
-    new: int
+    new: int | None  # None: gone
     cpu: int | None
     comm: str | None
     pid: int | None
@@ -84,8 +85,8 @@ class Event:
     seconds: float  # time spent handling the hit (guest stopped)
 
     @property
-    def delta(self) -> int:
-        return self.new - self.old
+    def delta(self) -> int | None:
+        return None if self.new is None else self.new - self.old
 
 
 @dataclass
@@ -357,8 +358,20 @@ class Watcher:
         if self._rsp is None or not self.counters:
             return rows
         with self.paused():
-            for c in self.counters.values():
-                now = _signed(self._rsp.read_memory(c.address, c.size))
+            for address, c in list(self.counters.items()):
+                try:
+                    now = _signed(self._rsp.read_memory(c.address, c.size))
+                except RspError:
+                    # The struct page is gone (its memmap was removed with
+                    # the device): recorded, and the watch dropped.
+                    rows.append({"step": self.step, "folio_pfn": c.folio_pfn, "field": c.name,
+                                 "start": c.checked, "recorded": c.recorded, "read": None,
+                                 "lost": None})
+                    self._note(c, "gone", None)
+                    with contextlib.suppress(RspError):
+                        self._rsp.remove_watchpoint(address, c.size)
+                    del self.counters[address]
+                    continue
                 rows.append({"step": self.step, "folio_pfn": c.folio_pfn, "field": c.name,
                              "start": c.checked, "recorded": c.recorded, "read": now,
                              "lost": now - c.checked - c.recorded})
@@ -369,8 +382,13 @@ class Watcher:
         return rows
 
     def _lost(self, c: Counter, now: int) -> None:
+        self._note(c, "lost", now)
+
+    def _note(self, c: Counter, kind: str, now: int | None) -> None:
+        """An event no hit reported: a ``lost`` change, or the counter
+        ``gone`` (new is None)."""
         self.events.append(Event(
-            seq=len(self.events), step=self.step, kind="lost", folio_pfn=c.folio_pfn,
+            seq=len(self.events), step=self.step, kind=kind, folio_pfn=c.folio_pfn,
             field=c.name, old=c.value, new=now, cpu=None, comm=None, pid=None, pc=None,
             location=(), stack=None, seconds=0.0))
 

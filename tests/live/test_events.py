@@ -158,3 +158,24 @@ def test_a_failure_in_the_hit_thread_leaves_the_guest_running():
         s.agent.touch("a", [addr + 4096], write=True)
         snap = s.snapshot([first + 1], devices=False)  # through QMP again
         assert snap.stopped and snap.folios[0].refcount == 2
+
+
+@pytest.mark.parametrize("kernel", ["before", "after"])
+def test_a_folio_removed_while_watched_is_a_recorded_event(kernel):
+    """Unbinding the device removes its memmap: the watched struct page is
+    gone. That is an event and an accounting row, not an error or a hang."""
+    with Session.boot(kernel, events=True, say=lambda *_: None) as s:
+        dev = s.vm.device(4096)
+        w = s.watcher
+        w.watch(dev["start"] >> 12, stacks=True)
+        s.agent.sysfs("/sys/bus/dax/drivers/device_dax/unbind", dev["name"])
+        w.step = 1
+        with s.stopped():
+            rows = w.reconcile()
+        assert [(r["field"], r["read"], r["lost"]) for r in rows] == [
+            ("refcount", None, None), ("mapcount", None, None)]
+        gone = [e for e in w.events if e.kind == "gone"]
+        assert [(e.field, e.new, e.delta) for e in gone] == [("refcount", None, None),
+                                                              ("mapcount", None, None)]
+        assert not w.connected  # nothing left to watch: the stub is let go
+        assert s.vm.qmp.cmd("query-status")["status"] == "running" and s.agent.ping()

@@ -157,6 +157,17 @@ def test_poweroff_is_refused_on_the_host(agent):
     assert agent.client.ping()["pid"] == agent.proc.pid
 
 
+@pytest.mark.parametrize("path, err", [
+    ("/etc/hostname", errno.EINVAL),  # only files under /sys
+    ("/sys/../etc/hostname", errno.EINVAL),
+    ("/sys/devdax-lab-no-such-file", errno.ENOENT),  # sysfs creates nothing
+])
+def test_sysfs_writes_only_existing_files_under_sys(agent, path, err):
+    with pytest.raises(AgentError) as info:
+        agent.client.sysfs(path, "x")
+    assert info.value.errno in (err, errno.EACCES) and "sysfs" in info.value.message
+
+
 def test_unknown_command_and_bad_arguments(agent):
     c = agent.client
     with pytest.raises(AgentError) as info:

@@ -1169,6 +1169,29 @@ static int cmd_kmsg(struct req *r, struct sbuf *res, struct err *e)
 	return 0;
 }
 
+/* sysfs: write a string to one file under /sys (unbind a dax device, say):
+ * the kernel's own knobs, nothing else on the guest. */
+static int cmd_sysfs(struct req *r, struct sbuf *res, struct err *e)
+{
+	const char *path, *text;
+	if (get_str(r, "path", &path, e) || get_str(r, "text", &text, e))
+		return -1;
+	if (strncmp(path, "/sys/", 5) != 0 || strstr(path, "/../"))
+		return fail(e, EINVAL, "sysfs: %s is not a file under /sys", path);
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		int en = errno;
+		return fail(e, en, "sysfs: open %s: %s", path, strerror(en));
+	}
+	ssize_t n = write(fd, text, strlen(text));
+	int en = errno;
+	close(fd);
+	if (n < 0)
+		return fail(e, en, "sysfs: write %s: %s", path, strerror(en));
+	res_i64(res, "bytes", n);
+	return 0;
+}
+
 static int read_text(const char *dir, const char *name, const char *file, char *buf, size_t size)
 {
 	char path[PATH_MAX];
@@ -1294,6 +1317,7 @@ static const struct cmd g_cmds[] = {
 	{"ping", AT_AGENT, K_PLAIN, cmd_ping},
 	{"echo", AT_AGENT, K_PLAIN, cmd_echo},
 	{"kmsg", AT_AGENT, K_PLAIN, cmd_kmsg},
+	{"sysfs", AT_AGENT, K_PLAIN, cmd_sysfs},
 	{"namespaces", AT_AGENT, K_PLAIN, cmd_namespaces},
 	{"procs", AT_AGENT, K_PLAIN, cmd_procs},
 	{"poweroff", AT_AGENT, K_PLAIN, cmd_poweroff},
