@@ -133,11 +133,14 @@ def _write_experiment(exp, out) -> None:
         events=f.get("events"), accounting=f.get("accounting"), call_paths=f.get("call_paths"))
     print(f"devdax-lab: wrote {out}/timeline.parquet, timeline.csv, meta.json and {path}")
     if "accounting" in f:
-        acc, ev = f["accounting"], f["events"]
-        lost = int((acc["lost"] != 0).sum()) if len(acc) else 0
-        print(f"devdax-lab: {int((ev['kind'] == 'write').sum())} counter change(s) recorded in "
-              f"events.parquet; accounting " + ("holds" if not lost else
-                                                f"found {lost} lost change(s) (kind 'lost')"))
+        from .timeline import accounting_problems
+
+        lost, gone = accounting_problems(f["accounting"])
+        verdict = "holds" if not len(lost) else f"found {len(lost)} lost change(s) (kind 'lost')"
+        if len(gone):
+            verdict += f"; {len(gone)} watched counter(s) gone with their struct page"
+        print(f"devdax-lab: {int((f['events']['kind'] == 'write').sum())} counter change(s) "
+              f"recorded in events.parquet; accounting {verdict}")
     if exp.violations:
         print(f"devdax-lab: {len(exp.violations)} invariant violation(s), listed in the report")
 

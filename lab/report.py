@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import pyarrow as pa
 
 from . import plots
+from .timeline import accounting_problems
 
 __all__ = ["REPORT_NAME", "TIMELINE_TABLE_COLUMNS", "build_report", "write_outputs"]
 
@@ -247,12 +248,15 @@ def _events_section(events, accounting, call_paths) -> list[str]:
     """Accounting verdict, call paths and every event (watches were armed)."""
     parts = ["<h2>Events: every change of the watched counters</h2>"]
     n = 0 if events is None else int((events["kind"] == "write").sum())
-    lost = accounting[accounting["lost"] != 0] if len(accounting) else accounting
+    lost, gone = accounting_problems(accounting)
+    if len(gone):
+        parts.append(f"<p class='bad'>{len(gone)} watched counter(s) are gone: their struct "
+                     f"page was removed while watched (kind \"gone\").</p>" + _table(gone))
     if len(lost):
         parts.append(f"<p class='bad'>Accounting: {len(lost)} counter/step pair(s) changed by more "
                      f"than the recorded events (lost events, listed as kind \"lost\"):</p>"
                      + _table(lost))
-    else:
+    elif not len(gone):
         parts.append(f"<p class='ok'>Accounting holds: for every watched counter at every step, "
                      f"the value before the step plus the {n} recorded change(s) equals the value "
                      f"read at the snapshot after it.</p>")

@@ -147,7 +147,10 @@ class Recorder:
     def arm(self, pfn: int, *, stacks: bool = False, page: tuple[str, int] | None = None) -> None:
         """Watchpoints on the counters of the folio holding *pfn* from now on
         (*page*: the (map, page) it is for, shown with its events)."""
-        counters = self.session.watcher.watch(pfn, stacks=stacks)
+        watcher = self.session.watcher
+        if not watcher.connected:  # events from now on belong to the next step
+            watcher.step = self.result.steps[-1].step + 1
+        counters = watcher.watch(pfn, stacks=stacks)
         pages = self.result.watched_folios.setdefault(counters[0].folio_pfn, [])
         if page is not None and page not in pages:
             pages.append(page)
@@ -155,7 +158,8 @@ class Recorder:
     def disarm(self, pfn: int | None = None) -> None:
         """Remove the watchpoints of the folio holding *pfn* (all with None)."""
         if self.session.armed_watcher is not None:
-            self.session.watcher.unwatch(pfn)
+            self.session.armed_watcher.unwatch(pfn)
+            self._sync_events()
 
     def _sync_events(self) -> None:
         w = self.session.armed_watcher
@@ -347,7 +351,8 @@ def _snapshot(session: Session, device: dict, guest: _Guest, watched: dict, *, s
     pages: list[PageRecord] = []
     with session.stopped():
         if session.armed_watcher is not None and accounting is not None:
-            accounting.extend(session.armed_watcher.reconcile())
+            # events from here on are counted, and named, for the next step
+            accounting.extend(session.armed_watcher.reconcile(next_step=step + 1))
         first = device["start"] // PAGE
         bulk = inspect.read_pages(prog, first, device["size"] // PAGE)
         pgmap = inspect.pgmap_state(prog, inspect.find_dev_pagemap(prog, first))

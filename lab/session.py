@@ -119,10 +119,12 @@ class Session:
 
     def detach(self) -> None:
         """Drop the drgn Program: drgn closes its QMP connection when the
-        Program is freed, and QEMU serves one QMP client per socket."""
-        self.prog = None
+        Program is freed, and QEMU serves one QMP client per socket. Watches
+        end first: the watcher reads with the same Program."""
         if self._watcher is not None:
+            self._watcher.close()
             self._watcher.prog = None
+        self.prog = None
         gc.collect()
 
     def attach(self, kernel: KernelArtifacts | None = None) -> drgn.Program:

@@ -30,6 +30,7 @@ __all__ = [
     "GUP_PIN_COUNTING_BIAS",
     "EVENT_COLUMNS",
     "df_events",
+    "accounting_problems",
     "df_accounting",
     "df_call_paths",
     "writer_of",
@@ -219,6 +220,16 @@ def df_accounting(runs: Iterable[RunResult]) -> pd.DataFrame:
     rows = [{"kernel": run.kernel, **row, "ok": row["lost"] == 0}
             for run in runs for row in run.accounting]
     return pd.DataFrame(rows, columns=cols)
+
+
+def accounting_problems(accounting: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows with lost changes, rows whose counter is gone) of an
+    accounting frame: a gone counter has no value to compare."""
+    if accounting.empty:
+        return accounting, accounting
+    gone = accounting["read"].isna()
+    lost = ~gone & (accounting["lost"].fillna(0) != 0)
+    return accounting[lost], accounting[gone]
 
 
 def df_call_paths(events: pd.DataFrame, depth: int = 8) -> pd.DataFrame:

@@ -25,7 +25,6 @@ QEMU's gdbstub behaviour the lab relies on (QEMU 7.2, TCG):
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ __all__ = [
     "GdbRemote",
     "PacketReader",
     "RspError",
+    "RspRefused",
     "RspTimeout",
     "StopReply",
     "X86_64_REGISTERS",
@@ -54,6 +54,11 @@ class RspError(RuntimeError):
 
 class RspTimeout(RspError, TimeoutError):
     """The stub did not answer in time."""
+
+
+class RspRefused(RspError):
+    """The stub answered a request with an error (``Exx``): e.g. memory it
+    cannot read. The conversation itself is fine."""
 
 
 def checksum(payload: bytes) -> int:
@@ -300,11 +305,11 @@ class GdbRemote:
     def read_memory(self, address: int, length: int) -> bytes:
         reply = self.request(f"m{address:x},{length:x}")
         if reply.startswith(b"E") and len(reply) == 3:
-            raise RspError(f"cannot read {length} bytes at {address:#x} ({reply.decode()})")
-        return bytes.fromhex(reply.decode("ascii"))
-
-    def read_u32(self, address: int, *, signed: bool = False) -> int:
-        return struct.unpack("<i" if signed else "<I", self.read_memory(address, 4))[0]
+            raise RspRefused(f"cannot read {length} bytes at {address:#x} ({reply.decode()})")
+        try:
+            return bytes.fromhex(reply.decode("ascii"))
+        except ValueError:
+            raise RspError(f"not a memory reply: {reply[:40]!r}") from None
 
     def read_register(self, number: int) -> int | None:
         """One register by gdb number (x86-64: 16 is rip): a short reply.

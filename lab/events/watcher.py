@@ -35,7 +35,7 @@ from .. import inspect
 from ..inspect.stack import Frame, code_location, kernel_stack, task_on_cpu
 from ..model import UserError
 from ..vm import VmError
-from .rsp import GdbRemote, RspError, RspTimeout, StopReply
+from .rsp import GdbRemote, RspError, RspRefused, RspTimeout, StopReply
 
 __all__ = ["Counter", "Event", "EventsError", "Watcher"]
 
@@ -111,23 +111,29 @@ class Watcher:
         self.prog = prog
         self.timeout = timeout
         self._path = socket_path
-        self._record = record
+        self._record_bytes = record
         self._rsp: GdbRemote | None = None
         self.counters: dict[int, Counter] = {}  # by address
         self.events: list[Event] = []
         self.step = 0
         self.stats = _Stats()
-        self.error: str | None = None  # what went wrong in the hit thread
-        self._lock = threading.Lock()  # pause flag vs the thread's "continue"
-        self._pause_wanted = False
+        self._locations: dict[int, tuple[Frame, ...]] = {}  # pc -> code_location(pc - 1)
+        self._lock = threading.Lock()  # the lab's \x03 against the thread's "c" and "D"
         self._parked = threading.Event()
         self._resume = threading.Event()
-        self._closing = False
         self._thread: threading.Thread | None = None
+        self._reset_connection_state()
+
+    def _reset_connection_state(self) -> None:
+        """What belongs to one connection (a new one starts clean)."""
+        self.error: str | None = None  # what went wrong in the hit thread
+        self._pause_wanted = False
+        self._closing = False
         self._paused_depth = 0
-        self._locations: dict[int, tuple[Frame, ...]] = {}  # pc -> code_location(pc - 1)
         self._p_works = True  # the stub answers 'p' (one register)
-        self._released = False  # the hit thread already sent D (after an error)
+        self._released = False  # the hit thread already let go (after an error)
+        self._parked.clear()
+        self._resume.clear()
 
     # -- connection ------------------------------------------------------------
     @property
@@ -140,22 +146,51 @@ class Watcher:
 
     def _connect(self) -> None:
         """Attach (which stops the guest), then park the hit thread there."""
+        self._reset_connection_state()
         try:
-            self._rsp = GdbRemote.connect(self._path, timeout=self.timeout, record=self._record)
-            self._rsp.start()
+            rsp = GdbRemote.connect(self._path, timeout=self.timeout, record=self._record_bytes)
         except RspError as exc:
-            self._drop()
-            raise EventsError(f"{exc}; is the VM booted with events on (Session.boot(events=True))?") from None
+            raise EventsError(f"{exc}; is the VM booted with events on "
+                              f"(Session.boot(events=True))?") from None
+        try:
+            rsp.start()
+        except RspError as exc:
+            self._let_go(rsp, stopped=True)  # connecting stopped the guest
+            raise EventsError(f"the gdbstub did not answer ({exc})") from None
+        self._rsp = rsp
         self._pause_wanted = True
         self._parked.set()
         self._paused_depth = 1
-        self._thread = threading.Thread(target=self._loop, name="devdax-lab-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(rsp,), name="devdax-lab-watcher",
+                                        daemon=True)
         self._thread.start()
 
-    def _drop(self) -> None:
-        if self._rsp is not None:
-            self._rsp.close()
-        self._rsp = None
+    def _let_go(self, rsp: GdbRemote, *, stopped: bool) -> None:
+        """Leave the guest running with no watchpoint: ``D`` (QEMU removes
+        them all and continues), after stopping a guest that may run (a
+        running QEMU takes any byte for an interrupt, so a ``D`` sent then is
+        lost). If that fails, a new connection sends the ``D`` (QEMU serves
+        one client; connecting stops the guest): closing a socket alone
+        would leave the watchpoints armed, and the next hit would stop the
+        guest with nobody to continue it."""
+        try:
+            if not stopped:
+                rsp.interrupt()
+                rsp.wait_stop(timeout=self.timeout)
+            rsp.detach()
+            rsp.close()
+            return
+        except (RspError, OSError):
+            rsp.close()
+        try:
+            fresh = GdbRemote.connect(self._path, timeout=self.timeout)
+            try:
+                fresh.start()
+                fresh.detach()
+            finally:
+                fresh.close()
+        except RspError as exc:
+            self.error = (self.error or "") + f"; the guest may be left stopped ({exc})"
 
     # -- stops the lab asks for -------------------------------------------------
     @contextlib.contextmanager
@@ -174,17 +209,22 @@ class Watcher:
         self._paused_depth += 1
         if self._paused_depth > 1:
             return
-        with self._lock:  # the hit thread's D after an error takes it too
+        with self._lock:  # the hit thread lets go under it too
             self._pause_wanted = True
             if not self._released:
-                self._rsp.interrupt()
+                try:
+                    self._rsp.interrupt()
+                except RspError as exc:
+                    self.error = self.error or str(exc)
         if not self._parked.wait(self.timeout) or self.error:
-            self._paused_depth = 0
-            reason = self.error or f"no stop reply within {self.timeout:.0f} s"
-            self._detach()
-            raise EventsError(f"watching stopped: {reason}; the watches are removed and "
-                              f"the guest runs (events so far are kept)")
+            self._fail(self.error or f"no stop reply within {self.timeout:.0f} s")
         self.stats.pauses += 1
+
+    def _fail(self, reason: str) -> None:
+        """Let go of the stub and say why (the events so far are kept)."""
+        self._detach()
+        raise EventsError(f"watching stopped: {reason}; the watches are removed and the guest "
+                          f"runs (events so far are kept)")
 
     def _unpause(self) -> None:
         self._paused_depth -= 1
@@ -198,10 +238,19 @@ class Watcher:
             self._parked.clear()
             self._resume.set()
 
+    def _talk(self, what: str, fn, *args):
+        """A request while stopped; a stub that fails or does not answer ends
+        the watching (one clear error, the guest left running)."""
+        try:
+            return fn(*args)
+        except RspError as exc:
+            self._paused_depth = 0
+            self._fail(f"{what}: {exc}")
+
     # -- the hit thread ----------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, rsp: GdbRemote) -> None:
         """Wait for stops while the guest runs; park in the ones the lab asked for."""
-        rsp = self._rsp
+        stopped = True  # connecting stopped the guest
         try:
             while self._wait_resume():
                 with self._lock:
@@ -209,6 +258,7 @@ class Watcher:
                         self._parked.set()
                         continue
                     rsp.cont()  # under the lock: a \x03 can only come after it
+                    stopped = False
                 while True:
                     try:
                         stop = rsp.wait_stop(timeout=0.5)
@@ -216,12 +266,14 @@ class Watcher:
                         if self._closing:
                             return
                         continue
+                    stopped = True
                     if stop.exited:
                         self.error = "the guest exited"
+                        self._released = True
                         self._parked.set()
                         return
                     if stop.watch is not None:
-                        self._hit(stop)
+                        self._hit(rsp, stop)
                     with self._lock:
                         if self._pause_wanted:
                             # our \x03, or a hit that raced with it (QEMU then
@@ -229,14 +281,12 @@ class Watcher:
                             self._parked.set()
                             break
                         rsp.cont()
+                        stopped = False
         except Exception as exc:  # noqa: BLE001 - never leave the guest stopped
             self.error = f"{type(exc).__name__}: {exc}"
-            # Let go of the stub so no watchpoint can stop the guest again
-            # with nobody to continue it (D removes them all and continues).
             with self._lock:
-                with contextlib.suppress(Exception):
-                    rsp.detach()
-                self._released = True  # whatever D did, no second one: the guest may run
+                self._let_go(rsp, stopped=stopped)
+                self._released = True
             self._parked.set()
 
     def _wait_resume(self) -> bool:
@@ -245,14 +295,17 @@ class Watcher:
         self._resume.clear()
         return not self._closing
 
-    def _hit(self, stop: StopReply) -> None:
+    def _hit(self, rsp: GdbRemote, stop: StopReply) -> None:
         t0 = time.perf_counter()
         self.stats.hits += 1
-        rsp = self._rsp
         hit = self.counters.get(stop.watch)
         if hit is None:
             return
-        wants_stack = any(c.stacks for c in self.counters.values() if c.folio_pfn == hit.folio_pfn)
+        prog = self.prog
+        if prog is None:
+            raise EventsError("drgn was detached while watching (Session.detach)")
+        group = [c for c in self.counters.values() if c.folio_pfn == hit.folio_pfn]
+        wants_stack = any(c.stacks for c in group)
         # all registers only to unwind a stack; else just rip (a short reply)
         pc = None
         regs = rsp.read_registers() if wants_stack or not self._p_works else None
@@ -266,7 +319,6 @@ class Watcher:
         # Every counter of the hit's folio is read again: one write can cover
         # two counters (a struct page initialised as a whole), and a
         # watchpoint reports only the first it matches.
-        group = [c for c in self.counters.values() if c.folio_pfn == hit.folio_pfn]
         lo = min(c.address for c in group)
         hi = max(c.address + c.size for c in group)
         raw = rsp.read_memory(lo, hi - lo)
@@ -283,20 +335,20 @@ class Watcher:
                 # was not reported (QEMU reports one watchpoint per stop). Who
                 # made it is unknown: it is recorded as lost, not given this
                 # writer's name.
-                self._lost(c, new)
+                self._note(c, "lost", new)
             c.value = new
         if not changed:
             self.stats.silent_writes += 1
             self.stats.handling_seconds += time.perf_counter() - t0
             return
-        comm, pid = task_on_cpu(self.prog, stop.cpu or 0)
+        comm, pid = task_on_cpu(prog, stop.cpu or 0)
         location = self._locations.get(pc)
         if location is None:  # the same few writers hit again and again
-            location = self._locations[pc] = code_location(self.prog, pc - 1)
+            location = self._locations[pc] = code_location(prog, pc - 1)
         stack = None
         if regs is not None and any(c.stacks for c, _, _ in changed):
             t1 = time.perf_counter()
-            stack = kernel_stack(self.prog, regs, pc - 1)
+            stack = kernel_stack(prog, regs, pc - 1)
             self.stats.stack_seconds += time.perf_counter() - t1
             self.stats.stacks += 1
         seconds = time.perf_counter() - t0
@@ -310,26 +362,32 @@ class Watcher:
     # -- watches -------------------------------------------------------------------
     def watch(self, pfn: int, *, stacks: bool = False) -> list[Counter]:
         """Arm write watchpoints on the counters of the folio holding *pfn*
-        (addresses and widths from the running kernel's types)."""
-        try:
-            head, order, fields = inspect.folio_counters(self.prog, pfn)
-        except inspect.InspectError as exc:
-            raise UserError(str(exc)) from None
-        armed = []
+        (addresses and widths from the running kernel's types, read while
+        the guest is stopped: drgn is not used from two threads at once)."""
+        armed: list[Counter] = []
         with self.paused():
+            try:
+                head, order, fields = inspect.folio_counters(self.prog, pfn)
+            except inspect.InspectError as exc:
+                raise UserError(str(exc)) from None
+            new: list[Counter] = []
             for name, address, size in fields:
                 if address in self.counters:
                     self.counters[address].stacks |= stacks
                     armed.append(self.counters[address])
                     continue
-                value = _signed(self._rsp.read_memory(address, size))
+                value = _signed(self._talk("read", self._rsp.read_memory, address, size))
                 try:
                     self._rsp.insert_watchpoint(address, size)
-                except RspError as exc:
-                    raise EventsError(str(exc)) from None
+                except RspError as exc:  # none of this folio's new ones stay armed
+                    for c in new:
+                        self._talk("remove", self._rsp.remove_watchpoint, c.address, c.size)
+                        del self.counters[c.address]
+                    raise EventsError(f"cannot watch {name} of PFN {pfn:#x}: {exc}") from None
                 c = Counter(folio_pfn=head, order=order, name=name, address=address, size=size,
                             stacks=stacks, value=value, checked=value)
                 self.counters[address] = c
+                new.append(c)
                 armed.append(c)
         return armed
 
@@ -345,15 +403,17 @@ class Watcher:
                          if c.folio_pfn <= pfn < c.folio_pfn + (1 << c.order)}
             for address, c in list(self.counters.items()):
                 if c.folio_pfn in heads:
-                    self._rsp.remove_watchpoint(address, c.size)
+                    self._talk("remove", self._rsp.remove_watchpoint, address, c.size)
                     del self.counters[address]
 
-    def reconcile(self) -> list[dict]:
+    def reconcile(self, next_step: int | None = None) -> list[dict]:
         """While stopped: the accounting of every watched counter since the
         last call. Each row: ``start`` (value then), ``recorded`` (sum of the
         events' deltas), ``read`` (value now) and ``lost`` (read - start -
         recorded). A non-zero ``lost`` also becomes a ``lost`` event, so what
-        the watchpoints missed is never hidden."""
+        the watchpoints missed is never hidden. From then on, events are
+        counted for *next_step* (so that an event and the accounting row
+        that counts it always name the same step)."""
         rows: list[dict] = []
         if self._rsp is None or not self.counters:
             return rows
@@ -361,28 +421,29 @@ class Watcher:
             for address, c in list(self.counters.items()):
                 try:
                     now = _signed(self._rsp.read_memory(c.address, c.size))
-                except RspError:
+                except RspRefused:
                     # The struct page is gone (its memmap was removed with
                     # the device): recorded, and the watch dropped.
                     rows.append({"step": self.step, "folio_pfn": c.folio_pfn, "field": c.name,
                                  "start": c.checked, "recorded": c.recorded, "read": None,
                                  "lost": None})
                     self._note(c, "gone", None)
-                    with contextlib.suppress(RspError):
-                        self._rsp.remove_watchpoint(address, c.size)
+                    self._talk("remove", self._rsp.remove_watchpoint, address, c.size)
                     del self.counters[address]
                     continue
+                except RspError as exc:
+                    self._paused_depth = 0
+                    self._fail(f"reading {c.name}: {exc}")
                 rows.append({"step": self.step, "folio_pfn": c.folio_pfn, "field": c.name,
                              "start": c.checked, "recorded": c.recorded, "read": now,
                              "lost": now - c.checked - c.recorded})
                 if now != c.value:  # a change no hit reported, found only now
-                    self._lost(c, now)
+                    self._note(c, "lost", now)
                 c.value = c.checked = now
                 c.recorded = 0
+            if next_step is not None:
+                self.step = next_step
         return rows
-
-    def _lost(self, c: Counter, now: int) -> None:
-        self._note(c, "lost", now)
 
     def _note(self, c: Counter, kind: str, now: int | None) -> None:
         """An event no hit reported: a ``lost`` change, or the counter
@@ -394,30 +455,22 @@ class Watcher:
 
     # -- the end -------------------------------------------------------------------
     def _detach(self) -> None:
-        """Let go of the stub: ``D`` removes every watchpoint and continues.
-        A guest that may be running is stopped first (a running QEMU takes
-        any byte for an interrupt, so the ``D`` would be lost)."""
+        """Let go of the stub and end the hit thread; the guest runs."""
         rsp, self._rsp = self._rsp, None
         self._closing = True
         self._resume.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeout)
+            self._thread.join(timeout=self.timeout + 1)
             self._thread = None
-        if rsp is not None and not self._released:
-            with contextlib.suppress(RspError):
-                if not self._parked.is_set():
-                    rsp.interrupt()
-                    rsp.wait_stop(timeout=self.timeout)
-                rsp.detach()
         if rsp is not None:
-            rsp.close()
-        self._released = False
+            if self._released:
+                rsp.close()
+            else:
+                self._let_go(rsp, stopped=self._parked.is_set())
         self.counters.clear()
-        self._closing = False
-        self._pause_wanted = False
-        self._parked.clear()
-        self._resume.clear()
-        self._paused_depth = 0
+        error = self.error
+        self._reset_connection_state()
+        self.error = error  # kept to be read; a new connection starts clean
 
     def close(self) -> None:
         """Remove every watch and leave the guest running."""
@@ -426,4 +479,5 @@ class Watcher:
         if not self._parked.is_set():
             with contextlib.suppress(EventsError):
                 self._pause()
-        self._detach()
+        if self._rsp is not None:
+            self._detach()

@@ -150,7 +150,7 @@ def test_a_failure_in_the_hit_thread_leaves_the_guest_running():
         s.watcher.prog = None  # the next hit's task lookup fails in the hit thread
         addr = s.agent.mmap("a", dev["name"], 4 * 4096)
         s.agent.touch("a", [addr], write=True)  # returns: the thread let the guest go
-        with pytest.raises(EventsError, match="watching stopped: AttributeError"):
+        with pytest.raises(EventsError, match="watching stopped: .*drgn was detached"):
             with s.stopped():
                 pass
         assert not s.watcher.connected

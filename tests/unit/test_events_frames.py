@@ -145,3 +145,12 @@ def test_report_has_the_events_section(runs, events, tmp_path):
     html = report.build_report(tmp_path, title="x", scenario_text="", meta={}, **f,
                                events=events, accounting=acc, call_paths=paths).read_text()
     assert "Accounting: 1 counter/step pair(s) changed by more than the recorded events" in html
+
+
+def test_accounting_problems_tell_lost_from_gone(runs):
+    acc = tl.df_accounting(runs)
+    assert all(p.empty for p in tl.accounting_problems(acc))
+    acc.loc[acc.index[0], "lost"] = 2  # as reconcile reports a change no hit saw
+    acc.loc[acc.index[1], ["read", "lost"]] = None  # and a struct page removed while watched
+    lost, gone = tl.accounting_problems(acc)
+    assert list(lost.index) == [acc.index[0]] and list(gone.index) == [acc.index[1]]
