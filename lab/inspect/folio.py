@@ -50,17 +50,22 @@ def page_pgmap(page: Object) -> Object:
     return cast("struct folio *", compound_head(page)).pgmap
 
 
+# Counters of a large folio, kept in its first tail page: name in the lab's
+# rows -> struct folio member. _nr_pages_mapped disappears with
+# CONFIG_NO_PAGE_MAPCOUNT (7.x); which exist is probed.
+LARGE_COUNTERS = (
+    ("large_mapcount", "_large_mapcount"),
+    ("entire_mapcount", "_entire_mapcount"),
+    ("nr_pages_mapped", "_nr_pages_mapped"),
+    ("pincount", "_pincount"),
+)
+
+
 def _large_fields(folio: Object) -> dict[str, int | None]:
     """Counters of a large folio, kept in its first tail page."""
     prog = folio.prog_
     out: dict[str, int | None] = {}
-    for name, member in (
-        ("large_mapcount", "_large_mapcount"),
-        ("entire_mapcount", "_entire_mapcount"),
-        # _nr_pages_mapped disappears with CONFIG_NO_PAGE_MAPCOUNT (7.x).
-        ("nr_pages_mapped", "_nr_pages_mapped"),
-        ("pincount", "_pincount"),
-    ):
+    for name, member in LARGE_COUNTERS:
         out[name] = _atomic(getattr(folio, member)) if has_member(prog, "struct folio", member) else None
     return out
 
@@ -106,17 +111,8 @@ def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) 
     )
 
 
-# The counters a watch follows: name in the event rows -> struct folio member.
-# The large-folio ones live in the first tail page; which exist depends on
-# the kernel (probed, as in _large_fields).
-COUNTER_MEMBERS = (
-    ("refcount", "_refcount"),
-    ("mapcount", "_mapcount"),
-    ("large_mapcount", "_large_mapcount"),
-    ("entire_mapcount", "_entire_mapcount"),
-    ("nr_pages_mapped", "_nr_pages_mapped"),
-    ("pincount", "_pincount"),
-)
+# The counters a watch follows: the folio's own, then the large-folio ones.
+COUNTER_MEMBERS = (("refcount", "_refcount"), ("mapcount", "_mapcount"), *LARGE_COUNTERS)
 
 
 def folio_counters(prog: drgn.Program, pfn: int) -> tuple[int, int, list[tuple[str, int, int]]]:
