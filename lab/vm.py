@@ -369,7 +369,21 @@ class ThreadedQmp:
         try:
             self._call(self._qmp.close)
         finally:
-            self._pool.shutdown(wait=True)
+            try:
+                self._call(self._close_loop)
+            finally:
+                self._pool.shutdown(wait=True)
+
+    @staticmethod
+    def _close_loop() -> None:
+        """Close the asyncio loop qemu.qmp made for this thread; left to the
+        garbage collector at exit, it prints an "Exception ignored" traceback."""
+        import asyncio
+
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+        if not loop.is_running() and not loop.is_closed():
+            loop.close()
+        asyncio.set_event_loop(None)
 
 
 class Vm:
