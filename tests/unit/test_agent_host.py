@@ -436,6 +436,9 @@ def test_exit_then_esrch_and_name_reuse(agent):
     c.mmap("a", "dax0.0", PAGE)
     pid = c.procs()["a"]
     assert c.exit("a", status=3) == pid
+    # the answer comes once the process is gone (its mm torn down), not before
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
     with pytest.raises(AgentError) as info:
         c.touch("a", [], write=False)
     assert info.value.errno == errno.ESRCH
@@ -451,6 +454,17 @@ def test_exit_then_esrch_and_name_reuse(agent):
     with pytest.raises(AgentError) as info:
         c.exit("a", status=300)
     assert info.value.errno == errno.EINVAL
+
+
+def test_exit_of_a_forked_child_answers_once_it_is_gone(agent):
+    c = agent.client
+    c.mmap("a", "dax0.0", PAGE)
+    c.fork("a", "b")
+    pid = c.procs()["b"]
+    assert c.exit("b") == pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "a" in c.procs() and "b" not in c.procs()
 
 
 def test_worker_death_is_noticed(agent):

@@ -27,6 +27,7 @@
 #include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <time.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -1755,6 +1756,18 @@ error:
 	agent_error(r->id, &e);
 }
 
+/* A worker answers "exit" before it exits.  Wait until it is gone (SIGCHLD is
+ * ignored, so the kernel reaps it: its /proc entry goes only after exit_mm()
+ * and exit_files() are done), so that the host's next step and snapshot see
+ * the exit complete, not a page table teardown still running. */
+static void wait_gone(pid_t pid)
+{
+	for (int i = 0; i < 5000 && kill(pid, 0) == 0; i++) {
+		struct timespec ts = {0, 1000000}; /* 1 ms, 5 s at most */
+		nanosleep(&ts, NULL);
+	}
+}
+
 /* Relays one reply.  Replies come in request order, so the oldest pending
  * request is the one being answered.  fork and exit replies are also read by
  * the agent, to learn the child's pid or to forget the process. */
@@ -1786,6 +1799,8 @@ static void relay_reply(struct proc *p, ssize_t n)
 			pid = (int64_t)pv->u;
 	}
 	jobj_free(&o);
+	if (pd.cmd->kind == K_EXIT && ok && pid > 0)
+		wait_gone((pid_t)pid);
 
 	struct sbuf line = {0};
 	sb_putn(&line, g_relay_buf, (size_t)n);
