@@ -36,6 +36,12 @@ def test_argv_has_one_nvdimm_per_device_and_no_network():
     assert "-cpu" not in argv  # the default CPU: 1G pages are only asked for with a 1G device
 
 
+def test_tcg_runs_several_vcpus_on_one_thread():
+    assert _pairs(vm.qemu_argv(spec()), "-accel") == ["tcg,thread=single"]
+    assert _pairs(vm.qemu_argv(spec(cpus=1)), "-accel") == ["tcg"]  # nothing to share
+    assert _pairs(vm.qemu_argv(spec(accel="kvm")), "-accel") == ["kvm"]
+
+
 def test_1g_device_asks_for_a_cpu_with_1g_pages_and_4_level_paging():
     argv = vm.qemu_argv(spec(dax=PUD_LAYOUT))
     assert _pairs(argv, "-cpu") == ["max,la57=off"]
