@@ -248,6 +248,15 @@ def bench_events(kernel_name: str, runs: int, scenario: str = "scenarios/fork-sh
 
         # none and 2 watchpoints measured in turns, so that drift of the
         # machine's load falls on both alike
+        def series() -> list[float]:
+            """Medians of 40 cycles every 5 s for 30 s: the guest's own drift."""
+            out = []
+            for _ in range(6):
+                out.append(other_ms()[1])
+                time.sleep(5)
+            return out
+
+        control = series()
         none, two = [], []
         for _ in range(4):
             none += _cycle_times(a, other, pages, reps)
@@ -280,12 +289,16 @@ def bench_events(kernel_name: str, runs: int, scenario: str = "scenarios/fork-sh
         print(f"  {len(w.events)} events, accounting: {lost} counter(s) with lost changes")
         w.unwatch()
         rows.append((f"all removed, after {w.stats.hits} hits", *other_ms()))
-        time.sleep(5)
-        rows.append(("5 s later", *other_ms()))
+        after = series()
         print("  code that touches no watched memory (ms per cycle, min / median):")
         for label, lo, med in rows:
             print(f"    {label:34s} {lo:6.2f} / {med:6.2f}   ({lo / rows[0][1]:.2f}x / "
                   f"{med / rows[0][2]:.2f}x)")
+        print("  medians every 5 s for 30 s, before any watch: "
+              + " ".join(f"{m:.2f}" for m in control))
+        print("  the same after every watch was removed:       "
+              + " ".join(f"{m:.2f}" for m in after)
+              + f"   (mean {statistics.mean(after) / statistics.mean(control):.2f}x)")
     sc = load_scenario(scenario)
     for mode in (None, "counts", "stacks"):
         times = []
