@@ -246,8 +246,6 @@ def bench_events(kernel_name: str, runs: int, scenario: str = "scenarios/fork-sh
             ts = times if times is not None else _cycle_times(a, other, pages, reps)
             return min(ts) * 1e3, statistics.median(ts) * 1e3
 
-        # none and 2 watchpoints measured in turns, so that drift of the
-        # machine's load falls on both alike
         def series() -> list[float]:
             """Medians of 40 cycles every 5 s for 30 s: the guest's own drift."""
             out = []
@@ -257,6 +255,8 @@ def bench_events(kernel_name: str, runs: int, scenario: str = "scenarios/fork-sh
             return out
 
         control = series()
+        # none and 2 watchpoints measured in turns, so that drift of the
+        # machine's load falls on both alike
         none, two = [], []
         for _ in range(4):
             none += _cycle_times(a, other, pages, reps)

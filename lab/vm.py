@@ -100,7 +100,7 @@ def accel_arg(spec: VmSpec) -> str:
     died while booting about one time in ten with "Oops: int3" in code the
     kernel was patching (text_poke_bp: one vCPU ran a stale translation of
     the int3 another had just replaced), measured 2 of 20 boots of `after`;
-    with one thread, 0 of 20, at about 0.5 s more to ready."""
+    with one thread, 0 of 50, at about 0.5 s more to ready."""
     if spec.accel == "tcg" and spec.cpus > 1:
         return "tcg,thread=single"
     return spec.accel
