@@ -333,9 +333,10 @@ class Lab:
                     "call_paths": lambda r: tl.df_call_paths(tl.df_events(r))}
         if name not in builders:
             raise UserError(f"no frame {name!r} (have: {', '.join(builders)})")
-        if not runs:
-            empty = {"events": tl.EVENT_COLUMNS, "accounting": tl.df_accounting([]).columns}
-            return pd.DataFrame(columns=list(empty.get(name, tl.TIMELINE_COLUMNS)))
+        if not runs and name not in ("events", "accounting", "call_paths"):
+            # the older builders need at least one run; the event ones give
+            # their own empty, typed frame
+            return pd.DataFrame(columns=list(tl.TIMELINE_COLUMNS))
         return builders[name](runs)
 
     @property
