@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from .errors import LabFailure
+
 __all__ = [
     "AgentClient",
     "AgentDisconnected",
@@ -45,7 +47,7 @@ _I64_MIN = -(1 << 63)
 ADDR_CHUNK = 2048
 
 
-class AgentError(Exception):
+class AgentError(LabFailure):
     """The agent answered ``ok: false``.
 
     ``errno`` is the guest's errno (compare with the :mod:`errno` constants),
@@ -64,7 +66,7 @@ class AgentError(Exception):
         return f"{self.cmd}: {self.message} (errno {self.errno} {name})"
 
 
-class AgentTimeout(TimeoutError):
+class AgentTimeout(LabFailure, TimeoutError):
     """No answer to *cmd* within *timeout* seconds.  The connection stays
     usable: a late answer is recognised by its id and skipped."""
 
@@ -74,7 +76,7 @@ class AgentTimeout(TimeoutError):
         super().__init__(f"{cmd}: no answer from the guest agent within {timeout:g} s")
 
 
-class AgentDisconnected(ConnectionError):
+class AgentDisconnected(LabFailure, ConnectionError):
     """The connection to the agent closed (guest powered off or crashed)."""
 
 

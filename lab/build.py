@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lab.cache import atomic_entry, cache_root, sha256_file
+from lab.errors import LabFailure
 from lab.model import KernelArtifacts, UserError
 
 __all__ = [
@@ -91,7 +92,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 Say = Callable[[str], None]
 
 
-class BuildError(Exception):
+class BuildError(LabFailure):
     """``make`` failed: carries the tail of the build log (the CLI prints it
     and exits 1)."""
 

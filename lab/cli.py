@@ -1,6 +1,7 @@
 """``devdax-lab``: the command line. Each subcommand parses its arguments and
-calls the library; errors become one clear line and an exit status
-(2: bad input, 1: the VM or the kernel failed, 130: interrupted)."""
+calls the library. ``main`` is the one place where errors become a line on
+stderr and an exit status: a ``lab.errors.LabError`` carries its own (2: bad
+input, 1: the guest, QEMU or a tool failed), an interrupt is 130."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .model import DEFAULT_DAX, PUD_LAYOUT, UserError
+from .errors import EXIT_INTERRUPTED, LabError, UserError
+from .model import DEFAULT_DAX, PUD_LAYOUT
 
 __all__ = ["main"]
 
@@ -42,12 +44,8 @@ def cmd_fetch(args) -> int:
 def cmd_kernel_build(args) -> int:
     from . import build
 
-    try:
-        k = build.build_kernel(args.tree, args.patch, args.name,
-                               say=lambda line: print(line, file=sys.stderr, flush=True))
-    except build.BuildError as exc:
-        print(f"devdax-lab: {exc}", file=sys.stderr)
-        return 1
+    k = build.build_kernel(args.tree, args.patch, args.name,
+                           say=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"{k.name}: {k.release} at {k.root} (use --kernel {k.name})")
     return 0
 
@@ -199,7 +197,7 @@ def cmd_notebook(args) -> int:
     import socket
     from pathlib import Path
 
-    from .jupyter import JupyterServer, JupyterStartError, notebook_ipynb, resolve_notebook
+    from .jupyter import JupyterServer, notebook_ipynb, resolve_notebook
 
     root = Path(__file__).resolve().parent.parent
     if not (root / "notebooks").is_dir():
@@ -215,24 +213,20 @@ def cmd_notebook(args) -> int:
         open_path = ipynb.relative_to(root).as_posix()
         print(f"devdax-lab: wrote {open_path} from its .py" if written else
               f"devdax-lab: opening {open_path} (newer than its .py: delete it to start afresh)")
-    try:
-        with JupyterServer(root, port=args.port, open_path=open_path) as server:
-            print(f"devdax-lab: JupyterLab is running (pid {server.proc.pid}); open\n\n"
-                  f"    {server.url}\n")
-            print(f"From another machine: ssh -L 8888:127.0.0.1:{server.port} "
-                  f"{getpass.getuser()}@{socket.gethostname()}\n"
-                  f"then open the address above with port 8888 instead of {server.port}.")
-            print("Ctrl-C stops JupyterLab, its kernels and their VMs.", flush=True)
-            try:
-                status = server.wait()
-            except KeyboardInterrupt:
-                print("\ndevdax-lab: stopping JupyterLab", flush=True)
-                return 0
-            print(f"devdax-lab: JupyterLab exited by itself (status {status}):\n"
-                  + "\n".join(server.tail), file=sys.stderr)
-            return 1
-    except JupyterStartError as exc:
-        print(f"devdax-lab: {exc}", file=sys.stderr)
+    with JupyterServer(root, port=args.port, open_path=open_path) as server:
+        print(f"devdax-lab: JupyterLab is running (pid {server.proc.pid}); open\n\n"
+              f"    {server.url}\n")
+        print(f"From another machine: ssh -L 8888:127.0.0.1:{server.port} "
+              f"{getpass.getuser()}@{socket.gethostname()}\n"
+              f"then open the address above with port 8888 instead of {server.port}.")
+        print("Ctrl-C stops JupyterLab, its kernels and their VMs.", flush=True)
+        try:
+            status = server.wait()
+        except KeyboardInterrupt:
+            print("\ndevdax-lab: stopping JupyterLab", flush=True)
+            return 0
+        print(f"devdax-lab: JupyterLab exited by itself (status {status}):\n"
+              + "\n".join(server.tail), file=sys.stderr)
         return 1
 
 
@@ -313,19 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .vm import VmError
-
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"devdax-lab: {exc}", file=sys.stderr)
-        return 2
-    except VmError as exc:
-        print(f"devdax-lab: {exc}", file=sys.stderr)
-        return 1
+    except LabError as exc:  # every lab error: one line (plus any console/log tail), no traceback
+        print(f"devdax-lab: {str(exc) or type(exc).__name__}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("devdax-lab: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

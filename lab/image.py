@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import atomic_entry, cache_root, hash_inputs, sha256_file
+from .errors import LabFailure
 from .model import KernelArtifacts, UserError
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 IMAGE_DIR = Path(__file__).resolve().parent.parent / "vm-images"
 
 
-class ImageError(RuntimeError):
+class ImageError(LabFailure):
     """Building the guest image failed (a compiler or ldd error): carries the
     command and its output."""
 
@@ -88,8 +89,8 @@ def parse_ldd(lines: Iterable[str]) -> list[str]:
 def _run(argv: list[str]) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise UserError(f"{argv[0]} is not installed: run `devdax-lab doctor`") from None
+    except FileNotFoundError as exc:
+        raise UserError(f"{argv[0]} is not installed: run `devdax-lab doctor`") from exc
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
         raise ImageError(f"{' '.join(argv)} failed with exit {proc.returncode}:\n{tail}")

@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
+from .errors import LabFailure
 from .model import UserError
 from .procs import pid_alive
 
@@ -58,7 +59,7 @@ TMP_PREFIX = "devdax-lab-jupyter-"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
 
-class JupyterStartError(RuntimeError):
+class JupyterStartError(LabFailure):
     """The server exited or did not answer in time; carries the command and
     the last lines of its log."""
 
@@ -91,9 +92,9 @@ def notebook_ipynb(source: Path, target: Path | None = None, *,
     The copy is not paired with the .py: jupytext pairing metadata is dropped."""
     try:
         import jupytext
-    except ImportError:
+    except ImportError as exc:
         raise UserError("jupytext is missing: `make setup` installs it "
-                        "(or .venv/bin/pip install jupytext)") from None
+                        "(or .venv/bin/pip install jupytext)") from exc
 
     source = Path(source)
     target = Path(target) if target is not None else source.with_suffix(".ipynb")
@@ -212,7 +213,7 @@ class JupyterServer:
                     start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
                 )
             except FileNotFoundError as exc:
-                raise UserError(f"{exc.filename} not found: run `devdax-lab doctor`") from None
+                raise UserError(f"{exc.filename} not found: run `devdax-lab doctor`") from exc
             self._reader = threading.Thread(target=self._drain, name="jupyter-log", daemon=True)
             self._reader.start()
             self._wait_ready()

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lab.cache import atomic_entry, cache_root, sha256_file
+from lab.errors import LabFailure
 from lab.model import KernelArtifacts, UserError
 
 __all__ = [
@@ -103,7 +104,7 @@ def _silent(stage: str, done: int, total: int | None) -> None:
 # ---------------------------------------------------------------- errors
 
 
-class KernelError(Exception):
+class KernelError(LabFailure):
     """Fetching or unpacking a kernel failed for a reason other than bad input."""
 
 
@@ -193,7 +194,7 @@ def _check_template(where: str, template: Any, allowed: Iterable[str]) -> str:
         raise UserError(
             f"catalog: {where} = {template!r}: bad placeholder {e} "
             f"(allowed: {', '.join('{' + k + '}' for k in allowed)})"
-        ) from None
+        ) from e
     return template
 
 
@@ -205,7 +206,7 @@ def parse_catalog(text: str) -> dict[str, CatalogEntry]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"catalog: not valid TOML: {e}") from None
+        raise UserError(f"catalog: not valid TOML: {e}") from e
     modules = data.get("modules")
     if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
         raise UserError("catalog: top-level `modules` must be a non-empty list of module names")
@@ -236,7 +237,7 @@ def parse_catalog(text: str) -> dict[str, CatalogEntry]:
         try:
             rx = re.compile(k["abi_regex"])
         except (re.error, TypeError) as e:
-            raise UserError(f"catalog: {where}.abi_regex is not a regex: {e}") from None
+            raise UserError(f"catalog: {where}.abi_regex is not a regex: {e}") from e
         if rx.groups < 1:
             raise UserError(f"catalog: {where}.abi_regex needs a group capturing the ABI")
         release = _check_template(f"{where}.release", k.get("release", "{abi}"), ["abi"])
@@ -273,7 +274,7 @@ def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise UserError(f"cannot read the kernel catalog {path}: {e.strerror}") from None
+        raise UserError(f"cannot read the kernel catalog {path}: {e.strerror}") from e
     return parse_catalog(text)
 
 
@@ -500,8 +501,8 @@ def _elf_sections(data: bytes) -> dict[str, bytes]:
             fmt = endian + "IIIIIIIIII"
         headers = [struct.unpack_from(fmt, data, shoff + i * shentsize) for i in range(shnum)]
         names_off, names_size = headers[shstrndx][4], headers[shstrndx][5]
-    except (struct.error, IndexError):
-        raise KernelError("truncated ELF section headers") from None
+    except (struct.error, IndexError) as exc:
+        raise KernelError("truncated ELF section headers") from exc
     names = data[names_off : names_off + names_size]
     out = {}
     for h in headers:
@@ -1035,7 +1036,7 @@ def _scan_deb(
                     cmd,
                     proc.returncode,
                     err.read().decode(errors="replace") + f"\nreading its tar stream: {e}",
-                ) from None
+                ) from e
             raise
         proc.stdout.close()
         rc = proc.wait()
@@ -1156,7 +1157,7 @@ def _build_entry(
                 f"{pkg}: {e}; modules were read from {', '.join(entry.module_dirs)} under "
                 f"{entry.path('modules', abi)} (add its directory to module_dirs in "
                 f"kernel/catalog.toml)"
-            ) from None
+            ) from e
         for name in order:
             rel, ko = result.modules[name]
             vermagic = (deps[name].get("vermagic") or [""])[0].split(" ")[0]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError  # re-exported: lab.model.UserError is lab.errors.UserError
+
 __all__ = [
     "UserError",
     "KernelArtifacts",
@@ -20,11 +22,6 @@ __all__ = [
     "parse_size",
     "format_size",
 ]
-
-
-class UserError(Exception):
-    """Bad input from the person at the keyboard: the CLI prints it as one line
-    and exits 2. The message says what is wrong and what to do."""
 
 
 KiB = 1 << 10
@@ -47,8 +44,8 @@ def parse_size(text: str | int) -> int:
         suffix = s[-1:] if s[-1:] in _SUFFIXES and not s[-1:].isdigit() else ""
         number = s[: len(s) - len(suffix)]
         return int(float(number) * _SUFFIXES[suffix])
-    except (ValueError, KeyError):
-        raise UserError(f"not a size: {text!r} (use bytes or a suffix: 4K, 2M, 1G)") from None
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"not a size: {text!r} (use bytes or a suffix: 4K, 2M, 1G)") from exc
 
 
 def format_size(n: int) -> str:

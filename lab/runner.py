@@ -113,10 +113,10 @@ class _Guest:
         failed earlier, or the process is gone)."""
         try:
             return self.maps[proc][name]
-        except KeyError:
+        except KeyError as exc:
             raise AgentError("map", errno.ENOENT,
                              f"process {proc!r} has no mapping {name!r} "
-                             f"(its mmap failed, or it was unmapped or exited)") from None
+                             f"(its mmap failed, or it was unmapped or exited)") from exc
 
 
 class Recorder:
@@ -173,7 +173,7 @@ class Recorder:
         try:
             return self.guest.mapping(proc, name)
         except AgentError as exc:
-            raise UserError(exc.message) from None
+            raise UserError(exc.message) from exc
 
     def step(self, step: Step) -> StepRecord:
         """Carry out *step* and record the snapshot after it. An agent error

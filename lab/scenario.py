@@ -771,7 +771,7 @@ def validate_text(text: str, name: str = "<string>", *, path: Path | None = None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ScenarioError(f"{name}: TOML syntax error: {e}") from None
+        raise ScenarioError(f"{name}: TOML syntax error: {e}") from e
     _check_keys(top, data, _TOP_KEYS, ())
     scen_name = Path(name).stem if "name" not in data else top.name("name", data["name"])
     title = scen_name if "title" not in data else top.string("title", data["title"])
@@ -810,9 +810,9 @@ def load_scenario(path: str | Path) -> Scenario:
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise ScenarioError(f"{path}: cannot read the scenario: {e.strerror}") from None
+        raise ScenarioError(f"{path}: cannot read the scenario: {e.strerror}") from e
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ScenarioError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {e.start})") from e
     return validate_text(text, str(path), path=p)

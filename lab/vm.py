@@ -33,6 +33,7 @@ from pathlib import Path
 from .agent import AgentClient, AgentDisconnected, AgentError, AgentTimeout
 from .cache import atomic_entry, cache_root, hash_inputs
 from .console import Complaint, find_complaint
+from .errors import LabFailure
 from .model import DEFAULT_DAX, DaxSpec, GiB, KernelArtifacts, MiB, UserError, VmSpec, format_size
 from .procs import pid_alive
 
@@ -58,7 +59,7 @@ RUN_PREFIX = "devdax-lab-run-"
 BACKEND_ALIGN = 2 * MiB
 
 
-class VmError(RuntimeError):
+class VmError(LabFailure):
     """QEMU or the guest failed. Carries the command line and the console tail."""
 
     def __init__(self, message: str, *, argv: Sequence[str] = (), console_tail: Sequence[str] = ()):
@@ -286,8 +287,8 @@ def probe_accel(qemu: str = "qemu-system-x86_64", *, say=print) -> str:
                     why = f"a KVM probe guest failed ({last})"
             except subprocess.TimeoutExpired:
                 why = "a KVM probe guest did not finish in 10 s"
-            except FileNotFoundError:
-                raise UserError(f"{qemu} not found: run `devdax-lab doctor`") from None
+            except FileNotFoundError as exc:
+                raise UserError(f"{qemu} not found: run `devdax-lab doctor`") from exc
     if accel == "tcg":
         say(f"devdax-lab: KVM unusable ({why}); using TCG (software emulation)")
     _accel_cache[qemu] = accel
@@ -447,7 +448,7 @@ class Vm:
                 start_new_session=True,  # Ctrl-C reaches us, and we stop QEMU in order
             )
         except FileNotFoundError as exc:
-            raise UserError(f"{exc.filename} not found: run `devdax-lab doctor`") from None
+            raise UserError(f"{exc.filename} not found: run `devdax-lab doctor`") from exc
         (self.spec.run_dir / "qemu.pid").write_text(str(self.proc.pid))
         self._reader = threading.Thread(target=self._drain_console, name="qemu-console", daemon=True)
         self._reader.start()
@@ -664,8 +665,8 @@ def prepare_nvdimms(kernel: KernelArtifacts, initrd: Path, dax: Sequence[DaxSpec
         with Vm(spec, say=say, console_log=final.parent / "last-prepare-console.log") as vm:
             try:
                 vm.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise vm._fail(VmTimeout, f"preparing the NVDIMM labels took over {timeout:.0f} s") from None
+            except subprocess.TimeoutExpired as exc:
+                raise vm._fail(VmTimeout, f"preparing the NVDIMM labels took over {timeout:.0f} s") from exc
             time.sleep(0.1)
             lines = vm.console_tail(60)
             if not any("devdax-lab: prepare ok" in line for line in lines):

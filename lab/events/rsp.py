@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import LabFailure
+
 __all__ = [
     "GdbRemote",
     "PacketReader",
@@ -48,7 +50,7 @@ INTERRUPT = b"\x03"
 WATCH_KINDS = {"write": "2", "read": "3", "access": "4"}
 
 
-class RspError(RuntimeError):
+class RspError(LabFailure):
     """The stub refused a request, or the conversation broke."""
 
 
@@ -213,7 +215,7 @@ class GdbRemote:
             sock.connect(str(path))
         except OSError as exc:
             sock.close()
-            raise RspError(f"cannot connect to the gdbstub at {path}: {exc.strerror or exc}") from None
+            raise RspError(f"cannot connect to the gdbstub at {path}: {exc.strerror or exc}") from exc
         return cls(sock, timeout=timeout, record=record)
 
     # -- bytes -----------------------------------------------------------------
@@ -224,7 +226,7 @@ class GdbRemote:
             try:
                 self._sock.sendall(data)
             except OSError as exc:
-                raise RspError(f"gdbstub connection lost: {exc}") from None
+                raise RspError(f"gdbstub connection lost: {exc}") from exc
 
     def _next_item(self, deadline: float | None) -> tuple[str, bytes]:
         while not self._pending:
@@ -234,10 +236,10 @@ class GdbRemote:
             self._sock.settimeout(remaining)
             try:
                 data = self._sock.recv(65536)
-            except TimeoutError:
-                raise RspTimeout("the gdbstub did not answer in time") from None
+            except TimeoutError as exc:
+                raise RspTimeout("the gdbstub did not answer in time") from exc
             except OSError as exc:
-                raise RspError(f"gdbstub connection lost: {exc}") from None
+                raise RspError(f"gdbstub connection lost: {exc}") from exc
             if not data:
                 raise RspError("the gdbstub closed the connection")
             if self.transcript is not None:
@@ -308,8 +310,8 @@ class GdbRemote:
             raise RspRefused(f"cannot read {length} bytes at {address:#x} ({reply.decode()})")
         try:
             return bytes.fromhex(reply.decode("ascii"))
-        except ValueError:
-            raise RspError(f"not a memory reply: {reply[:40]!r}") from None
+        except ValueError as exc:
+            raise RspError(f"not a memory reply: {reply[:40]!r}") from exc
 
     def read_register(self, number: int) -> int | None:
         """One register by gdb number (x86-64: 16 is rip): a short reply.

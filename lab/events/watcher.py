@@ -151,12 +151,12 @@ class Watcher:
             rsp = GdbRemote.connect(self._path, timeout=self.timeout, record=self._record_bytes)
         except RspError as exc:
             raise EventsError(f"{exc}; is the VM booted with events on "
-                              f"(Session.boot(events=True))?") from None
+                              f"(Session.boot(events=True))?") from exc
         try:
             rsp.start()
         except RspError as exc:
             self._let_go(rsp, stopped=True)  # connecting stopped the guest
-            raise EventsError(f"the gdbstub did not answer ({exc})") from None
+            raise EventsError(f"the gdbstub did not answer ({exc})") from exc
         self._rsp = rsp
         self._pause_wanted = True
         self._parked.set()
@@ -369,7 +369,7 @@ class Watcher:
             try:
                 head, order, fields = inspect.folio_counters(self.prog, pfn)
             except inspect.InspectError as exc:
-                raise UserError(str(exc)) from None
+                raise UserError(str(exc)) from exc
             new: list[Counter] = []
             for name, address, size in fields:
                 if address in self.counters:
@@ -383,7 +383,7 @@ class Watcher:
                     for c in new:
                         self._talk("remove", self._rsp.remove_watchpoint, c.address, c.size)
                         del self.counters[c.address]
-                    raise EventsError(f"cannot watch {name} of PFN {pfn:#x}: {exc}") from None
+                    raise EventsError(f"cannot watch {name} of PFN {pfn:#x}: {exc}") from exc
                 c = Counter(folio_pfn=head, order=order, name=name, address=address, size=size,
                             stacks=stacks, value=value, checked=value)
                 self.counters[address] = c

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import drgn
 
-from ..model import KernelArtifacts, UserError
+from ..errors import LabFailure
+from ..model import KernelArtifacts
 
 __all__ = ["InspectError", "attach", "debug_files_for"]
 
 
-class InspectError(UserError):
+class InspectError(LabFailure):
     """A question about kernel state that has no answer: a PFN outside every
     device, a pid that has exited, an address with no mapping, debug info that
     does not match. The message names what was asked."""
@@ -43,8 +44,8 @@ def _check_qmp_free(path: Path, timeout: float = 5.0) -> None:
         try:
             s.connect(str(path))
             greeting = s.recv(4096)
-        except FileNotFoundError:
-            raise InspectError(f"no QMP socket at {path}: is the VM running?") from None
+        except FileNotFoundError as exc:
+            raise InspectError(f"no QMP socket at {path}: is the VM running?") from exc
         except (socket.timeout, ConnectionError) as exc:
             raise InspectError(
                 f"QMP socket {path} is held by another drgn Program (close it first)") from exc

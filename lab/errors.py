@@ -1,0 +1,46 @@
+"""The lab's errors and the exit status each one means.
+
+Every error the lab raises on purpose derives from :class:`LabError`, which
+carries the exit status ``devdax-lab`` ends with. ``lab.cli.main`` is the one
+place that turns one into a line on stderr and that status, so no lab error
+ever reaches the user as a traceback:
+
+- :class:`UserError` (2): bad input. The message says what is wrong and what
+  to do; nothing was started, nothing is left behind.
+- :class:`LabFailure` (1): the guest, QEMU or a tool failed (a VM that does
+  not boot, an agent that does not answer, apt, make, drgn). The message may
+  go on with the lines that explain it (a console or log tail).
+- ``KeyboardInterrupt`` (130): interrupted; the CLI says so in one line.
+
+Domain errors keep their own names and modules (``VmError`` in ``lab.vm``,
+``KernelError`` in ``lab.kernels`` ...) and derive from one of these two.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "LabError", "LabFailure", "UserError"]
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+
+
+class LabError(Exception):
+    """Base of every error the lab raises on purpose; ``exit_status`` is what
+    the CLI exits with when one reaches it."""
+
+    exit_status: int = EXIT_FAILURE
+
+
+class UserError(LabError):
+    """Bad input from the person at the keyboard: the CLI prints it as one line
+    and exits 2. The message says what is wrong and what to do."""
+
+    exit_status = EXIT_USAGE
+
+
+class LabFailure(LabError):
+    """The guest, QEMU or a tool the lab runs failed, not the input: exit 1.
+    Subclasses carry what was run and the lines that explain the failure."""
+
+    exit_status = EXIT_FAILURE
