@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import timeline as tl
-from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, UserError
-from .runner import RunResult, run_scenario
+from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, RunResult, UserError
+from .runner import run_scenario
 from .scenario import Scenario, load_scenario
 
 __all__ = ["Experiment", "run_experiment", "frames_of", "provenance"]

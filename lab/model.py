@@ -6,8 +6,10 @@ command line, the guest image and the cache keys are pure functions of them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError  # re-exported: lab.model.UserError is lab.errors.UserError
 
@@ -21,6 +23,16 @@ __all__ = [
     "PUD_LAYOUT",
     "parse_size",
     "format_size",
+    "FolioState",
+    "PercpuRefState",
+    "PgmapState",
+    "PteState",
+    "VmaState",
+    "Frame",
+    "PageRecord",
+    "StepRecord",
+    "Event",
+    "RunResult",
 ]
 
 
@@ -140,23 +152,32 @@ class VmSpec:
 class FolioState:
     """The state of one page and the folio it belongs to, as the kernel stores it.
 
-    ``mapcount`` is the page's raw ``_mapcount`` (-1 = unmapped). Fields a
-    kernel (or an order-0 folio) does not have are ``None``, never a guess.
+    ``counters`` holds every counter of `lab.columns.COUNTERS` by column name
+    (``refcount``, ``mapcount``, ``large_mapcount``, ...), read as the kernel
+    stores them: ``mapcount`` is the page's raw ``_mapcount`` (-1 = unmapped).
+    A counter a kernel (or an order-0 folio) does not have is ``None``, never
+    a guess. ``folio.refcount`` reads ``folio.counters["refcount"]``.
     """
 
     pfn: int
     folio_pfn: int
     order: int
     flags: tuple[str, ...]
-    refcount: int
-    mapcount: int
-    large_mapcount: int | None
-    entire_mapcount: int | None
-    nr_pages_mapped: int | None
-    pincount: int | None
-    mapping: int
-    index: int | None
-    pgmap: int | None
+    counters: Mapping[str, int | None] = field(hash=False)
+    mapping: int = 0
+    index: int | None = None
+    pgmap: int | None = None
+
+    def __getattr__(self, name: str):
+        # only reached for names that are not fields: the counters
+        counters = self.__dict__.get("counters")
+        if counters is not None and name in counters:
+            return counters[name]
+        raise AttributeError(f"{type(self).__name__} has no field or counter {name!r}")
+
+    @property
+    def flags_text(self) -> str:
+        return "|".join(self.flags)
 
 
 @dataclass(frozen=True)
@@ -206,3 +227,94 @@ class VmaState:
     flag_names: tuple[str, ...]
     pgoff: int
     file: str | None
+
+
+# -- records: what a run saw --------------------------------------------------
+# Plain data made by the runner (`lab.runner`) and the watcher
+# (`lab.events`), read by the pure layers (`lab.timeline`, `lab.plots`,
+# `lab.report`) without importing anything that starts a process or drgn.
+
+Frame = tuple[str, str | None, bool]  # (function, "file:line" or None, inlined)
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """One watched page after one step, as seen from one process (or none)."""
+
+    map: str
+    page: int
+    pfn: int
+    folio: FolioState
+    proc: str | None
+    vaddr: int | None
+    pte: PteState | None
+    pagemap_pfn: int | None  # the guest's own /proc/PID/pagemap answer
+    pinned: bool = False  # inside a long-term pin the scenario holds
+    in_pipe: bool = False  # inside a spliced range not yet drained
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step did and what the kernel looked like after it: the
+    snapshot of that step."""
+
+    step: int  # 0 = the state before the first step
+    action: str
+    proc: str | None
+    label: str
+    detail: str
+    errno: int | None
+    error: str | None
+    seconds: float  # action + snapshot
+    pages: tuple[PageRecord, ...]
+    pgmap: PgmapState
+    device_refcount: Any  # numpy int array: every struct page of the device (bulk path)
+    device_mapcount: Any
+    complaints: tuple[tuple[str, str], ...] = ()  # (kind, console line)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change of one watched counter (or, with kind "lost", a change the
+    watchpoints did not see, found by the watcher's accounting; with kind
+    "gone", a counter whose struct page no longer exists)."""
+
+    seq: int
+    step: int
+    kind: str  # "write", "lost", or "gone" (the struct page was removed)
+    folio_pfn: int
+    field: str
+    old: int
+    new: int | None  # None: gone
+    cpu: int | None
+    comm: str | None
+    pid: int | None
+    pc: int | None  # the instruction after the write, as reported
+    location: tuple[Frame, ...]  # of pc - 1, inline frames included
+    stack: tuple[Frame, ...] | None  # None: not asked for
+    seconds: float  # time spent handling the hit (guest stopped)
+
+    @property
+    def delta(self) -> int | None:
+        return None if self.new is None else self.new - self.old
+
+
+@dataclass
+class RunResult:
+    """All steps of one scenario (or notebook session) on one kernel.
+
+    ``scenario`` is a `lab.scenario.Scenario` (None for a notebook session).
+    """
+
+    scenario: Any
+    kernel: str
+    release: str
+    accel: str
+    device: dict
+    steps: list[StepRecord] = field(default_factory=list)
+    # with watches armed (`lab.events`): every change of a watched counter,
+    # the accounting rows of each snapshot, and what handling the hits cost
+    events: list[Event] = field(default_factory=list)
+    accounting: list[dict] = field(default_factory=list)
+    event_stats: dict = field(default_factory=dict)
+    watched_folios: dict[int, list[tuple[str, int]]] = field(default_factory=dict)

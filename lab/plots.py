@@ -14,6 +14,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from . import columns
+
 __all__ = [
     "KERNEL_COLORS",
     "PT_KINDS",
@@ -47,8 +49,7 @@ PT_KINDS = {
     "not present": ("#6c757d", "entry not present"),
     "none": ("#dee2e6", "no entry (not mapped)"),
 }
-_FOLIO_FIELDS = ("pfn", "folio_pfn", "order", "refcount", "mapcount", "large_mapcount",
-                 "entire_mapcount", "nr_pages_mapped", "pincount", "flags", "pgmap_ref")
+_FOLIO_FIELDS = columns.names("hover")
 
 
 def kernel_colors(kernels: Iterable[str]) -> dict[str, str]:
@@ -519,8 +520,7 @@ def plot_device_summary(device: pd.DataFrame, steps: pd.DataFrame | None = None,
 
 # -- events ------------------------------------------------------------------
 
-FIELD_COLORS = {"refcount": "#d62728", "mapcount": "#1f77b4", "large_mapcount": "#17becf",
-                "entire_mapcount": "#9467bd", "nr_pages_mapped": "#8c564b", "pincount": "#ff7f0e"}
+FIELD_COLORS = {c.name: c.color for c in columns.COUNTERS if c.color}
 
 
 def _event_hover(r) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pyarrow as pa
 
-from . import plots
+from . import columns, plots
 from .timeline import accounting_problems
 
 __all__ = ["REPORT_NAME", "TIMELINE_TABLE_COLUMNS", "build_report", "write_outputs"]
@@ -26,9 +26,7 @@ __all__ = ["REPORT_NAME", "TIMELINE_TABLE_COLUMNS", "build_report", "write_outpu
 REPORT_NAME = "report.html"
 
 # The compact timeline table of the report (the full one is timeline.csv).
-TIMELINE_TABLE_COLUMNS = ("kernel", "step", "action", "proc", "map", "page", "pfn", "folio_pfn",
-                          "order", "refcount", "mapcount", "entire_mapcount", "pincount",
-                          "pt_level", "pt_write", "pt_special", "pt_devmap", "pinned", "in_pipe")
+TIMELINE_TABLE_COLUMNS = columns.names("report")
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;

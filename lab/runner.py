@@ -3,8 +3,8 @@ agent, then a snapshot of the watched folios, their page-table entries in
 every process that maps them, the device's dev_pagemap and all its struct
 pages (bulk path), and any complaint the guest kernel printed meanwhile.
 
-The result is plain data (:class:`RunResult`); `lab.timeline` turns it into
-DataFrames.
+The result is plain data (the records of `lab.model`: RunResult,
+StepRecord, PageRecord); `lab.timeline` turns it into DataFrames.
 """
 
 from __future__ import annotations
@@ -14,70 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from . import inspect
 from .agent import AgentError
-from .model import FolioState, PgmapState, PteState, UserError, format_size
+from .model import PageRecord, RunResult, StepRecord, UserError, format_size
 from .scenario import Scenario, Step
 from .session import Session
 
-__all__ = ["StepRecord", "PageRecord", "RunResult", "Recorder", "run_scenario", "PAGE"]
+__all__ = ["Recorder", "run_scenario", "PAGE"]
 
 PAGE = 4096
-
-
-@dataclass(frozen=True)
-class PageRecord:
-    """One watched page after one step, as seen from one process (or none)."""
-
-    map: str
-    page: int
-    pfn: int
-    folio: FolioState
-    proc: str | None
-    vaddr: int | None
-    pte: PteState | None
-    pagemap_pfn: int | None  # the guest's own /proc/PID/pagemap answer
-    pinned: bool = False  # inside a long-term pin the scenario holds
-    in_pipe: bool = False  # inside a spliced range not yet drained
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one step did and what the kernel looked like after it."""
-
-    step: int  # 0 = the state before the first step
-    action: str
-    proc: str | None
-    label: str
-    detail: str
-    errno: int | None
-    error: str | None
-    seconds: float  # action + snapshot
-    pages: tuple[PageRecord, ...]
-    pgmap: PgmapState
-    device_refcount: np.ndarray  # every struct page of the device (bulk path)
-    device_mapcount: np.ndarray
-    complaints: tuple[tuple[str, str], ...] = ()  # (kind, console line)
-
-
-@dataclass
-class RunResult:
-    """All steps of one scenario on one kernel."""
-
-    scenario: Scenario | None  # None for an interactive (notebook) session
-    kernel: str
-    release: str
-    accel: str
-    device: dict
-    steps: list[StepRecord] = field(default_factory=list)
-    # with watches armed (`lab.events`): every change of a watched counter,
-    # the accounting rows of each snapshot, and what handling the hits cost
-    events: list = field(default_factory=list)
-    accounting: list[dict] = field(default_factory=list)
-    event_stats: dict = field(default_factory=dict)
-    watched_folios: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -2,49 +2,25 @@
 
 The session is what scenarios and notebooks drive: it boots the VM, attaches
 a drgn Program over QEMU's second QMP socket, and takes consistent snapshots
-by stopping the guest's CPUs (QMP ``stop``/``cont``) while it reads.
+by stopping the guest's CPUs (QMP ``stop``/``cont``) while it reads
+(:meth:`Session.stopped`; what is read is the runner's one snapshot,
+`lab.runner.Recorder`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 import drgn
 
 from . import inspect
 from .agent import AgentClient
-from .model import DEFAULT_DAX, DaxSpec, FolioState, KernelArtifacts, PgmapState, PteState
+from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts
 from .vm import Vm, boot
 
-__all__ = ["Session", "Snapshot", "DeviceSnapshot"]
-
-
-@dataclass(frozen=True)
-class DeviceSnapshot:
-    """Every struct page of one device-dax namespace, from the bulk path."""
-
-    name: str
-    align: int
-    pages: inspect.PageArray
-    pgmap: PgmapState
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Kernel state read while the guest was stopped (``stopped`` says so)."""
-
-    kernel: str
-    release: str
-    stopped: bool
-    taken_at: float  # time.monotonic()
-    read_seconds: float
-    folios: tuple[FolioState, ...] = ()
-    ptes: tuple[tuple[int, int, PteState | None], ...] = ()  # (pid, address, entry)
-    devices: tuple[DeviceSnapshot, ...] = field(default=())
+__all__ = ["Session"]
 
 
 class Session:
@@ -163,27 +139,3 @@ class Session:
             yield
         finally:
             self.vm.qmp.cmd("cont")
-
-    def snapshot(self, pfns: Iterable[int] = (), entries: Iterable[tuple[int, int]] = (),
-                 *, devices: bool = True) -> Snapshot:
-        """Read the folios of *pfns*, the page-table entries of (pid, address)
-        *entries* and, with *devices*, every page of every device."""
-        t0 = time.monotonic()
-        with self.stopped():
-            folios = tuple(inspect.folio_state(self.prog, pfn) for pfn in pfns)
-            ptes = []
-            for pid, address in entries:
-                try:
-                    ptes.append((pid, address, inspect.pte_state(self.prog, pid, address)))
-                except inspect.InspectError:
-                    ptes.append((pid, address, None))
-            devs = tuple(self._device_snapshot(d) for d in self.vm.devices) if devices else ()
-        return Snapshot(kernel=self.kernel.name, release=self.vm.release, stopped=True,
-                        taken_at=t0, read_seconds=time.monotonic() - t0, folios=folios,
-                        ptes=tuple(ptes), devices=devs)
-
-    def _device_snapshot(self, device: dict) -> DeviceSnapshot:
-        first = device["start"] >> 12
-        pgmap = inspect.pgmap_state(self.prog, inspect.find_dev_pagemap(self.prog, first))
-        pages = inspect.read_pages(self.prog, first, device["size"] >> 12)
-        return DeviceSnapshot(name=device["name"], align=device["align"], pages=pages, pgmap=pgmap)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .runner import RunResult
+from . import columns
+from .model import RunResult
 
 __all__ = [
     "TIMELINE_COLUMNS",
@@ -39,17 +40,24 @@ __all__ = [
 # include/linux/mm.h: a FOLL_PIN on an order-0 folio adds this to _refcount.
 GUP_PIN_COUNTING_BIAS = 1024
 
-TIMELINE_COLUMNS = {
-    "kernel": "string", "kernel_release": "string", "step": "Int64", "action": "string",
-    "label": "string", "detail": "string", "step_errno": "Int64", "proc": "string",
-    "map": "string", "page": "Int64", "vaddr": "UInt64", "pfn": "Int64", "folio_pfn": "Int64",
-    "order": "Int64", "refcount": "Int64", "mapcount": "Int64", "large_mapcount": "Int64",
-    "entire_mapcount": "Int64", "nr_pages_mapped": "Int64", "pincount": "Int64",
-    "flags": "string", "pgmap_type": "string", "pgmap_ref": "Int64", "pt_level": "string",
-    "pt_present": "boolean", "pt_write": "boolean", "pt_dirty": "boolean",
-    "pt_special": "boolean", "pt_devmap": "boolean", "pagemap_pfn": "Int64",
-    "pinned": "boolean", "in_pipe": "boolean",
-}
+TIMELINE_COLUMNS = columns.dtypes()
+
+
+def _row_sources(run: RunResult, st, pr) -> dict:
+    """The record each `lab.columns` source names, for one timeline row."""
+    return {"run": run, "step": st, "page": pr, "folio": pr.folio,
+            "counter": pr.folio.counters, "pte": pr.pte, "pgmap": st.pgmap}
+
+
+def _value(column: columns.Column, sources: dict):
+    record = sources[column.source]
+    if record is None:  # no page-table entry in this row: null, not a guess
+        return None
+    if column.source == "counter":
+        return record.get(column.name)
+    for part in (column.attr or column.name).split("."):
+        record = getattr(record, part)
+    return record
 
 
 def df_timeline(runs: Iterable[RunResult]) -> pd.DataFrame:
@@ -61,29 +69,9 @@ def df_timeline(runs: Iterable[RunResult]) -> pd.DataFrame:
     page-table entry in that row's process; ``pagemap_pfn`` is what the
     guest's /proc/PID/pagemap said.
     """
-    rows = []
-    for run in runs:
-        for st in run.steps:
-            for pr in st.pages:
-                f, pte = pr.folio, pr.pte
-                rows.append({
-                    "kernel": run.kernel, "kernel_release": run.release, "step": st.step,
-                    "action": st.action, "label": st.label, "detail": st.detail,
-                    "step_errno": st.errno, "proc": pr.proc, "map": pr.map, "page": pr.page,
-                    "vaddr": pr.vaddr, "pfn": pr.pfn, "folio_pfn": f.folio_pfn, "order": f.order,
-                    "refcount": f.refcount, "mapcount": f.mapcount,
-                    "large_mapcount": f.large_mapcount, "entire_mapcount": f.entire_mapcount,
-                    "nr_pages_mapped": f.nr_pages_mapped, "pincount": f.pincount,
-                    "flags": "|".join(f.flags), "pgmap_type": st.pgmap.type,
-                    "pgmap_ref": st.pgmap.ref.count,
-                    "pt_level": pte.level if pte else None,
-                    "pt_present": pte.present if pte else None,
-                    "pt_write": pte.write if pte else None,
-                    "pt_dirty": pte.dirty if pte else None,
-                    "pt_special": pte.special if pte else None,
-                    "pt_devmap": pte.devmap if pte else None,
-                    "pagemap_pfn": pr.pagemap_pfn, "pinned": pr.pinned, "in_pipe": pr.in_pipe,
-                })
+    rows = [[_value(c, sources) for c in columns.TIMELINE]
+            for run in runs for st in run.steps for pr in st.pages
+            for sources in (_row_sources(run, st, pr),)]
     frame = pd.DataFrame(rows, columns=list(TIMELINE_COLUMNS))
     return frame.astype(TIMELINE_COLUMNS)
 
@@ -262,8 +250,7 @@ def df_call_paths(events: pd.DataFrame, depth: int = 8) -> pd.DataFrame:
                            ignore_index=True)[cols]
 
 
-DIFF_FIELDS = ("refcount", "mapcount", "large_mapcount", "entire_mapcount", "pincount",
-               "pt_level", "pt_special", "pt_devmap", "pgmap_ref")
+DIFF_FIELDS = columns.names("diff")
 
 
 def _per_page(timeline: pd.DataFrame) -> pd.DataFrame:

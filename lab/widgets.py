@@ -26,6 +26,7 @@ import html
 import ipywidgets as w
 import plotly.graph_objects as go
 
+from . import columns
 from .api import Lab, Pin, Pipe
 from .model import UserError
 from .scenario import MADVISE, parse_pages
@@ -51,9 +52,7 @@ _ARGS = {
 }
 
 # The columns of the table: folio, pgmap and page-table state of the latest step.
-TABLE_COLUMNS = ("proc", "map", "page", "pfn", "folio_pfn", "order", "refcount", "mapcount",
-                 "large_mapcount", "entire_mapcount", "pincount", "pgmap_type", "pgmap_ref",
-                 "pt_level", "pt_write", "pt_dirty", "pt_devmap", "pinned", "in_pipe")
+TABLE_COLUMNS = columns.names("panel")
 
 _OWNER = "(owner)"  # the touch's process: the mapping's owner
 

@@ -33,7 +33,7 @@ import drgn
 
 from .. import inspect
 from ..inspect.stack import Frame, code_location, kernel_stack, task_on_cpu
-from ..model import UserError
+from ..model import Event, UserError
 from ..vm import VmError
 from .rsp import GdbRemote, RspError, RspRefused, RspTimeout, StopReply
 
@@ -61,32 +61,6 @@ class Counter:
     value: int  # last known value (after the last event)
     checked: int  # value at the last accounting (reconcile), or when armed
     recorded: int = 0  # sum of write events' deltas since then
-
-
-@dataclass(frozen=True)
-class Event:
-    """One change of one watched counter (or, with kind "lost", a change the
-    watchpoints did not see, found by :meth:`Watcher.reconcile`; with kind
-    "gone", a counter whose struct page no longer exists)."""
-
-    seq: int
-    step: int
-    kind: str  # "write", "lost", or "gone" (the struct page was removed)
-    folio_pfn: int
-    field: str
-    old: int
-    new: int | None  # None: gone
-    cpu: int | None
-    comm: str | None
-    pid: int | None
-    pc: int | None  # the instruction after the write, as reported
-    location: tuple[Frame, ...]  # of pc - 1, inline frames included
-    stack: tuple[Frame, ...] | None  # None: not asked for
-    seconds: float  # time spent handling the hit (guest stopped)
-
-    @property
-    def delta(self) -> int | None:
-        return None if self.new is None else self.new - self.old
 
 
 @dataclass

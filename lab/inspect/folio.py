@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import drgn
 from drgn import Object, cast
 from drgn.helpers.linux.mm import (
@@ -14,6 +16,7 @@ from drgn.helpers.linux.mm import (
     pfn_to_page,
 )
 
+from ..columns import COUNTERS
 from ..model import FolioState
 from .attach import InspectError
 
@@ -50,24 +53,23 @@ def page_pgmap(page: Object) -> Object:
     return cast("struct folio *", compound_head(page)).pgmap
 
 
-# Counters of a large folio, kept in its first tail page: name in the lab's
-# rows -> struct folio member. _nr_pages_mapped disappears with
-# CONFIG_NO_PAGE_MAPCOUNT (7.x); which exist is probed.
-LARGE_COUNTERS = (
-    ("large_mapcount", "_large_mapcount"),
-    ("entire_mapcount", "_entire_mapcount"),
-    ("nr_pages_mapped", "_nr_pages_mapped"),
-    ("pincount", "_pincount"),
-)
+def _counter_object(page: Object, folio: Object, order: int, column) -> Object | None:
+    """The ``atomic_t`` of counter *column* (`lab.columns.COUNTERS`), or None
+    where this folio has no such counter.
 
-
-def _large_fields(folio: Object) -> dict[str, int | None]:
-    """Counters of a large folio, kept in its first tail page."""
-    prog = folio.prog_
-    out: dict[str, int | None] = {}
-    for name, member in LARGE_COUNTERS:
-        out[name] = _atomic(getattr(folio, member)) if has_member(prog, "struct folio", member) else None
-    return out
+    Large-folio counters live in the first tail page and exist only for
+    large folios; which exist is probed: ``_large_mapcount`` and
+    ``_entire_mapcount`` came with "mm: rmap: add large folio mapcount" era
+    changes, ``_nr_pages_mapped`` went away with CONFIG_NO_PAGE_MAPCOUNT
+    (7.x, "mm: CONFIG_NO_PAGE_MAPCOUNT to prepare for not maintain per-page
+    mapcounts in large folios").
+    """
+    if column.scope == "page":
+        return getattr(page, column.member)
+    if column.scope == "large" and (
+            order == 0 or not has_member(folio.prog_, "struct folio", column.member)):
+        return None
+    return getattr(folio, column.member)
 
 
 def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) -> FolioState:
@@ -91,8 +93,10 @@ def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) 
     head = compound_head(page)
     folio = cast("struct folio *", head)
     order = compound_order(head).value_()
-    large = _large_fields(folio) if order > 0 else dict.fromkeys(
-        ("large_mapcount", "entire_mapcount", "nr_pages_mapped", "pincount"))
+    counters = {}
+    for column in COUNTERS:
+        obj = _counter_object(page, folio, order, column)
+        counters[column.name] = None if obj is None else _atomic(obj)
     try:
         index = page_index(page).value_()
     except (LookupError, AttributeError):
@@ -102,17 +106,11 @@ def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) 
         folio_pfn=page_to_pfn(head).value_(),
         order=order,
         flags=tuple(decode_page_flags(head).split("|")) if page_flags(head).value_() else (),
-        refcount=_atomic(folio._refcount),
-        mapcount=_atomic(page._mapcount),
+        counters=MappingProxyType(counters),
         mapping=folio.mapping.value_(),
         index=index,
         pgmap=pgmap,
-        **large,
     )
-
-
-# The counters a watch follows: the folio's own, then the large-folio ones.
-COUNTER_MEMBERS = (("refcount", "_refcount"), ("mapcount", "_mapcount"), *LARGE_COUNTERS)
 
 
 def folio_counters(prog: drgn.Program, pfn: int) -> tuple[int, int, list[tuple[str, int, int]]]:
@@ -130,10 +128,9 @@ def folio_counters(prog: drgn.Program, pfn: int) -> tuple[int, int, list[tuple[s
     folio = cast("struct folio *", head)
     order = compound_order(head).value_()
     out = []
-    for name, member in COUNTER_MEMBERS:
-        if name not in ("refcount", "mapcount") and (
-                order == 0 or not has_member(prog, "struct folio", member)):
-            continue
-        counter = getattr(folio, member).counter
-        out.append((name, counter.address_, counter.type_.size))
+    # the head page's own counters: a watch follows the folio, not one page
+    for column in COUNTERS:
+        obj = _counter_object(head, folio, order, column)
+        if obj is not None:
+            out.append((column.name, obj.counter.address_, obj.counter.type_.size))
     return page_to_pfn(head).value_(), order, out

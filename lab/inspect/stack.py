@@ -17,7 +17,7 @@ _PT_REGS = (
     ("ip", "rip"), ("cs", "cs"), ("flags", "eflags"), ("sp", "rsp"), ("ss", "ss"),
 )
 
-Frame = tuple[str, str | None, bool]  # (function, "file:line" or None, inlined)
+from ..model import Frame  # (function, "file:line" or None, inlined)
 
 
 def _cpu_layout(prog: drgn.Program, cpu: int) -> tuple[int, int, int]:
