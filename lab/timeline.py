@@ -1,8 +1,10 @@
 """Tidy DataFrames from scenario runs, kernel-vs-kernel differences, and
 named invariant checks. Pure: functions of RunResults and DataFrames.
 
-``mapcount`` and the other mapcount columns are the raw values the kernel
-stores: -1 means "not mapped", 0 "mapped once".
+``mapcount``, ``large_mapcount`` and ``entire_mapcount`` are the raw values
+the kernel stores: -1 means "not mapped", 0 "mapped once".
+``nr_pages_mapped`` and ``pincount`` are plain counts that start at 0 (and
+``nr_pages_mapped`` exists only with CONFIG_PAGE_MAPCOUNT; docs/glossary.md).
 """
 
 from __future__ import annotations
@@ -282,7 +284,10 @@ def df_diff(timeline: pd.DataFrame, fields: Sequence[str] = DIFF_FIELDS) -> pd.D
 
 def describe_differences(diff: pd.DataFrame, kernels: Sequence[str]) -> list[str]:
     """Plain-language sentences: one per step and set of pages that differ
-    the same way."""
+    the same way, each saying what the differing fields are consistent with
+    (docs/glossary.md). The refcount series is named only when the pattern
+    is its own: refcount and a mapcount up by the same number of mappings on
+    one kernel, the mapcount unmapped (-1) on the other."""
     if diff.empty:
         return ["The kernels agree on every watched field at every step."]
     groups: dict[tuple, list[int]] = {}
@@ -291,21 +296,105 @@ def describe_differences(diff: pd.DataFrame, kernels: Sequence[str]) -> list[str
         groups.setdefault((step, action, map_name, signature), []).append(int(page))
     out = []
     for (step, action, map_name, signature), pages in groups.items():
-        fields = {f for f, *_ in signature}
+        values = {sig[0]: dict(zip(kernels, sig[1:])) for sig in signature}
         parts = []
         for i, k in enumerate(kernels, start=1):
             parts.append(f"on {k}: " + ", ".join(f"{sig[0]} {sig[i]}" for sig in signature))
-        why = ""
-        if fields & {"refcount", "mapcount", "entire_mapcount", "large_mapcount"}:
-            why = (" A mapping took a folio reference and a mapcount on one kernel and not on"
-                   " the other: the difference \"device/dax: properly refcount device dax pages"
-                   " when mapping\" makes.")
-        elif fields & {"pt_devmap", "pt_special"}:
-            why = " The page-table entry is a devmap/special entry on one kernel only."
+        why = "".join(f" {sentence}" for sentence in _explain(values, kernels))
         which = "page" if len(pages) == 1 else "pages"
         out.append(f"Step {step} ({action}), {map_name} {which} {_pages_list(pages)}: "
                    + "; ".join(parts) + "." + why)
     return out
+
+
+_REFCOUNT_SERIES = ('"device/dax: properly refcount device dax pages when mapping" (Linux 6.15;'
+                    " docs/glossary.md)")
+_MAPCOUNTS = ("mapcount", "entire_mapcount", "large_mapcount")
+
+
+def _as_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _explain(values: dict[str, dict[str, str]], kernels: Sequence[str]) -> list[str]:
+    """What the differing *values* ({field: {kernel: text}}) are consistent
+    with, one sentence per kind of difference, built only from the fields
+    that differ."""
+    out = []
+    ref = values.get("refcount")
+    maps = {f: values[f] for f in _MAPCOUNTS if f in values}
+    if ref and maps:
+        series = _series_pattern(ref, maps, kernels)
+        if series:
+            hi, lo, n, field = series
+            holders = "the mapping holds" if n == 1 else f"each of the {n} mappings holds"
+            out.append(f"Consistent with {_REFCOUNT_SERIES}: on {hi} {holders} a folio"
+                       f" reference and is counted in {field}; on {lo} the mapping holds neither"
+                       f" ({field} stays -1).")
+        else:
+            out.append("Refcount and mapcount both differ, but not by one reference per counted"
+                       " mapping with the mapcount unmapped on the other kernel: not the pattern"
+                       " of the refcount series alone; look for an extra get/put or a mapping"
+                       " counted without its reference.")
+    elif ref:
+        hi = _highest(ref, kernels)
+        out.append("Only the refcount differs, the mapcounts agree: consistent with a reference"
+                   f" taken outside the page tables (a pin, a pipe buffer) or not given back"
+                   f" (a leak) on {hi}, or an extra put on the other kernel"
+                   " - not with how a mapping is counted.")
+    elif maps:
+        out.append(f"Only {', '.join(maps)} differ{'s' if len(maps) == 1 else ''}, the refcount"
+                   " agrees: consistent with a mapping counted in the rmap without a folio"
+                   " reference of its own (or a mapcount not given back) - not with the refcount"
+                   " series, where the two move together.")
+    if "pt_special" in values:
+        out.append("The entry's special bit differs: vm_normal_page() returns NULL for a special"
+                   " entry, so zap, fork and GUP treat the page as pageless on the kernel that"
+                   " set it.")
+    elif "pt_devmap" in values:
+        out.append("Only the devmap bit differs (a PMD/PUD: no special bit there):"
+                   " vm_normal_page_pmd() returns NULL for a devmap entry, and zap and GUP take"
+                   " their devmap paths on the kernel that set it.")
+    if "pt_level" in values:
+        out.append("The page is mapped at a different page-table level (or not at all) on one"
+                   " kernel.")
+    if "pincount" in values:
+        out.append("The large folio's _pincount differs: a FOLL_PIN counted on one kernel only.")
+    if "pgmap_ref" in values:
+        out.append("The dev_pagemap's percpu_ref count differs: it is taken in bulk when the"
+                   " pages are created, so a difference means a pgmap reference taken or dropped"
+                   " by a step.")
+    return out
+
+
+def _highest(field: dict[str, str], kernels: Sequence[str]) -> str:
+    numbers = {k: _as_int(field[k]) for k in kernels}
+    known = {k: v for k, v in numbers.items() if v is not None}
+    return max(known, key=known.get) if known else kernels[0]
+
+
+def _series_pattern(ref: dict[str, str], maps: dict[str, dict[str, str]],
+                    kernels: Sequence[str]) -> tuple[str, str, int, str] | None:
+    """(kernel with the counted mappings, kernel without, number of mappings,
+    mapcount field) when refcount and one mapcount field are both higher by
+    the same n >= 1 on one kernel and that field is -1 (unmapped) on the
+    other; None otherwise. Two kernels only."""
+    if len(kernels) != 2:
+        return None
+    a, b = kernels
+    ra, rb = _as_int(ref[a]), _as_int(ref[b])
+    if ra is None or rb is None or ra == rb:
+        return None
+    hi, lo = (a, b) if ra > rb else (b, a)
+    n = abs(ra - rb)
+    for field, by_kernel in maps.items():
+        m_hi, m_lo = _as_int(by_kernel[hi]), _as_int(by_kernel[lo])
+        if m_hi is not None and m_lo == -1 and m_hi - m_lo == n:
+            return hi, lo, n, field
+    return None
 
 
 def _pages_list(pages: Sequence[int]) -> str:
@@ -371,7 +460,12 @@ _LEVEL_SIZE = {"PTE": 1 << 12, "PMD": 1 << 21, "PUD": 1 << 30}
 
 def _inv_refcount_covers(timeline: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
     """refcount >= mappings: a folio's refcount is at least the number of
-    page-table entries that map it (each mapping holds a reference)."""
+    page-table entries that map it. Weak on purpose: MEMORY_DEVICE_GENERIC
+    folios rest at refcount 1 (__init_zone_device_page) and
+    free_zone_device_folio() sets them back to 1, so on a kernel whose
+    mappings take no reference (6.12) a page mapped once passes, and an
+    extra put is "healed" to 1 unseen. Only the exact accounting
+    (lab.events) catches those."""
     mapped = timeline[timeline["pt_present"].fillna(False).astype(bool)].copy()
     # Pages of one folio under one PMD or PUD share that entry: count entries,
     # not pages.
@@ -388,7 +482,10 @@ def _inv_refcount_covers(timeline: pd.DataFrame, _steps: pd.DataFrame) -> Iterab
 
 def _inv_pgmap_stable(_pages: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation]:
     """pgmap-ref-stable: mapping and unmapping leave the dev_pagemap's
-    percpu_ref count unchanged (pins and splices may take their own)."""
+    percpu_ref count unchanged. The references are taken in bulk when the
+    pages are created (pagemap_range) and dropped by memunmap_pages(); on
+    6.12 GUP takes one only while it follows a page, and neither kernel
+    keeps one for a pin's lifetime (docs/glossary.md)."""
     neutral = {"start", "mmap", "touch", "munmap", "fork", "exit", "snapshot", "mprotect"}
     for kernel, g in steps.groupby("kernel"):
         g = g.sort_values("step")
