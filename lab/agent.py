@@ -15,6 +15,7 @@ that timed out may still be answered later; that stale answer is skipped by id.
 
 from __future__ import annotations
 
+import base64
 import errno as _errno
 import json
 import logging
@@ -23,6 +24,8 @@ import select
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import LabFailure
@@ -33,6 +36,7 @@ __all__ = [
     "AgentError",
     "AgentTimeout",
     "LineBuffer",
+    "ProgramResult",
     "check_response",
     "decode_response",
     "encode_request",
@@ -45,6 +49,9 @@ _I64_MIN = -(1 << 63)
 #: addresses per touch/pagemap request; keeps every reply small enough for
 #: the worker channel even where the agent cannot enlarge socket buffers
 ADDR_CHUNK = 2048
+#: raw bytes per "put" request: 1.33 MiB of base64, well inside the agent's
+#: 4 MiB line
+PUT_CHUNK = 1 << 20
 
 
 class AgentError(LabFailure):
@@ -105,7 +112,8 @@ class LineBuffer:
 
 
 def _check_arg(key: str, value: Any) -> None:
-    """The agent accepts strings, integers, booleans, null and integer arrays."""
+    """The agent accepts strings, integers, booleans, null, integer arrays and
+    string arrays (program arguments)."""
     if value is None or isinstance(value, (bool, str)):
         return
     if isinstance(value, int):
@@ -113,6 +121,11 @@ def _check_arg(key: str, value: Any) -> None:
             raise ValueError(f"argument {key!r}: {value} does not fit 64 bits")
         return
     if isinstance(value, (list, tuple)):
+        if value and all(isinstance(item, str) for item in value):
+            for item in value:
+                if "\0" in item:
+                    raise ValueError(f"argument {key!r}: {item!r} holds a NUL byte")
+            return
         for item in value:
             if isinstance(item, bool) or not isinstance(item, int):
                 raise TypeError(f"argument {key!r}: arrays may only hold integers, got {item!r}")
@@ -182,6 +195,31 @@ def check_response(cmd: str, resp: dict[str, Any]) -> dict[str, Any]:
     if not resp["ok"]:
         raise AgentError(cmd, resp["errno"], resp["error"])
     return {k: v for k, v in resp.items() if k not in ("id", "ok")}
+
+
+@dataclass(frozen=True)
+class ProgramResult:
+    """What a program run in the guest by ``AgentClient.run`` did.
+
+    ``status`` is its exit status (None if a signal ended it), ``signal`` the
+    signal number (None if it exited), ``timed_out`` whether the agent killed
+    it at the timeout.  ``stdout``/``stderr`` hold at most 1 MiB each;
+    ``stdout_bytes``/``stderr_bytes`` count everything it wrote.
+    """
+
+    status: int | None
+    signal: int | None
+    timed_out: bool
+    elapsed: float
+    stdout: bytes
+    stderr: bytes
+    stdout_bytes: int
+    stderr_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        """Exited with status 0."""
+        return self.status == 0
 
 
 class _Transport(Protocol):
@@ -346,6 +384,33 @@ class AgentClient:
         """mprotect in *proc*; *prot* is letters from ``"rwx"``, ``""`` for PROT_NONE."""
         self.request("mprotect", proc=proc, addr=addr, length=length, prot=prot)
 
+    def mremap(self, proc: str, addr: int, old_length: int, new_length: int, *,
+               maymove: bool = False, fixed: bool = False, new_addr: int = 0,
+               dontunmap: bool = False) -> int:
+        """mremap(addr, old_length, new_length, flags, new_addr) in *proc*, flags
+        from MREMAP_MAYMOVE / MREMAP_FIXED / MREMAP_DONTUNMAP.  Returns the
+        mapping's (new) address.  What device-dax refuses comes back as an
+        AgentError with the kernel's errno."""
+        return self.request("mremap", proc=proc, addr=addr, old_length=old_length,
+                            new_length=new_length, maymove=maymove, fixed=fixed,
+                            new_addr=new_addr, dontunmap=dontunmap)["addr"]
+
+    def mlock(self, proc: str, addr: int, length: int, onfault: bool = False) -> None:
+        """mlock(addr, length) in *proc*, or mlock2(..., MLOCK_ONFAULT) with *onfault*."""
+        self.request("mlock", proc=proc, addr=addr, length=length, onfault=onfault)
+
+    def munlock(self, proc: str, addr: int, length: int) -> None:
+        """munlock(addr, length) in *proc*."""
+        self.request("munlock", proc=proc, addr=addr, length=length)
+
+    def maps(self, proc: str, smaps: bool = False) -> list[dict[str, Any]]:
+        """The VMAs of *proc* from its own /proc/self/maps: dicts with ``start``,
+        ``end``, ``perms`` (e.g. ``"rw-s"``), ``offset`` and ``path``.  With
+        *smaps*, from /proc/self/smaps, adding ``vmflags`` (e.g. ``"rd wr sh
+        lo"``), ``rss`` and ``locked`` in bytes; smaps walks the page tables,
+        which zaps a PUD-mapped device-dax range as pagemap does."""
+        return self.request("maps", proc=proc, smaps=smaps)["vmas"]
+
     def exit(self, proc: str, status: int = 0) -> int:
         """The worker exits with *status*; returns its pid."""
         return self.request("exit", proc=proc, status=status)["pid"]
@@ -387,6 +452,41 @@ class AgentClient:
         """Write *text* to the file *path* under /sys in the guest (unbind a
         device, say). Returns the bytes written."""
         return int(self.request("sysfs", path=path, text=text)["bytes"])
+
+    def put_file(self, name: str, data: bytes, timeout: float = 60.0) -> int:
+        """Write *data* to the file *name* (a plain file name) in the agent's
+        files directory (/tmp/devdax-lab, a tmpfs), mode 0700, in chunks of
+        :data:`PUT_CHUNK` bytes.  Returns the file's size."""
+        size = 0
+        for i in range(0, max(len(data), 1), PUT_CHUNK):
+            chunk = base64.b64encode(data[i:i + PUT_CHUNK]).decode("ascii")
+            size = int(self.request("put", timeout=timeout, name=name, data=chunk,
+                                    append=i > 0)["size"])
+        return size
+
+    def run(self, name: str, args: Sequence[str] = (), timeout: float = 60.0) -> ProgramResult:
+        """Run the file *name* sent with :meth:`put_file`, with *args*, stdin
+        /dev/null, in its own process group, from the files directory.  The
+        agent kills the group after *timeout* seconds.  The agent answers
+        nothing else meanwhile."""
+        resp = self.request("run", timeout=timeout + 30.0, name=name, args=list(args),
+                            timeout_ms=max(1, round(timeout * 1000)))
+        return ProgramResult(
+            status=resp["status"], signal=resp["signal"], timed_out=resp["timed_out"],
+            elapsed=resp["elapsed_ms"] / 1000, stdout=base64.b64decode(resp["stdout"]),
+            stderr=base64.b64decode(resp["stderr"]), stdout_bytes=resp["stdout_bytes"],
+            stderr_bytes=resp["stderr_bytes"])
+
+    def run_binary(self, binary: Path | bytes, args: Sequence[str] = (), timeout: float = 60.0,
+                   name: str | None = None) -> ProgramResult:
+        """Send a program (a path on the host or its bytes) and run it: put_file + run.
+        Static binaries only: the guest has busybox and no C library."""
+        if isinstance(binary, Path):
+            data, name = binary.read_bytes(), name or binary.name
+        else:
+            data, name = binary, name or "program"
+        self.put_file(name, data)
+        return self.run(name, args, timeout=timeout)
 
     def poweroff(self) -> None:
         """Ask the guest to power off (refused with EPERM unless the agent is

@@ -70,12 +70,14 @@ def fake_dirs(tmp_path) -> tuple[Path, Path]:
 class Agent:
     """A running agent: its process, the client, and the raw host socket."""
 
-    def __init__(self, proc: subprocess.Popen, sock: socket.socket, dev: Path, log: Path):
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, dev: Path, log: Path,
+                 files: Path):
         self.proc = proc
         self.sock = sock
         self.client = AgentClient(sock)
         self.dev = dev
         self.log = log
+        self.files = files
 
 
 @pytest.fixture
@@ -83,14 +85,16 @@ def agent(agent_bin, fake_dirs, tmp_path):
     dev, sysfs = fake_dirs
     host, child = socket.socketpair()
     log = tmp_path / "agent.stderr"
+    files = tmp_path / "files"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [str(agent_bin), "-", "--device-dir", str(dev), "--sysfs-dax", str(sysfs)],
+            [str(agent_bin), "-", "--device-dir", str(dev), "--sysfs-dax", str(sysfs),
+             "--files-dir", str(files)],
             stdin=child, stdout=child, stderr=err,
         )
     child.close()
     try:
-        yield Agent(proc, host, dev, log)
+        yield Agent(proc, host, dev, log, files)
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -382,6 +386,154 @@ def test_mprotect(agent):
     assert c.touch("a", [addr], write=True) == 1
     with pytest.raises(AgentError) as info:
         c.mprotect("a", addr, MiB, "rq")
+    assert info.value.errno == errno.EINVAL
+
+
+def _vma(maps: list[dict], addr: int) -> dict | None:
+    """The VMA that contains *addr*, or None."""
+    return next((v for v in maps if v["start"] <= addr < v["end"]), None)
+
+
+def test_mremap_grow_in_place_then_move_then_shrink(agent):
+    c = agent.client
+    addr = c.mmap("a", "dax0.0", 48 * 1024)
+    c.touch("a", [addr], write=True)
+    c.munmap("a", addr + 16 * 1024, 16 * 1024)
+    # the 16K after the first part is free: it grows where it is
+    assert c.mremap("a", addr, 16 * 1024, 32 * 1024) == addr
+    vma = _vma(c.maps("a"), addr)
+    assert vma["path"].endswith("/dax0.0") and vma["offset"] == 0
+    assert vma["end"] - addr == 48 * 1024  # merged with the untouched last 16K
+    # no room after 32K without moving
+    with pytest.raises(AgentError) as info:
+        c.mremap("a", addr, 32 * 1024, 64 * 1024)
+    assert info.value.errno == errno.ENOMEM and info.value.message.startswith("mremap 0x")
+    new = c.mremap("a", addr, 32 * 1024, 64 * 1024, maymove=True)
+    assert new != addr
+    maps = c.maps("a")
+    moved = _vma(maps, new)
+    assert (moved["start"], moved["end"], moved["offset"]) == (new, new + 64 * 1024, 0)
+    assert _vma(maps, addr) is None  # the old range is gone ...
+    assert _vma(maps, addr + 32 * 1024)["offset"] == 32 * 1024  # ... but not what followed it
+    # the page table entry moved with the mapping: same page, same data
+    assert c.pagemap("a", [new])[0]["present"] is True
+    assert c.mremap("a", new, 64 * 1024, PAGE) == new
+    assert _vma(c.maps("a"), new)["end"] == new + PAGE
+
+
+def test_mremap_fixed_and_refusals(agent):
+    c = agent.client
+    addr = c.mmap("a", "dax0.0", 4 * MiB, align=2 * MiB)
+    target = c.mmap("a", "anon", 2 * MiB, shared=False)
+    assert c.mremap("a", addr, MiB, MiB, maymove=True, fixed=True, new_addr=target) == target
+    assert _vma(c.maps("a"), target)["path"].endswith("/dax0.0")
+    with pytest.raises(AgentError) as info:  # MREMAP_FIXED needs MREMAP_MAYMOVE
+        c.mremap("a", addr + MiB, MiB, MiB, fixed=True, new_addr=target)
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(AgentError) as info:
+        c.mremap("a", addr + MiB + 1, PAGE, 2 * PAGE)
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(AgentError) as info:
+        c.request("mremap", proc="a", addr=addr, old_length=PAGE)  # no new_length
+    assert info.value.errno == errno.EINVAL and "new_length" in info.value.message
+
+
+def test_mlock_munlock_show_in_smaps(agent):
+    c = agent.client
+    addr = c.mmap("a", "anon", 64 * 1024, shared=False)
+    assert "lo" not in _vma(c.maps("a", smaps=True), addr)["vmflags"].split()
+    c.mlock("a", addr, 64 * 1024)
+    vma = _vma(c.maps("a", smaps=True), addr)
+    assert "lo" in vma["vmflags"].split()
+    assert vma["locked"] == vma["rss"] == 64 * 1024  # mlock faults the range in
+    c.munlock("a", addr, 64 * 1024)
+    vma = _vma(c.maps("a", smaps=True), addr)
+    assert "lo" not in vma["vmflags"].split() and vma["locked"] == 0
+    other = c.mmap("a", "anon", 64 * 1024, shared=False)
+    c.mlock("a", other, 64 * 1024, onfault=True)
+    vma = _vma(c.maps("a", smaps=True), other)
+    assert {"lo", "lf"} <= set(vma["vmflags"].split()) and vma["rss"] == 0
+    with pytest.raises(AgentError) as info:
+        c.mlock("a", 1 << 46, PAGE)  # nothing mapped there
+    assert info.value.errno == errno.ENOMEM and info.value.message.startswith("mlock")
+    # plain maps has no smaps fields
+    assert "vmflags" not in _vma(c.maps("a"), other)
+
+
+# -- programs from the host ------------------------------------------------------
+
+SCRIPT = b"""#!/bin/sh
+echo "args:$#:$1|$2"
+echo "to stderr" >&2
+case "$1" in
+  exit) exit "$2" ;;
+  kill) kill -TERM $$ ;;
+  sleep) sleep "$2" ;;
+  big) head -c "$2" /dev/zero ;;
+  bytes) printf '\377\001\n' ;;
+  orphan) sleep 30 & echo started ;;
+esac
+"""
+
+
+def test_put_and_run_status_output_and_args(agent):
+    c = agent.client
+    assert c.put_file("prog", SCRIPT) == len(SCRIPT)
+    assert (agent.files / "prog").read_bytes() == SCRIPT
+    assert os.stat(agent.files / "prog").st_mode & 0o777 == 0o700
+    res = c.run("prog", ["exit", "3"])
+    assert (res.status, res.signal, res.timed_out, res.ok) == (3, None, False, False)
+    assert res.stdout == b"args:2:exit|3\n" and res.stderr == b"to stderr\n"
+    assert c.run("prog", ["two words", "é"]).stdout == "args:2:two words|é\n".encode()
+    assert c.run("prog").stdout == b"args:0:|\n" and c.run("prog").ok
+    res = c.run("prog", ["kill"])
+    assert (res.status, res.signal) == (None, signal.SIGTERM)
+    assert c.run("prog", ["bytes"]).stdout.endswith(b"\xff\x01\n")
+
+
+def test_run_timeout_and_output_limit(agent):
+    c = agent.client
+    c.put_file("prog", SCRIPT)
+    res = c.run("prog", ["sleep", "20"], timeout=0.5)
+    assert res.timed_out and res.signal == signal.SIGKILL and res.elapsed < 5
+    res = c.run("prog", ["big", str(3 * MiB)])
+    assert res.ok and res.stdout_bytes == 3 * MiB + len("args:2:big|3145728\n")
+    assert len(res.stdout) == MiB
+    # a background child holding stdout is killed with the program's group
+    res = c.run("prog", ["orphan"], timeout=20)
+    assert res.ok and res.stdout.endswith(b"started\n") and res.elapsed < 5
+    assert c.ping()
+
+
+def test_put_in_chunks_and_run_binary(agent, agent_bin):
+    c = agent.client
+    data = os.urandom(3 * 1024 * 1024 + 17)  # four chunks
+    assert c.put_file("blob", data) == len(data)
+    assert (agent.files / "blob").read_bytes() == data
+    assert c.put_file("blob", b"short") == 5  # a new put replaces the file
+    # a real static binary: the agent itself answers --help
+    res = c.run_binary(agent_bin, ["--help"])
+    assert res.ok and res.stdout.startswith(b"usage: agent")
+
+
+def test_put_and_run_refusals(agent):
+    c = agent.client
+    for name in ("../x", "a/b", ""):
+        with pytest.raises(AgentError) as info:
+            c.put_file(name, b"x")
+        assert info.value.errno == errno.EINVAL
+    with pytest.raises(AgentError) as info:
+        c.request("put", name="x", data="not base64!")
+    assert info.value.errno == errno.EINVAL and "base64" in info.value.message
+    with pytest.raises(AgentError) as info:
+        c.run("missing")
+    assert info.value.errno == errno.ENOENT and "put first" in info.value.message
+    c.put_file("x", b"#!/bin/sh\n")
+    with pytest.raises(AgentError) as info:
+        c.request("run", name="x", args=[1, 2])
+    assert info.value.errno == errno.EINVAL and "args" in info.value.message
+    with pytest.raises(AgentError) as info:
+        c.request("run", name="x", timeout_ms=0)
     assert info.value.errno == errno.EINVAL
 
 

@@ -39,6 +39,8 @@ def test_encode_keeps_id_and_cmd_first_and_big_numbers_exact():
         ({"x": {"nested": 1}}, TypeError),
         ({"x": [1, "two"]}, TypeError),
         ({"x": [True]}, TypeError),
+        ({"x": ["one", 2]}, TypeError),
+        ({"x": ["nul\0inside"]}, ValueError),
         ({"x": 1 << 64}, ValueError),
         ({"x": [-1]}, ValueError),
         ({"id": 3}, ValueError),
@@ -48,6 +50,11 @@ def test_encode_keeps_id_and_cmd_first_and_big_numbers_exact():
 def test_encode_rejects_what_the_agent_cannot_parse(args, exc):
     with pytest.raises(exc):
         encode_request(1, "echo", args)
+
+
+def test_encode_string_arrays_for_program_arguments():
+    line = encode_request(2, "run", {"name": "p", "args": ("-v", "two words", "é")})
+    assert json.loads(line)["args"] == ["-v", "two words", "é"]
 
 
 def test_encode_rejects_bad_id_and_cmd():

@@ -15,7 +15,7 @@
  * stuck in a fault does not stop the agent from answering others.
  *
  * Build: gcc -static -O2 -Wall -Wextra -o agent agent.c
- * Usage: agent PORT_PATH|- [--device-dir DIR] [--sysfs-dax DIR] [--allow-poweroff]
+ * Usage: agent PORT_PATH|- [--device-dir DIR] [--sysfs-dax DIR] [--files-dir DIR] [--allow-poweroff]
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -40,7 +40,9 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/stat.h>
 #include <sys/utsname.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* Longest request or reply line.  A pagemap reply for MAX_ARRAY pages fits. */
@@ -55,6 +57,7 @@
 
 static const char *g_device_dir = "/dev";
 static const char *g_sysfs_dax = "/sys/bus/dax/devices";
+static const char *g_files_dir = "/tmp/devdax-lab"; /* "put" and "run": /tmp is a tmpfs */
 static bool g_allow_poweroff;
 static pid_t g_agent_pid;
 static long g_page_size = 4096;
@@ -186,7 +189,7 @@ static int fail(struct err *e, int no, const char *fmt, ...)
 /* A JSON parser for exactly what the protocol needs: one flat object whose  */
 /* values are strings, integers, booleans, null or arrays of integers.      */
 
-enum jtype { J_STR, J_INT, J_BOOL, J_NULL, J_ARR };
+enum jtype { J_STR, J_INT, J_BOOL, J_NULL, J_ARR, J_STRS };
 
 struct jval {
 	char key[NAME_LEN];
@@ -197,6 +200,7 @@ struct jval {
 	bool neg;       /* J_INT: negative */
 	bool b;         /* J_BOOL */
 	uint64_t *arr;  /* J_ARR */
+	char **strs;    /* J_STRS: len strings, each NUL-terminated, then NULL */
 };
 
 struct jobj {
@@ -211,7 +215,8 @@ struct jp {
 
 static const char *jtype_name(enum jtype t)
 {
-	static const char *names[] = {"string", "integer", "boolean", "null", "array"};
+	static const char *names[] = {"string", "integer", "boolean", "null", "array",
+				      "array of strings"};
 	return names[t];
 }
 
@@ -220,6 +225,9 @@ static void jobj_free(struct jobj *o)
 	for (int i = 0; i < o->n; i++) {
 		free(o->f[i].str);
 		free(o->f[i].arr);
+		for (size_t k = 0; o->f[i].type == J_STRS && o->f[i].strs && k < o->f[i].len; k++)
+			free(o->f[i].strs[k]);
+		free(o->f[i].strs);
 	}
 	o->n = 0;
 }
@@ -368,6 +376,48 @@ static int jp_int(struct jp *j, uint64_t *u, bool *neg)
 	return 0;
 }
 
+/* An array whose first element is a string holds only strings (program
+ * arguments for "run"); none may hold a NUL byte, since they become argv. */
+static int jp_string_array(struct jp *j, struct jval *v)
+{
+	size_t cap = 0;
+	v->type = J_STRS;
+	for (;;) {
+		jp_ws(j);
+		if (j->p >= j->end || *j->p != '"')
+			return fail(j->e, EINVAL, "bad JSON: an array of strings may only hold strings");
+		if (v->len + 1 >= MAX_ARRAY)
+			return fail(j->e, E2BIG, "array longer than %d elements", MAX_ARRAY);
+		if (v->len + 2 > cap) {
+			cap = cap ? cap * 2 : 8;
+			char **a = realloc(v->strs, cap * sizeof *a);
+			if (!a)
+				return fail(j->e, ENOMEM, "out of memory parsing array");
+			v->strs = a;
+		}
+		struct sbuf b = {0};
+		int rc = jp_string(j, &b);
+		if (rc == 0 && strlen(b.p) != b.len)
+			rc = jp_bad(j, "string in array holds a NUL byte");
+		if (rc) {
+			sb_free(&b);
+			return -1;
+		}
+		v->strs[v->len++] = b.p;
+		v->strs[v->len] = NULL;
+		jp_ws(j);
+		if (j->p < j->end && *j->p == ',') {
+			j->p++;
+			continue;
+		}
+		if (j->p < j->end && *j->p == ']') {
+			j->p++;
+			return 0;
+		}
+		return jp_bad(j, "expected , or ] in array");
+	}
+}
+
 static int jp_array(struct jp *j, struct jval *v)
 {
 	size_t cap = 0;
@@ -377,6 +427,8 @@ static int jp_array(struct jp *j, struct jval *v)
 		j->p++;
 		return 0;
 	}
+	if (j->p < j->end && *j->p == '"')
+		return jp_string_array(j, v);
 	for (;;) {
 		bool neg;
 		uint64_t u;
@@ -623,6 +675,24 @@ static int get_array(struct req *r, const char *key, const uint64_t **arr, size_
 	if (arg_type(r, key, v, J_ARR, e))
 		return -1;
 	*arr = v->arr;
+	*n = v->len;
+	return 0;
+}
+
+/* An optional array of strings; an empty JSON array counts as one. */
+static int get_strs(struct req *r, const char *key, char *const **out, size_t *n, struct err *e)
+{
+	static char *const none[] = {NULL};
+	struct jval *v = arg(r, key);
+	*out = none;
+	*n = 0;
+	if (!v)
+		return 0;
+	if (v->type == J_ARR && v->len == 0)
+		return 0;
+	if (arg_type(r, key, v, J_STRS, e))
+		return -1;
+	*out = v->strs;
 	*n = v->len;
 	return 0;
 }
@@ -927,6 +997,129 @@ static int cmd_mprotect(struct req *r, struct sbuf *res, struct err *e)
 		return fail(e, en, "mprotect 0x%" PRIx64 "+%" PRIu64 " '%s': %s", addr, length, ps,
 			    strerror(en));
 	}
+	return 0;
+}
+
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+
+/* mremap: grow, shrink or move a mapping.  Which of these device-dax allows
+ * is the kernel's business: every refusal comes back as its errno. */
+static int cmd_mremap(struct req *r, struct sbuf *res, struct err *e)
+{
+	uint64_t addr, old_len, new_len, new_addr;
+	bool maymove, fixed, dontunmap;
+	if (get_u64(r, "addr", true, 0, &addr, e) || get_u64(r, "old_length", true, 0, &old_len, e) ||
+	    get_u64(r, "new_length", true, 0, &new_len, e) ||
+	    get_bool(r, "maymove", false, false, &maymove, e) ||
+	    get_bool(r, "fixed", false, false, &fixed, e) ||
+	    get_bool(r, "dontunmap", false, false, &dontunmap, e) ||
+	    get_u64(r, "new_addr", false, 0, &new_addr, e))
+		return -1;
+	int flags = (maymove ? MREMAP_MAYMOVE : 0) | (fixed ? MREMAP_FIXED : 0) |
+		    (dontunmap ? MREMAP_DONTUNMAP : 0);
+	void *p = mremap((void *)(uintptr_t)addr, old_len, new_len, flags, (void *)(uintptr_t)new_addr);
+	if (p == MAP_FAILED) {
+		int en = errno;
+		return fail(e, en, "mremap 0x%" PRIx64 "+%" PRIu64 " to %" PRIu64 " flags %d: %s", addr,
+			    old_len, new_len, flags, strerror(en));
+	}
+	res_u64(res, "addr", (uintptr_t)p);
+	res_u64(res, "length", new_len);
+	return 0;
+}
+
+#ifndef MLOCK_ONFAULT
+#define MLOCK_ONFAULT 1
+#endif
+
+/* mlock (or mlock2 with MLOCK_ONFAULT): the kernel may also fault the range
+ * in, which is part of what the lab wants to see. */
+static int cmd_mlock(struct req *r, struct sbuf *res, struct err *e)
+{
+	uint64_t addr, length;
+	bool onfault;
+	(void)res;
+	if (get_range(r, &addr, &length, e) || get_bool(r, "onfault", false, false, &onfault, e))
+		return -1;
+	int rc = onfault ? mlock2((void *)(uintptr_t)addr, length, MLOCK_ONFAULT)
+			 : mlock((void *)(uintptr_t)addr, length);
+	if (rc < 0) {
+		int en = errno;
+		return fail(e, en, "%s 0x%" PRIx64 "+%" PRIu64 ": %s", onfault ? "mlock2 ONFAULT" : "mlock",
+			    addr, length, strerror(en));
+	}
+	return 0;
+}
+
+static int cmd_munlock(struct req *r, struct sbuf *res, struct err *e)
+{
+	uint64_t addr, length;
+	(void)res;
+	if (get_range(r, &addr, &length, e))
+		return -1;
+	if (munlock((void *)(uintptr_t)addr, length) < 0) {
+		int en = errno;
+		return fail(e, en, "munlock 0x%" PRIx64 "+%" PRIu64 ": %s", addr, length, strerror(en));
+	}
+	return 0;
+}
+
+/* maps: the worker's own /proc/self/maps, one object per VMA.  With "smaps"
+ * the VmFlags line of /proc/self/smaps comes too ("lo" = VM_LOCKED); smaps
+ * walks the page tables, which on a PUD-mapped device-dax range zaps the PUD
+ * as a pagemap read does, so it is asked for only when wanted. */
+static int cmd_maps(struct req *r, struct sbuf *res, struct err *e)
+{
+	bool smaps;
+	if (get_bool(r, "smaps", false, false, &smaps, e))
+		return -1;
+	const char *path = smaps ? "/proc/self/smaps" : "/proc/self/maps";
+	FILE *f = fopen(path, "re");
+	if (!f) {
+		int en = errno;
+		return fail(e, en, "maps: open %s: %s", path, strerror(en));
+	}
+	char line[PATH_MAX + 256];
+	bool first = true, open_obj = false;
+	res_key(res, "vmas");
+	sb_putc(res, '[');
+	while (fgets(line, sizeof line, f)) {
+		unsigned long long start, end, off;
+		char perms[8];
+		int pathpos = 0;
+		line[strcspn(line, "\n")] = '\0';
+		if (sscanf(line, "%llx-%llx %7s %llx %*s %*s %n", &start, &end, perms, &off, &pathpos) >= 4 &&
+		    pathpos > 0) {
+			if (open_obj)
+				sb_putc(res, '}');
+			sb_printf(res, "%s{\"start\":%llu,\"end\":%llu,\"perms\":\"%s\",\"offset\":%llu",
+				  first ? "" : ",", start, end, perms, off);
+			res_str(res, "path", line + pathpos);
+			first = false;
+			open_obj = true;
+		} else if (open_obj && strncmp(line, "VmFlags:", 8) == 0) {
+			char *fl = line + 8;
+			fl += strspn(fl, " ");
+			fl[strcspn(fl, "\n")] = '\0';
+			while (*fl && fl[strlen(fl) - 1] == ' ')
+				fl[strlen(fl) - 1] = '\0';
+			res_str(res, "vmflags", fl);
+		} else if (open_obj && strncmp(line, "Locked:", 7) == 0) {
+			unsigned long long kb = 0;
+			if (sscanf(line + 7, "%llu", &kb) == 1)
+				res_u64(res, "locked", kb * 1024);
+		} else if (open_obj && strncmp(line, "Rss:", 4) == 0) {
+			unsigned long long kb = 0;
+			if (sscanf(line + 4, "%llu", &kb) == 1)
+				res_u64(res, "rss", kb * 1024);
+		}
+	}
+	if (open_obj)
+		sb_putc(res, '}');
+	sb_putc(res, ']');
+	fclose(f);
 	return 0;
 }
 
@@ -1287,6 +1480,329 @@ static int cmd_namespaces(struct req *r, struct sbuf *res, struct err *e)
 	return 0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Programs from the host: "put" writes a file (base64, in chunks) into the  */
+/* files directory, "run" executes one with arguments, a timeout and its     */
+/* output captured.  Names are plain file names: nothing outside that       */
+/* directory is written or run.                                             */
+
+#define MAX_OUTPUT (1u << 20) /* bytes kept per stream; the rest is counted */
+
+static int b64_value(unsigned char c)
+{
+	if (c >= 'A' && c <= 'Z') return c - 'A';
+	if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+	if (c >= '0' && c <= '9') return c - '0' + 52;
+	if (c == '+') return 62;
+	if (c == '/') return 63;
+	return -1;
+}
+
+/* Standard base64 with padding; returns the decoded length or -1. */
+static ssize_t b64_decode(const char *in, size_t n, unsigned char *out)
+{
+	size_t o = 0;
+	if (n % 4)
+		return -1;
+	for (size_t i = 0; i < n; i += 4) {
+		int v[4];
+		for (int k = 0; k < 4; k++) {
+			v[k] = in[i + k] == '=' && i + 4 == n && k >= 2 ? 0 : b64_value((unsigned char)in[i + k]);
+			if (v[k] < 0)
+				return -1;
+		}
+		if (in[i + 2] == '=' && in[i + 3] != '=')
+			return -1;
+		uint32_t w = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 | (uint32_t)v[3];
+		out[o++] = (unsigned char)(w >> 16);
+		if (in[i + 2] != '=')
+			out[o++] = (unsigned char)(w >> 8);
+		if (in[i + 3] != '=')
+			out[o++] = (unsigned char)w;
+	}
+	return (ssize_t)o;
+}
+
+static void sb_b64(struct sbuf *b, const unsigned char *in, size_t n)
+{
+	static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	sb_putc(b, '"');
+	for (size_t i = 0; i < n; i += 3) {
+		uint32_t w = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) |
+			     (i + 2 < n ? in[i + 2] : 0);
+		char q[4] = {tab[w >> 18 & 63], tab[w >> 12 & 63], i + 1 < n ? tab[w >> 6 & 63] : '=',
+			     i + 2 < n ? tab[w & 63] : '='};
+		sb_putn(b, q, 4);
+	}
+	sb_putc(b, '"');
+}
+
+static int file_path(const char *cmd, const char *name, char *path, size_t size, struct err *e)
+{
+	if (!valid_name(name))
+		return fail(e, EINVAL, "%s: bad file name '%s' (letters, digits, _ - . only)", cmd, name);
+	snprintf(path, size, "%s/%s", g_files_dir, name);
+	return 0;
+}
+
+static int cmd_put(struct req *r, struct sbuf *res, struct err *e)
+{
+	const char *name, *data;
+	bool append;
+	char path[PATH_MAX];
+	if (get_str(r, "name", &name, e) || get_str(r, "data", &data, e) ||
+	    get_bool(r, "append", false, false, &append, e) ||
+	    file_path("put", name, path, sizeof path, e))
+		return -1;
+	size_t n = strlen(data);
+	unsigned char *buf = malloc(n / 4 * 3 + 3);
+	if (!buf)
+		return fail(e, ENOMEM, "put %s: out of memory", name);
+	ssize_t len = b64_decode(data, n, buf);
+	if (len < 0) {
+		free(buf);
+		return fail(e, EINVAL, "put %s: data is not base64", name);
+	}
+	if (mkdir(g_files_dir, 0700) < 0 && errno != EEXIST) {
+		int en = errno;
+		free(buf);
+		return fail(e, en, "put %s: mkdir %s: %s", name, g_files_dir, strerror(en));
+	}
+	int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0700);
+	if (fd < 0) {
+		int en = errno;
+		free(buf);
+		return fail(e, en, "put %s: open %s: %s", name, path, strerror(en));
+	}
+	ssize_t off = 0;
+	while (off < len) {
+		ssize_t w = write(fd, buf + off, (size_t)(len - off));
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			int en = w < 0 ? errno : EIO;
+			close(fd);
+			free(buf);
+			return fail(e, en, "put %s: write: %s", name, strerror(en));
+		}
+		off += w;
+	}
+	free(buf);
+	struct stat st;
+	int en = fstat(fd, &st) < 0 ? errno : 0;
+	/* a file written by an earlier put with another mode is made runnable too */
+	if (!en && fchmod(fd, 0700) < 0)
+		en = errno;
+	close(fd);
+	if (en)
+		return fail(e, en, "put %s: %s", name, strerror(en));
+	res_u64(res, "size", (uint64_t)st.st_size);
+	return 0;
+}
+
+struct capture {
+	int fd;
+	unsigned char *buf;
+	size_t len;
+	uint64_t total;
+};
+
+static void capture_read(struct capture *c)
+{
+	unsigned char tmp[16384];
+	ssize_t n = read(c->fd, tmp, sizeof tmp);
+	if (n < 0 && (errno == EINTR || errno == EAGAIN))
+		return;
+	if (n <= 0) {
+		close(c->fd);
+		c->fd = -1;
+		return;
+	}
+	size_t keep = c->len < MAX_OUTPUT ? MAX_OUTPUT - c->len : 0;
+	if (keep > (size_t)n)
+		keep = (size_t)n;
+	memcpy(c->buf + c->len, tmp, keep);
+	c->len += keep;
+	c->total += (uint64_t)n;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* The agent ignores SIGCHLD (the kernel reaps its workers), so it cannot
+ * wait for a child's status.  A helper child restores SIGCHLD, starts the
+ * program in a process group of its own, waits with the timeout (killing
+ * the whole group when it expires) and writes the wait status to a pipe. */
+static void run_helper(const char *path, char *const *args, size_t nargs, int out, int err,
+		       int status_fd, int64_t timeout_ms) __attribute__((noreturn));
+
+static void run_helper(const char *path, char *const *args, size_t nargs, int out, int err,
+		       int status_fd, int64_t timeout_ms)
+{
+	signal(SIGCHLD, SIG_DFL);
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	pid_t pid = fork();
+	if (pid == 0) {
+		setpgid(0, 0);
+		char **argv = calloc(nargs + 2, sizeof *argv);
+		if (!argv)
+			_exit(127);
+		argv[0] = (char *)path;
+		for (size_t i = 0; i < nargs; i++)
+			argv[i + 1] = args[i];
+		char *envp[] = {"PATH=/bin:/sbin:/usr/bin", NULL};
+		int null = open("/dev/null", O_RDONLY);
+		dup2(null, 0);
+		dup2(out, 1);
+		dup2(err, 2);
+		if (chdir(g_files_dir) < 0) { /* the run goes on from / */ }
+		signal(SIGPIPE, SIG_DFL);
+		execve(path, argv, envp);
+		dprintf(2, "agent run: execve %s: %s\n", path, strerror(errno));
+		_exit(127);
+	}
+	int result[3] = {-1, 0, 0}; /* wait status, timed out, errno of fork */
+	if (pid < 0) {
+		result[2] = errno;
+	} else {
+		setpgid(pid, pid); /* either side may get there first */
+		close(out);
+		close(err);
+		int64_t deadline = now_ms() + timeout_ms;
+		int st;
+		for (;;) {
+			pid_t w = waitpid(pid, &st, WNOHANG);
+			if (w == pid) {
+				result[0] = st;
+				break;
+			}
+			if (now_ms() >= deadline) {
+				kill(-pid, SIGKILL);
+				waitpid(pid, &st, 0);
+				result[0] = st;
+				result[1] = 1;
+				break;
+			}
+			struct timespec ts = {0, 2000000}; /* 2 ms */
+			nanosleep(&ts, NULL);
+		}
+		kill(-pid, SIGKILL); /* nothing of the program outlives the run */
+	}
+	if (write(status_fd, result, sizeof result) < 0)
+		_exit(1);
+	_exit(0);
+}
+
+static int cmd_run(struct req *r, struct sbuf *res, struct err *e)
+{
+	const char *name;
+	char *const *args;
+	size_t nargs;
+	uint64_t timeout_ms;
+	char path[PATH_MAX];
+	if (get_str(r, "name", &name, e) || get_strs(r, "args", &args, &nargs, e) ||
+	    get_u64(r, "timeout_ms", false, 60000, &timeout_ms, e) ||
+	    file_path("run", name, path, sizeof path, e))
+		return -1;
+	if (timeout_ms == 0 || timeout_ms > 3600 * 1000)
+		return fail(e, EINVAL, "run %s: timeout_ms must be 1..3600000", name);
+	if (access(path, X_OK) < 0) {
+		int en = errno;
+		return fail(e, en, "run %s: %s: %s (send it with put first)", name, path, strerror(en));
+	}
+	int po[2], pe[2], ps[2];
+	if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0 || pipe2(ps, O_CLOEXEC) < 0) {
+		int en = errno;
+		return fail(e, en, "run %s: pipe: %s", name, strerror(en));
+	}
+	struct capture cap[2] = {{po[0], malloc(MAX_OUTPUT), 0, 0}, {pe[0], malloc(MAX_OUTPUT), 0, 0}};
+	int64_t started = now_ms();
+	pid_t helper = cap[0].buf && cap[1].buf ? fork() : -2;
+	if (helper == 0) {
+		close(po[0]);
+		close(pe[0]);
+		close(ps[0]);
+		run_helper(path, args, nargs, po[1], pe[1], ps[1], (int64_t)timeout_ms);
+	}
+	int en = helper == -2 ? ENOMEM : errno;
+	close(po[1]);
+	close(pe[1]);
+	close(ps[1]);
+	if (helper < 0) {
+		close(po[0]);
+		close(pe[0]);
+		close(ps[0]);
+		free(cap[0].buf);
+		free(cap[1].buf);
+		return fail(e, en, "run %s: fork: %s", name, strerror(en));
+	}
+	/* Read output until the status arrives; then take what is left in the
+	 * pipes without waiting for a writer that outlived the program. */
+	int result[3] = {-1, 0, 0};
+	ssize_t got = 0;
+	for (;;) {
+		struct pollfd pfd[3] = {{ps[0], POLLIN, 0}, {cap[0].fd, POLLIN, 0}, {cap[1].fd, POLLIN, 0}};
+		if (poll(pfd, 3, -1) < 0 && errno != EINTR)
+			break;
+		for (int k = 0; k < 2; k++)
+			if (cap[k].fd >= 0 && pfd[k + 1].revents)
+				capture_read(&cap[k]);
+		if (pfd[0].revents) {
+			got = read(ps[0], result, sizeof result);
+			break;
+		}
+	}
+	close(ps[0]);
+	for (int k = 0; k < 2; k++) {
+		if (cap[k].fd < 0)
+			continue;
+		fcntl(cap[k].fd, F_SETFL, O_NONBLOCK);
+		while (cap[k].fd >= 0) {
+			size_t before = (size_t)cap[k].total;
+			capture_read(&cap[k]);
+			if (cap[k].fd >= 0 && cap[k].total == before) {
+				close(cap[k].fd);
+				cap[k].fd = -1;
+			}
+		}
+	}
+	int64_t elapsed = now_ms() - started;
+	int rc = 0;
+	if (got != (ssize_t)sizeof result)
+		rc = fail(e, EIO, "run %s: the helper process died without a status", name);
+	else if (result[2])
+		rc = fail(e, result[2], "run %s: fork: %s", name, strerror(result[2]));
+	if (rc == 0) {
+		int st = result[0];
+		res_key(res, "status");
+		if (WIFEXITED(st))
+			sb_printf(res, "%d", WEXITSTATUS(st));
+		else
+			sb_puts(res, "null");
+		res_key(res, "signal");
+		if (WIFSIGNALED(st))
+			sb_printf(res, "%d", WTERMSIG(st));
+		else
+			sb_puts(res, "null");
+		res_key(res, "timed_out");
+		sb_puts(res, result[1] ? "true" : "false");
+		res_i64(res, "elapsed_ms", elapsed);
+		res_key(res, "stdout");
+		sb_b64(res, cap[0].buf, cap[0].len);
+		res_key(res, "stderr");
+		sb_b64(res, cap[1].buf, cap[1].len);
+		res_u64(res, "stdout_bytes", cap[0].total);
+		res_u64(res, "stderr_bytes", cap[1].total);
+	}
+	free(cap[0].buf);
+	free(cap[1].buf);
+	return rc;
+}
+
 static int cmd_poweroff(struct req *r, struct sbuf *res, struct err *e)
 {
 	(void)r;
@@ -1322,12 +1838,18 @@ static const struct cmd g_cmds[] = {
 	{"namespaces", AT_AGENT, K_PLAIN, cmd_namespaces},
 	{"procs", AT_AGENT, K_PLAIN, cmd_procs},
 	{"poweroff", AT_AGENT, K_PLAIN, cmd_poweroff},
+	{"put", AT_AGENT, K_PLAIN, cmd_put},
+	{"run", AT_AGENT, K_PLAIN, cmd_run},
 	{"mmap", AT_WORKER, K_CREATE, cmd_mmap},
 	{"touch", AT_WORKER, K_PLAIN, cmd_touch},
 	{"fork", AT_WORKER, K_FORK, cmd_fork},
 	{"munmap", AT_WORKER, K_PLAIN, cmd_munmap},
 	{"madvise", AT_WORKER, K_PLAIN, cmd_madvise},
 	{"mprotect", AT_WORKER, K_PLAIN, cmd_mprotect},
+	{"mremap", AT_WORKER, K_PLAIN, cmd_mremap},
+	{"mlock", AT_WORKER, K_PLAIN, cmd_mlock},
+	{"munlock", AT_WORKER, K_PLAIN, cmd_munlock},
+	{"maps", AT_WORKER, K_PLAIN, cmd_maps},
 	{"exit", AT_WORKER, K_EXIT, cmd_exit},
 	{"pin", AT_WORKER, K_PLAIN, cmd_pin},
 	{"unpin", AT_WORKER, K_PLAIN, cmd_unpin},
@@ -2006,7 +2528,7 @@ static void agent_loop(void)
 static void usage(int status)
 {
 	fprintf(status ? stderr : stdout,
-		"usage: agent PORT_PATH|- [--device-dir DIR] [--sysfs-dax DIR] [--allow-poweroff]\n"
+		"usage: agent PORT_PATH|- [--device-dir DIR] [--sysfs-dax DIR] [--files-dir DIR] [--allow-poweroff]\n"
 		"Answers one JSON request per line on PORT_PATH (or stdin/stdout for '-').\n");
 	exit(status);
 }
@@ -2041,6 +2563,8 @@ int main(int argc, char **argv)
 			g_device_dir = argv[++i];
 		else if (strcmp(a, "--sysfs-dax") == 0 && i + 1 < argc)
 			g_sysfs_dax = argv[++i];
+		else if (strcmp(a, "--files-dir") == 0 && i + 1 < argc)
+			g_files_dir = argv[++i];
 		else if (strcmp(a, "--allow-poweroff") == 0)
 			g_allow_poweroff = true;
 		else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0)
