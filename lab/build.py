@@ -38,7 +38,6 @@ progress summary of make's output) are separate from the I/O ones.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -52,8 +51,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lab.cache import atomic_entry, cache_root, sha256_file
+from lab.cache import atomic_entry, cache_root, locked, sha256_file
 from lab.errors import LabFailure
+from lab.kernels import load_catalog
+from lab.kernels.built import (  # the registry's read side, re-exported
+    MANIFEST,
+    built_artifacts,
+    built_dir,
+    built_names,
+    is_kernel_tree,
+    read_manifest,
+    tree_artifacts,
+)
 from lab.model import KernelArtifacts, UserError
 
 __all__ = [
@@ -85,8 +94,10 @@ __all__ = [
 ]
 
 FRAGMENT_PATH = Path(__file__).resolve().parent.parent / "kernel" / "devdax-lab.config"
-MANIFEST = "manifest.json"
 ARCH = "x86"
+#: a build of the same tree by another process may take this long (a cold
+#: defconfig build takes about 15 min here)
+BUILD_LOCK_TIMEOUT = 7200.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 Say = Callable[[str], None]
@@ -273,11 +284,6 @@ def worktree_paths(porcelain: str) -> list[str]:
 # ---------------------------------------------------------------- trees
 
 
-def is_kernel_tree(path: Path) -> bool:
-    return (path / "Makefile").is_file() and (path / "Kconfig").is_file() and (
-        path / "scripts" / "kconfig" / "merge_config.sh"
-    ).is_file()
-
 
 def _is_git(path: Path) -> bool:
     return (path / ".git").exists()
@@ -322,26 +328,6 @@ def _in_place_built(tree: Path) -> bool:
     return (tree / ".config").exists() or (tree / "include" / "config").exists()
 
 
-def tree_artifacts(tree: Path) -> KernelArtifacts:
-    """A tree already built in place, as the lab boots it: its bzImage and
-    vmlinux, no modules.
-
-    :raises UserError: not a kernel tree, or not built."""
-    tree = tree.expanduser().resolve()
-    if not tree.is_dir():
-        raise UserError(f"{tree}: no such directory")
-    bz, vmlinux = tree / "arch" / "x86" / "boot" / "bzImage", tree / "vmlinux"
-    if not (bz.is_file() and vmlinux.is_file()):
-        if is_kernel_tree(tree):
-            raise UserError(
-                f"{tree}: a kernel tree, but not built in place (no arch/x86/boot/bzImage and "
-                f"vmlinux): run `devdax-lab kernel build --tree {tree}` and use the name it prints"
-            )
-        raise UserError(f"{tree}: not a kernel tree (no Makefile, Kconfig, scripts/kconfig)")
-    rel = tree / "include" / "config" / "kernel.release"
-    release = rel.read_text().strip() if rel.is_file() else "unknown"
-    return KernelArtifacts(name=tree.name, release=release, vmlinuz=bz, vmlinux=vmlinux, root=tree)
-
 
 DEBIAN_SOURCE = Path("/usr/src/linux-source-6.12.tar.xz")
 
@@ -359,7 +345,7 @@ def debian_source_tree(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pa
     if not tarball.is_file():
         raise UserError(f"{tarball} is missing: install the Debian package {name} "
                         "(scripts/setup.sh does)")
-    with _locked(final.parent / f".{name}.lock"):
+    with locked(final.parent / f".{name}.lock", what=f"unpacking {tarball.name}", say=say):
         if (final / "Makefile").is_file():
             return final
         say(f"unpacking {tarball} into {final}")
@@ -380,7 +366,7 @@ def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pat
     final = plain.with_name(plain.name + "-git")
     if (final / ".git" / "HEAD").is_file() and (final / "Makefile").is_file():
         return final
-    with _locked(final.parent / f".{final.name}.lock"):
+    with locked(final.parent / f".{final.name}.lock", what=f"making {final.name}", say=say):
         if (final / ".git" / "HEAD").is_file() and (final / "Makefile").is_file():
             return final
         started = time.monotonic()
@@ -404,34 +390,8 @@ def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pat
 # ---------------------------------------------------------------- registry
 
 
-def built_dir(name: str) -> Path:
-    return cache_root() / "built" / name
 
 
-def built_names() -> list[str]:
-    root = cache_root() / "built"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
-
-
-def _read_manifest(root: Path) -> dict | None:
-    try:
-        return json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def built_artifacts(name: str) -> KernelArtifacts | None:
-    """The registered built kernel *name*, or None if there is none."""
-    root = built_dir(name)
-    m = _read_manifest(root)
-    if m is None or not (root / "bzImage").is_file() or not (root / "vmlinux").is_file():
-        return None
-    return KernelArtifacts(
-        name=name, release=m["release"], vmlinuz=root / "bzImage", vmlinux=root / "vmlinux",
-        root=root,
-    )
 
 
 # ---------------------------------------------------------------- build (I/O)
@@ -535,16 +495,6 @@ def configure(src: Path, obj: Path, log: Path, fragment: Path = FRAGMENT_PATH, *
             f"see {obj / '.config'})"
         )
 
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def work_dir(tree: Path) -> Path:
@@ -694,8 +644,6 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
     :raises UserError: bad tree, patch, name, or a configuration lacking a
         required option.
     :raises BuildError: make failed."""
-    from lab import kernels
-
     tree = Path(tree).expanduser().resolve()
     if not tree.is_dir():
         raise UserError(f"--tree {tree}: no such directory")
@@ -712,7 +660,7 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_', '+', '-'")
     catalog: list[str] = []
     with contextlib.suppress(UserError):  # an unreadable catalog is not this command's problem
-        catalog = list(kernels.load_catalog())
+        catalog = list(load_catalog())
     if name in catalog:
         raise UserError(f"--name {name!r} is a kernel of the catalog: choose another name")
     if not shutil.which("make"):
@@ -722,13 +670,14 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
     inputs = BuildInputs(str(tree), identity, patch_sums, sha256_file(fragment))
     key = cache_key(inputs)
     entry = built_dir(name)
-    m = _read_manifest(entry)
+    m = read_manifest(entry)
     if m is not None and m.get("key") == key and (art := built_artifacts(name)) is not None:
         say(f"{name}: cached ({m['release']}, {entry})")
         return art
 
     work = work_dir(tree)
-    with _locked(work.parent / f".{work.name}.lock"):
+    with locked(work.parent / f".{work.name}.lock", what=f"building {name} from {tree}",
+                timeout=BUILD_LOCK_TIMEOUT, say=say):
         work.mkdir(parents=True, exist_ok=True)
         obj = work / "obj"
         log = work / "build.log"

@@ -14,9 +14,13 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["Progress", "TextProgress", "format_bytes"]
+__all__ = ["Progress", "TextProgress", "format_bytes", "silent"]
 
 Progress = Callable[[str, int, "int | None"], None]
+
+
+def silent(stage: str, done: int, total: int | None) -> None:
+    """The progress callback that reports nothing."""
 
 
 def format_bytes(n: int) -> str:

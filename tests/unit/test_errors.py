@@ -15,6 +15,7 @@ import lab
 from lab import cli, errors
 from lab.agent import AgentDisconnected, AgentError, AgentTimeout
 from lab.build import BuildError
+from lab.cache import CacheLocked
 from lab.events import EventsError, RspError, RspRefused, RspTimeout
 from lab.image import ImageError
 from lab.inspect import InspectError
@@ -37,6 +38,7 @@ CASES = [
     (EventsError("watching stopped: the gdbstub did not answer"), 1, 1),
     (KernelError("kernel 'after': no ABI matching ... in the sid index"), 1, 1),
     (CommandError(["apt-get", "download", "x"], 100, "E: unable to locate x"), 1, 2),
+    (CacheLocked("/c/kernels/.after.lock is still locked after 1800 s by pid 7 (fetching)"), 1, 1),
     (ImageError("gcc -static failed with exit 1"), 1, 1),
     (AgentError("touch", 14, "page 3: SIGBUS"), 1, 1),
     (AgentTimeout("pin", 30.0), 1, 1),

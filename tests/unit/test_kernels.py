@@ -23,6 +23,8 @@ from lab.kernels import (
     KernelError,
     archive_source,
     compare_versions,
+    entries,
+    fetching,
     load_catalog,
     load_order,
     module_name,
@@ -37,6 +39,7 @@ from lab.kernels import (
     sources_uris,
     verify_entry,
 )
+from lab.kernels import apt as apt_io
 from lab.model import UserError
 from lab.progress import TextProgress
 
@@ -447,8 +450,8 @@ def cache(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise AssertionError("touched the network")
 
-    monkeypatch.setattr(kernels._Apt, "update", no_network)
-    monkeypatch.setattr(kernels._Apt, "download", no_network)
+    monkeypatch.setattr(apt_io.Apt, "update", no_network)
+    monkeypatch.setattr(apt_io.Apt, "download", no_network)
     return tmp_path / "cache"
 
 
@@ -459,8 +462,8 @@ def test_verify_good_entry_then_uses_stamps(cache, monkeypatch):
     assert verify_entry(root).state == "cached"
     assert (root / ".verified.json").is_file()
     hashed = []
-    real = kernels.sha256_file
-    monkeypatch.setattr(kernels, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = entries.sha256_file
+    monkeypatch.setattr(entries, "sha256_file", lambda p: hashed.append(p) or real(p))
     assert verify_entry(root).state == "cached"
     assert hashed == []  # nothing re-hashed on the second run
     os.utime(root / "vmlinux", ns=(1, 1))  # touched: re-hashed, still good
@@ -493,7 +496,7 @@ def test_flipped_byte_truncation_and_loss_are_corrupt(cache):
 
 
 def test_status_is_offline_and_reports_states(cache, monkeypatch):
-    monkeypatch.setattr(kernels._Apt, "has_index", lambda self: False)
+    monkeypatch.setattr(apt_io.Apt, "has_index", lambda self: False)
     cat = load_catalog()
     st = kernels.status("after")
     assert st.state == "missing" and st.release is None and st.source == "sid main"
@@ -530,15 +533,15 @@ def _fake_fetch(monkeypatch, cache, calls):
             deb.write_bytes(b"deb")
             debs[pkg] = (deb, "0" * 64)
         calls.append(entry.name)
-        return kernels._Plan(ABI, {}), debs
+        return fetching.Plan(ABI, {}), debs
 
     def build_entry(entry, plan, debs, tmp, report, timings):
         shutil.rmtree(tmp)
         manifest = make_entry(tmp, entry)
         return manifest
 
-    monkeypatch.setattr(kernels, "_download_all", download_all)
-    monkeypatch.setattr(kernels, "_build_entry", build_entry)
+    monkeypatch.setattr(fetching, "download_all", download_all)
+    monkeypatch.setattr(fetching, "build_entry", build_entry)
 
 
 def test_resolve_refetches_a_corrupt_entry(cache, monkeypatch):
@@ -570,7 +573,7 @@ def test_interrupted_fetch_leaves_nothing(cache, monkeypatch):
         (tmp / "vmlinux").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kernels, "_build_entry", broken)
+    monkeypatch.setattr(fetching, "build_entry", broken)
     with pytest.raises(KeyboardInterrupt):
         kernels.fetch("before")
     assert kernels.status("before").state == "missing"
@@ -586,9 +589,9 @@ def test_unknown_names_and_paths(cache):
 
 
 def test_missing_tool_says_run_doctor(monkeypatch):
-    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(apt_io.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="`dpkg-deb` is not installed: run `devdax-lab doctor`"):
-        kernels._tool("dpkg-deb")
+        apt_io.tool("dpkg-deb")
 
 
 # ---------------------------------------------------------------- progress
@@ -629,7 +632,7 @@ def test_text_progress_ignores_repeated_end_reports_and_prints_steps():
 
 
 class FakeApt:
-    """Stands in for kernels._Apt: an index of packages whose .debs hold b"deb"."""
+    """Stands in for lab.kernels.apt.Apt: an index of packages whose .debs hold b"deb"."""
 
     label = "fake index"
 
@@ -675,12 +678,12 @@ def test_download_all_picks_newest_complete_abi_and_retries_after_update(cache):
     names = [p for abi in ("6.12.9+deb12", "6.12.30+deb12") for p in entry.package_names(abi)]
     names.append("linux-image-6.12.40+deb12-amd64-dbg")  # newer, but its image is missing
     apt = FakeApt(names, fail_downloads=1)
-    plan, debs = kernels._download_all(entry, apt, lambda *a: None, {})
+    plan, debs = fetching.download_all(entry, apt, lambda *a: None, {})
     assert plan.abi == "6.12.30+deb12"
     assert apt.calls[:2] == ["download linux-image-6.12.30+deb12-amd64-unsigned", "update"]
     assert all(path.read_bytes() == b"deb" for path, _ in debs.values())
     apt.calls.clear()  # a second fetch reuses the .debs left by the first (hash checked)
-    kernels._download_all(entry, apt, lambda *a: None, {})
+    fetching.download_all(entry, apt, lambda *a: None, {})
     assert apt.calls == []
 
 
@@ -688,7 +691,7 @@ def test_download_all_gives_up_after_one_update(cache):
     entry = load_catalog()["before"]
     apt = FakeApt(entry.package_names("6.12.9+deb12"), fail_downloads=5)
     with pytest.raises(CommandError, match="404"):
-        kernels._download_all(entry, apt, lambda *a: None, {})
+        fetching.download_all(entry, apt, lambda *a: None, {})
     assert apt.calls.count("update") == 1
     with pytest.raises(KernelError, match="no ABI matching"):
-        kernels._download_all(entry, FakeApt(["unrelated"]), lambda *a: None, {})
+        fetching.download_all(entry, FakeApt(["unrelated"]), lambda *a: None, {})

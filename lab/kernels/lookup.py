@@ -1,0 +1,169 @@
+"""Kernel names to local files: a catalog name (its verified cache entry,
+fetched if needed), a name registered by ``devdax-lab kernel build``, or the
+path of a tree built in place; and the offline status of each."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.errors import UserError
+from lab.model import KernelArtifacts
+from lab.progress import Progress
+
+from .apt import Apt
+from .built import built_artifacts, built_names, built_tree, tree_artifacts
+from .catalog import CatalogEntry, load_catalog
+from .entries import artifacts, check_entry, kernel_dir
+from .errors import KernelError
+from .fetching import fetch_entry, newest_plan
+
+__all__ = ["KernelStatus", "fetch", "known_kernels", "resolve", "status"]
+
+
+def known_kernels() -> list[str]:
+    """The names in ``kernel/catalog.toml``, in file order, then the kernels
+    built by ``devdax-lab kernel build`` (:mod:`lab.build`), sorted."""
+    catalog = list(load_catalog())
+    return catalog + [n for n in built_names() if n not in catalog]
+
+
+def is_path(name: str) -> bool:
+    return os.sep in name or name.startswith((".", "~"))
+
+
+def local_kernel(name: str, catalog: Mapping[str, CatalogEntry] | None) -> KernelArtifacts | None:
+    """A kernel tree built in place (*name* is a path) or one registered by
+    ``devdax-lab kernel build``; None for a catalog name."""
+    if is_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise UserError(
+                f"{name}: no such directory (kernel trees are given by path: a tree built in "
+                "place, or one built with `devdax-lab kernel build --tree DIR`)"
+            )
+        return tree_artifacts(path)
+    if name in (catalog if catalog is not None else load_catalog()):
+        return None
+    return built_artifacts(name)
+
+
+def catalog_entry(name: str, catalog: Mapping[str, CatalogEntry] | None = None) -> CatalogEntry:
+    catalog = catalog if catalog is not None else load_catalog()
+    if name not in catalog:
+        raise UserError(
+            f"unknown kernel {name!r}: known kernels are {', '.join(catalog)}; "
+            "a path to a built kernel tree is also accepted, or a name registered by "
+            "`devdax-lab kernel build`"
+        )
+    return catalog[name]
+
+
+def fetch(
+    name: str,
+    progress: Progress | None = None,
+    force: bool = False,
+    *,
+    catalog: Mapping[str, CatalogEntry] | None = None,
+) -> KernelArtifacts:
+    """Download and unpack the named kernel into its cache entry, unless a
+    verified entry that fits the catalog is already there (*force* fetches
+    anyway: the way to move to a newer ABI). Uses the network through apt.
+
+    :raises UserError: unknown name, missing tool.
+    :raises KernelError: apt, dpkg-deb or the packages' contents failed us.
+    """
+    return fetch_entry(catalog_entry(name, catalog), progress, force, catalog)
+
+
+def resolve(
+    name: str,
+    *,
+    fetch: bool = True,
+    progress: Progress | None = None,
+    catalog: Mapping[str, CatalogEntry] | None = None,
+) -> KernelArtifacts:
+    """The local files of the named kernel: the verified cache entry, or a
+    fresh one fetched now (if *fetch*; otherwise a missing, corrupt or stale
+    entry is a :class:`UserError`). A path to a kernel tree built in place, or
+    a name registered by ``devdax-lab kernel build``, gives its bzImage and
+    vmlinux (no modules)."""
+    if (local := local_kernel(name, catalog)) is not None:
+        return local
+    entry = catalog_entry(name, catalog)
+    root = kernel_dir(entry.name)
+    check = check_entry(entry, root, progress)
+    if check.state == "cached":
+        return artifacts(root, check.manifest)  # type: ignore[arg-type]
+    if not fetch:
+        detail = f": {'; '.join(check.problems)}" if check.problems else ""
+        raise UserError(
+            f"kernel {name!r} is {check.state} in {root}{detail}; fetching it was not allowed"
+        )
+    return fetch_entry(entry, progress, force=check.state != "missing", catalog=catalog)
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """One line of ``devdax-lab kernels``: what a named kernel is and whether
+    its cache entry is usable."""
+
+    name: str
+    description: str
+    state: str  # "cached", "missing", "corrupt" or "stale" (cached, but not what the catalog says)
+    path: Path
+    release: str | None = None  # of the cached entry, else of the newest ABI in the local index
+    abi: str | None = None
+    packages: tuple[tuple[str, str], ...] = ()  # (package, version) of the cached entry
+    source: str = "system"
+    problems: tuple[str, ...] = ()
+
+
+def status(
+    name: str,
+    *,
+    catalog: Mapping[str, CatalogEntry] | None = None,
+    progress: Progress | None = None,
+) -> KernelStatus:
+    """The state of the named kernel's cache entry. Never touches the network:
+    when nothing usable is cached, the release is the newest one in the apt
+    index already on this machine (None if there is none)."""
+    if (local := local_kernel(name, catalog)) is not None:
+        assert local.root is not None
+        built = not is_path(name)
+        return KernelStatus(
+            name=local.name,
+            description=f"built from {built_tree(local.root)}" if built else "tree built in place",
+            state="cached",
+            path=local.root,
+            release=local.release,
+            source="built" if built else "tree",
+        )
+    entry = catalog_entry(name, catalog)
+    root = kernel_dir(name)
+    check = check_entry(entry, root, progress)
+    m = check.manifest or {}
+    abi, release = m.get("abi"), m.get("release")
+    packages = tuple(m.get("packages", {}).items())
+    if not abi:
+        with contextlib.suppress(KernelError, UserError, OSError):
+            apt = Apt(entry.apt)
+            if apt.has_index():
+                plan = newest_plan(entry, apt)
+                if plan is not None:
+                    abi, release = plan.abi, entry.release(plan.abi)
+                    packages = tuple((p, i["Version"]) for p, i in plan.infos.items())
+    return KernelStatus(
+        name=name,
+        description=entry.description,
+        state=check.state,
+        path=root,
+        release=release,
+        abi=abi,
+        packages=packages,
+        source=str(entry.apt),
+        problems=check.problems,
+    )
