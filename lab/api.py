@@ -307,6 +307,42 @@ class Lab:
         """A snapshot with no action."""
         return self._run("snapshot", None, {}, label)
 
+    # -- reads that are not steps ------------------------------------------------
+    def rss(self, proc: str = "a") -> dict[str, int]:
+        """RssFile, RssAnon and RssShmem of guest process *proc* in KiB, as
+        /proc/PID/status shows them, read from its mm_struct with drgn while
+        the guest is stopped (the mapping inserts add to MM_FILEPAGES on
+        kernels that count device-dax mappings: docs/glossary.md)."""
+        from .inspect.rss import mm_rss
+
+        self._need_live()
+        pid = self._session.pid(proc)
+        with self._session.stopped():
+            r = mm_rss(self._session.prog, pid)
+        return {"RssFile": r.file * 4, "RssAnon": r.anon * 4, "RssShmem": r.shmem * 4}
+
+    def vma(self, m: Mapping, *, proc: str | None = None):
+        """The VMA behind *m* in *proc* (default its owner): start, end, vm_flags
+        and their names (VM_HUGEPAGE, VM_NOHUGEPAGE, VM_MIXEDMAP...)."""
+        from .inspect import vma_state
+
+        self._need_live()
+        pid = self._session.pid(proc or m.proc)
+        with self._session.stopped():
+            return vma_state(self._session.prog, pid, m.addr)
+
+    def read_pagemap(self, m: Mapping, pages: int | Sequence[int | str] = (0,), *,
+                     proc: str | None = None, label: str | None = None) -> list[dict]:
+        """Read /proc/PID/pagemap for *pages* of *m* in the guest, the way a
+        tool would, then take a snapshot step: the read is not neutral (over a
+        PUD-mapped device-dax range the page walk splits, that is zaps, the
+        PUD; docs/glossary.md). Returns the agent's entries (addr, present, pfn)."""
+        self._need_live()
+        pages = _pages(pages, m.pages, m.name)
+        entries = self._session.agent.pagemap(proc or m.proc, [m.addr + p * PAGE for p in pages])
+        self.snapshot(label or f"after reading pagemap of {m.name} pages {list(pages)}")
+        return entries
+
     def _checked(self, action: str, proc: str | None, args: dict, label: str | None):
         record = self._run(action, proc, args, label)
         self._raise_on_error(record)

@@ -5,6 +5,7 @@ invariants, write the report. The CLI's `run` and `compare` call this.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
 import sys
@@ -33,6 +34,13 @@ class Experiment:
     differences: list[str]
     violations: list[tl.Violation]
     meta: dict
+
+    @property
+    def violations_frame(self) -> pd.DataFrame:
+        """The violations as a table: invariant, kernel, step, map, page,
+        message (no rows when every invariant holds)."""
+        columns = [f.name for f in dataclasses.fields(tl.Violation)]
+        return pd.DataFrame([dataclasses.astuple(v) for v in self.violations], columns=columns)
 
 
 def frames_of(runs: Sequence[RunResult]) -> dict[str, pd.DataFrame]:
