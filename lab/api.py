@@ -15,16 +15,17 @@ it, appended to ``lab.timeline``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+import inspect as _inspect
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
+from typing import Any
 
 import pandas as pd
 
 from . import timeline as tl
-from .model import DEFAULT_DAX, PUD_LAYOUT, UserError, format_size, parse_size
-from .scenario import MADVISE, Step
+from .actions import REGISTRY
+from .guest import Where, parse_pages
+from .model import DEFAULT_DAX, PUD_LAYOUT, UserError
 
 __all__ = ["Lab", "Mapping", "Pin", "Pipe"]
 
@@ -33,7 +34,7 @@ PAGE = 4096
 
 @dataclass(frozen=True)
 class Mapping:
-    """A device-dax mapping in a guest process."""
+    """A device-dax mapping in a guest process (as it was when returned)."""
 
     name: str
     proc: str
@@ -60,29 +61,18 @@ class Pipe:
     map: str
 
 
-def _pages(pages: int | Iterable[int | str], npages: int, name: str) -> tuple[int, ...]:
-    """Page indices from ints and "A-B" ranges, checked against the mapping."""
-    if isinstance(pages, (int, str)):
-        pages = [pages]
-    out: set[int] = set()
-    for p in pages:
-        if isinstance(p, str) and "-" in p:
-            lo, hi = (int(x) for x in p.split("-", 1))
-            out.update(range(lo, hi + 1))
-        else:
-            out.add(int(p))
-    bad = sorted(p for p in out if not 0 <= p < npages)
-    if bad:
-        raise UserError(f"page {bad[0]} is outside mapping {name!r} ({npages} pages: 0-{npages - 1})")
-    return tuple(sorted(out))
+_HANDLES = (Mapping, Pin, Pipe)
 
 
-def _span(m: Mapping, offset: int | str, length: int | str | None, cap: int | None = None) -> dict:
-    """{"offset", "length"} in bytes within *m*; the rest of it by default."""
-    offset = parse_size(offset)
-    if length is None:
-        length = min(m.length - offset, cap) if cap else m.length - offset
-    return {"offset": offset, "length": parse_size(length)}
+def _api_value(kind: str, value: Any) -> Any:
+    """A value as the notebook passes it, in the form a scenario file writes
+    it: handles by name, one page as a list."""
+    if isinstance(value, _HANDLES):
+        return value.name
+    if kind == "pages" and (isinstance(value, (int, str, tuple, range))
+                            and not isinstance(value, bool)):
+        return list(value) if isinstance(value, (tuple, range)) else [value]
+    return value
 
 
 class Lab:
@@ -95,9 +85,6 @@ class Lab:
         self._frames = frames  # for a reopened run
         self.meta = meta or {}
         self._names = itertools.count(1)
-        self._maps: dict[str, Mapping] = {}
-        self._index = 0
-        self._device_name: str | None = None
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -155,19 +142,51 @@ class Lab:
             raise UserError("this Lab is a saved run (Lab.open): boot one with Lab.boot() to take steps")
 
     # -- steps -----------------------------------------------------------------
-    def _run(self, action: str, proc: str | None, args: dict, label: str | None = None):
+    def step(self, action: str, *, label: str | None = None, **fields):
+        """Take one step of any action in `lab.actions` (``lab.step("touch",
+        map=m, pages=[0], write=True)``), checked against the live guest
+        exactly as a scenario file's step would be, then a snapshot.
+
+        Returns the new handle for actions that create one (mmap, pin,
+        splice), else the step's record. The guest refusing a step whose
+        outcome is the kernel's to decide (madvise, mprotect, mremap, mlock,
+        ...) is recorded and returned; any other refusal raises UserError.
+        """
         self._need_live()
         if self._recorder is None:
-            if self._device_name is None:
-                raise UserError("map a device first: lab.mmap(\"4K\", length=\"64K\")")
-            from .runner import Recorder
-
-            self._recorder = Recorder(self._session, self._device(self._device_name))
-        self._index += 1
-        step = Step(self._index, action, proc, MappingProxyType(args), label)
+            raise UserError("map a device first: lab.mmap(\"4K\", length=\"64K\")")
+        spec = REGISTRY.get(action)
+        if spec is None:
+            raise UserError(f"unknown action {action!r} (known: {', '.join(REGISTRY)})")
+        kinds = {f.name: f.kind for f in spec.fields}
+        raw = {k: _api_value(kinds.get(k, ""), v) for k, v in fields.items() if v is not None}
+        for f in spec.fields:  # a new handle's name, made up if not given
+            if f.auto and f.name not in raw:
+                raw[f.name] = self._new_name(f.auto)
+        where = Where(f"lab.{action}()", "")
+        step = self._recorder.check(action, raw, label, where)
         for map_name, page in step.pages_touched:
             self._recorder.watch(map_name, page)
-        return self._recorder.step(step)
+        record = self._recorder.step(step)
+        if record.errno is not None and not spec.kernel_decides:
+            raise UserError(f"step {record.step} ({record.action}) failed: {record.error} "
+                            f"(errno {record.errno}); it is recorded in the timeline")
+        if record.errno is None and spec.creates:
+            return self._handle(spec.creates, step)
+        return record
+
+    def _new_name(self, prefix: str) -> str:
+        while True:
+            name = f"{prefix}{next(self._names)}"
+            if self._recorder is None or self._recorder.model.name_taken(name) is None:
+                return name
+
+    def _handle(self, kind: str, step):
+        model = self._recorder.model
+        if kind == "map":
+            return self.mappings[step.args["name"]]
+        h = model.handles[step.args["name"]]
+        return (Pin if kind == "pin" else Pipe)(step.args["name"], h.proc, h.map)
 
     def _device(self, device: str) -> dict:
         self._need_live()
@@ -175,90 +194,27 @@ class Lab:
         return d or self._session.vm.device(device)
 
     def mmap(self, device: str = "4K", length: int | str = "64K", *, proc: str = "a",
-             offset: int | str = 0, name: str | None = None, label: str | None = None) -> Mapping:
-        """Map *length* of a device (by alignment "4K"/"2M"/"1G" or name) in *proc*."""
+             offset: int | str = 0, name: str | None = None, write: bool = True,
+             label: str | None = None) -> Mapping:
+        """Map *length* of a device (by alignment "4K"/"2M"/"1G" or name) in
+        *proc*. One device per Lab: the first mmap chooses it."""
         dev = self._device(device)
-        if self._device_name is None:
-            self._device_name = dev["name"]
-        elif dev["name"] != self._device_name:
-            raise UserError(f"this Lab follows {self._device_name}; one device per Lab")
-        length, offset = parse_size(length), parse_size(offset)
-        if length <= 0 or length % dev["align"] or offset % dev["align"]:
-            raise UserError(f"length and offset must be multiples of {format_size(dev['align'])} "
-                            f"on {dev['name']}")
-        if offset + length > dev["size"]:
-            raise UserError(f"{format_size(offset + length)} is beyond {dev['name']} "
-                            f"({format_size(dev['size'])})")
-        name = name or f"m{next(self._names)}"
-        if name in self._maps:
-            raise UserError(f"a mapping is already named {name!r}")
-        record = self._run("mmap", proc, {"name": name, "length": length, "offset": offset,
-                                          "write": True, "shared": True}, label)
-        self._raise_on_error(record)
-        m = self._recorder.mapping(proc, name)
-        mapping = Mapping(name, proc, dev["name"], m.addr, m.length)
-        self._maps[name] = mapping
-        return mapping
+        if self._recorder is None:
+            from .runner import Recorder
 
-    def touch(self, m: Mapping, pages: int | Sequence[int | str] = (0,), *, write: bool = True,
-              proc: str | None = None, label: str | None = None):
-        """Fault in *pages* (4K page indices within the mapping) by reading or writing one byte."""
-        pages = _pages(pages, m.pages, m.name)
-        return self._checked("touch", proc or m.proc, {"map": m.name, "pages": pages,
-                                                       "write": write}, label)
-
-    def fork(self, proc: str = "a", child: str = "b", *, label: str | None = None):
-        """Fork *proc*; the child inherits its mappings."""
-        return self._checked("fork", proc, {"child": child}, label)
-
-    def munmap(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
-               proc: str | None = None, label: str | None = None):
-        """Unmap all of *m*, or *length* at *offset* within it."""
-        return self._checked("munmap", proc or m.proc, {"map": m.name, **_span(m, offset, length)},
-                             label)
-
-    def exit(self, proc: str, *, label: str | None = None):
-        """End guest process *proc* (its mappings go with it)."""
-        return self._checked("exit", proc, {}, label)
-
-    def pin(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
-            proc: str | None = None, name: str | None = None, label: str | None = None) -> Pin:
-        """Take a long-term pin (io_uring registered buffer) on a range of *m*."""
-        name, proc = name or f"pin{next(self._names)}", proc or m.proc
-        self._checked("pin", proc, {"map": m.name, "name": name, **_span(m, offset, length)}, label)
-        return Pin(name, proc, m.name)
-
-    def unpin(self, pin: Pin, *, label: str | None = None):
-        return self._checked("unpin", pin.proc, {"pin": pin.name, "map": pin.map}, label)
-
-    def splice(self, m: Mapping, *, offset: int | str = 0, length: int | str | None = None,
-               proc: str | None = None, name: str | None = None, label: str | None = None) -> Pipe:
-        """vmsplice a range of *m* into a pipe: transient references until drained
-        (at most 1 MiB: what one pipe holds)."""
-        name, proc = name or f"pipe{next(self._names)}", proc or m.proc
-        span = _span(m, offset, length, cap=1 << 20)
-        self._checked("splice", proc, {"map": m.name, "name": name, **span}, label)
-        return Pipe(name, proc, m.name)
-
-    def drain(self, pipe: Pipe, *, label: str | None = None):
-        return self._checked("drain", pipe.proc, {"splice": pipe.name, "map": pipe.map}, label)
-
-    def madvise(self, m: Mapping, advice: str, *, offset: int | str = 0,
-                length: int | str | None = None, label: str | None = None):
-        """madvise by name (DONTNEED, HUGEPAGE, ...); a refusal is recorded, not raised."""
-        key = advice.upper().removeprefix("MADV_")
-        if key not in MADVISE:
-            raise UserError(f"unknown advice {advice!r} (known: {', '.join(MADVISE)})")
-        return self._run("madvise", m.proc, {"map": m.name, "advice": key,
-                                             "advice_value": MADVISE[key],
-                                             **_span(m, offset, length)}, label)
+            self._recorder = Recorder(self._session, dev)
+        elif dev["name"] != self._recorder.device["name"]:
+            raise UserError(f"this Lab follows {self._recorder.device['name']}; one device per Lab")
+        return self.step("mmap", label=label, proc=proc, name=name, length=length,
+                         offset=offset, write=write)
 
     # -- events ----------------------------------------------------------------
     def _pfn_of(self, target: Mapping | int, page: int) -> tuple[int, tuple[str, int] | None]:
         if isinstance(target, Mapping):
-            (page,) = _pages(page, target.pages, target.name)
+            (page,) = parse_pages([page], target.pages, target.name,
+                                  Where("lab.watch()", ""), "page")
             dev = self._device(target.device)
-            offset = self._recorder.mapping(target.proc, target.name).offset
+            offset = self._recorder.model.maps[target.name].offset
             return (dev["start"] + offset) // PAGE + page, (target.name, page)
         return int(target), None
 
@@ -303,10 +259,6 @@ class Lab:
 
         return plot_events(self.events, self.steps)
 
-    def snapshot(self, label: str = "snapshot"):
-        """A snapshot with no action."""
-        return self._run("snapshot", None, {}, label)
-
     # -- reads that are not steps ------------------------------------------------
     def rss(self, proc: str = "a") -> dict[str, int]:
         """RssFile, RssAnon and RssShmem of guest process *proc* in KiB, as
@@ -338,21 +290,11 @@ class Lab:
         PUD-mapped device-dax range the page walk splits, that is zaps, the
         PUD; docs/glossary.md). Returns the agent's entries (addr, present, pfn)."""
         self._need_live()
-        pages = _pages(pages, m.pages, m.name)
+        pages = parse_pages(_api_value("pages", pages), m.pages, m.name,
+                            Where("lab.read_pagemap()", ""))
         entries = self._session.agent.pagemap(proc or m.proc, [m.addr + p * PAGE for p in pages])
-        self.snapshot(label or f"after reading pagemap of {m.name} pages {list(pages)}")
+        self.step("snapshot", label=label or f"after reading pagemap of {m.name} pages {list(pages)}")
         return entries
-
-    def _checked(self, action: str, proc: str | None, args: dict, label: str | None):
-        record = self._run(action, proc, args, label)
-        self._raise_on_error(record)
-        return record
-
-    @staticmethod
-    def _raise_on_error(record) -> None:
-        if record.errno is not None:
-            raise UserError(f"step {record.step} ({record.action}) failed: {record.error} "
-                            f"(errno {record.errno}); it is recorded in the timeline")
 
     # -- data ------------------------------------------------------------------
     def _runs(self) -> list:
@@ -427,8 +369,71 @@ class Lab:
 
     @property
     def mappings(self) -> dict[str, Mapping]:
-        return dict(self._maps)
+        """Every mapping still mapped in its owner, as it is now (address and
+        length change with mremap)."""
+        if self._recorder is None:
+            return {}
+        device = self._recorder.device["name"]
+        return {v.spec.name: Mapping(v.spec.name, proc, device, v.addr, v.length)
+                for proc, v in self._recorder.model.live_views()
+                if proc == v.spec.proc and v.addr is not None}
+
+    @property
+    def pins(self) -> dict[str, Pin]:
+        """The live pins."""
+        return self._live_handles("pin", Pin)
+
+    @property
+    def pipes(self) -> dict[str, Pipe]:
+        """The live pipes (spliced, not drained)."""
+        return self._live_handles("splice", Pipe)
+
+    def _live_handles(self, kind: str, cls):
+        if self._recorder is None:
+            return {}
+        return {n: cls(n, h.proc, h.map) for n, h in self._recorder.model.handles.items()
+                if h.kind == kind and h.released_at is None and h.guest_id is not None}
 
     def processes(self) -> list[str]:
         """Names of the live guest processes."""
         return sorted(self._session.agent.procs()) if self._session else []
+
+
+def _action_method(action: str):
+    """``Lab.<action>(...)``: :meth:`Lab.step` with the action's positional
+    fields (`lab.actions`), its docstring and signature from the registry."""
+    spec = REGISTRY[action]
+
+    def method(self, *args, label: str | None = None, **fields):
+        if len(args) > len(spec.positional):
+            raise TypeError(f"{action}() takes at most {len(spec.positional)} positional "
+                            f"arguments ({', '.join(spec.positional) or 'none'})")
+        for name, value in zip(spec.positional, args):
+            if name in fields:
+                raise TypeError(f"{action}() got two values for {name!r}")
+            fields[name] = value
+        return self.step(action, label=label, **fields)
+
+    P = _inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    for f in sorted(spec.fields, key=lambda f: (f.name not in spec.positional,
+                                                 spec.positional.index(f.name)
+                                                 if f.name in spec.positional else 0)):
+        kind = P.POSITIONAL_OR_KEYWORD if f.name in spec.positional else P.KEYWORD_ONLY
+        default = P.empty if f.required and not f.auto else (None if f.auto else f.default)
+        if kind is P.POSITIONAL_OR_KEYWORD and default is P.empty and any(
+                p.default is not P.empty for p in params[1:]):
+            default = None
+        params.append(P(f.name, kind, default=default))
+    params.append(P("label", P.KEYWORD_ONLY, default=None))
+    method.__name__ = method.__qualname__ = action
+    method.__signature__ = _inspect.Signature(params)
+    method.__doc__ = spec.doc + "\n\n" + "\n".join(
+        f"{f.name}: {f.doc}" + ("" if f.required else f" (default {f.default!r})")
+        for f in spec.fields)
+    return method
+
+
+for _name in REGISTRY:
+    if _name not in Lab.__dict__:  # mmap: its own method (it picks the device)
+        setattr(Lab, _name, _action_method(_name))

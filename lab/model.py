@@ -33,6 +33,8 @@ __all__ = [
     "StepRecord",
     "Event",
     "RunResult",
+    "MapSpec",
+    "Step",
 ]
 
 
@@ -318,3 +320,43 @@ class RunResult:
     accounting: list[dict] = field(default_factory=list)
     event_stats: dict = field(default_factory=dict)
     watched_folios: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+
+
+# -- steps: what a scenario or a notebook asks the guest to do ----------------
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A mapping as its ``mmap`` step created it (offsets on the device)."""
+
+    name: str
+    proc: str
+    offset: int
+    length: int
+    step: int
+
+    @property
+    def pages(self) -> int:
+        return self.length // (4 * KiB)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step, checked and normalised by its action in `lab.actions`.
+
+    ``index`` counts from 1; ``proc`` is the guest process the step runs in
+    (None for ``snapshot``); ``args`` holds the action's fields with defaults
+    filled in (sizes in bytes, pages as sorted 4K page indices within the
+    mapping) plus a few derived keys: see ``docs/scenarios.md``. ``fields``
+    are the fields as written (defaults filled), which the runner checks
+    again against the live guest. ``pages_touched`` are the (map, page) pairs
+    the step faults in or takes references on.
+    """
+
+    index: int
+    action: str
+    proc: str | None
+    args: Mapping[str, Any] = field(hash=False)
+    label: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    pages_touched: tuple[tuple[str, int], ...] = field(default=(), compare=False)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import columns
+from .actions import pgmap_neutral_actions
 from .model import RunResult
 
 __all__ = [
@@ -486,7 +487,7 @@ def _inv_pgmap_stable(_pages: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Vio
     pages are created (pagemap_range) and dropped by memunmap_pages(); on
     6.12 GUP takes one only while it follows a page, and neither kernel
     keeps one for a pin's lifetime (docs/glossary.md)."""
-    neutral = {"start", "mmap", "touch", "munmap", "fork", "exit", "snapshot", "mprotect"}
+    neutral = pgmap_neutral_actions()
     for kernel, g in steps.groupby("kernel"):
         g = g.sort_values("step")
         base = g.iloc[0]["pgmap_ref"]

@@ -27,29 +27,15 @@ import ipywidgets as w
 import plotly.graph_objects as go
 
 from . import columns
-from .api import Lab, Pin, Pipe
+from .actions import REGISTRY, Field
+from .api import Lab
+from .guest import MADVISE
 from .model import UserError
-from .scenario import MADVISE, parse_pages
 
 __all__ = ["ACTIONS", "TABLE_COLUMNS", "LabPanel"]
 
-ACTIONS = ("mmap", "touch", "fork", "munmap", "exit", "pin", "unpin", "splice", "drain",
-           "madvise", "snapshot")
-
-# The argument widgets each action shows, in order.
-_ARGS = {
-    "mmap": ("device", "map_length", "proc_new", "label"),
-    "touch": ("map", "pages", "write", "proc_opt", "label"),
-    "fork": ("proc", "child", "label"),
-    "munmap": ("map", "offset", "length", "label"),
-    "exit": ("proc", "label"),
-    "pin": ("map", "offset", "length", "label"),
-    "unpin": ("pin", "label"),
-    "splice": ("map", "offset", "length", "label"),
-    "drain": ("pipe", "label"),
-    "madvise": ("map", "advice", "offset", "length", "label"),
-    "snapshot": ("label",),
-}
+# Every action of the registry, in its order: the panel offers them all.
+ACTIONS = tuple(REGISTRY)
 
 # The columns of the table: folio, pgmap and page-table state of the latest step.
 TABLE_COLUMNS = columns.names("panel")
@@ -80,8 +66,6 @@ class LabPanel:
 
     def __init__(self, lab: Lab | None = None, *, kernel: str = "after"):
         self.lab = lab
-        self.pins: dict[str, Pin] = {}
-        self.pipes: dict[str, Pipe] = {}
         self.last_error: str = ""
 
         # -- boot -------------------------------------------------------------
@@ -100,30 +84,14 @@ class LabPanel:
         self.action = _classed(w.Dropdown(options=ACTIONS, value="touch", description="action"),
                                "devdax-action")
         self.action.observe(lambda _change: self._show_args(), names="value")
-        self.args = {
-            "device": _classed(w.Dropdown(options=["4K", "2M"], value="4K",
-                                          description="device"), "devdax-device"),
-            "map_length": _classed(w.Text(value="64K", description="length"), "devdax-length"),
-            "length": _classed(w.Text(value="", description="length",
-                                      placeholder="to the end"), "devdax-length"),
-            "offset": _classed(w.Text(value="0", description="offset"), "devdax-offset"),
-            "proc": _classed(w.Dropdown(options=[], description="process"), "devdax-proc"),
-            "proc_new": _classed(w.Combobox(value="a", options=[], description="process",
-                                            placeholder="new or existing"), "devdax-proc"),
-            "proc_opt": _classed(w.Dropdown(options=[_OWNER], description="process"),
-                                 "devdax-proc"),
-            "map": _classed(w.Dropdown(options=[], description="mapping"), "devdax-map"),
-            "pages": _classed(w.Text(value="0", description="pages",
-                                     placeholder="0, 3-5"), "devdax-pages"),
-            "write": _classed(w.Checkbox(value=True, description="write"), "devdax-write"),
-            "child": _classed(w.Text(value="b", description="child"), "devdax-child"),
-            "pin": _classed(w.Dropdown(options=[], description="pin"), "devdax-pin"),
-            "pipe": _classed(w.Dropdown(options=[], description="pipe"), "devdax-pipe"),
-            "advice": _classed(w.Dropdown(options=list(MADVISE), value="DONTNEED",
-                                          description="advice"), "devdax-advice"),
-            "label": _classed(w.Text(value="", description="label",
-                                     placeholder="optional"), "devdax-label"),
-        }
+        self.device = _classed(w.Dropdown(options=["4K", "2M"], value="4K",
+                                          description="device"), "devdax-device")
+        # one widget per (action, field), made from the registry
+        self.fields = {action: {f.name: _field_widget(f) for f in spec.fields
+                                if f.kind != "name"}
+                       for action, spec in REGISTRY.items()}
+        self.label = _classed(w.Text(value="", description="label", placeholder="optional"),
+                              "devdax-label")
         self.args_box = _classed(w.HBox(layout=w.Layout(flex_flow="row wrap")), "devdax-args")
         self.run_button = _classed(w.Button(description="Run", button_style="success",
                                             icon="step-forward"), "devdax-run")
@@ -177,55 +145,42 @@ class LabPanel:
             self.run_button.disabled = False
             self._refresh()
 
+    @property
+    def args(self) -> dict:
+        """The argument widgets of the chosen action, by field name."""
+        return self.fields.get(self.action.value, {})
+
+    @property
+    def pins(self) -> dict:
+        return self.lab.pins if self.lab is not None and self.lab.live else {}
+
+    @property
+    def pipes(self) -> dict:
+        return self.lab.pipes if self.lab is not None and self.lab.live else {}
+
     def run(self, action: str) -> None:
-        """Take one step: call the Lab method of *action* with the argument
+        """Take one step: ``lab.step(action, **values)`` with the argument
         widgets' values (raises what the Lab raises)."""
-        lab, a = self.lab, {k: v.value for k, v in self.args.items()}
+        lab = self.lab
         if lab is None or not lab.live:
             raise UserError("boot a kernel first (pick one and click Boot)")
-        if action not in _ARGS:
+        if action not in REGISTRY:
             raise UserError(f"unknown action {action!r}")
-        label = a["label"] or None
-        length = a["length"].strip() or None
-        offset = a["offset"].strip() or 0
+        values = {}
+        for f in REGISTRY[action].fields:
+            widget = self.fields[action].get(f.name)
+            if widget is None:
+                continue
+            value = _widget_value(f, widget.value)
+            if value is None and f.required:
+                raise UserError(f"no {f.name} to choose yet: create one first")
+            values[f.name] = value
+        label = self.label.value or None
         if action == "mmap":
-            lab.mmap(a["device"], length=a["map_length"].strip() or "64K",
-                     proc=a["proc_new"].strip() or "a", label=label)
-        elif action == "fork":
-            lab.fork(self._need(a["proc"], "process"), a["child"].strip() or "b", label=label)
-        elif action == "exit":
-            lab.exit(self._need(a["proc"], "process"), label=label)
-        elif action == "unpin":
-            lab.unpin(self.pins[self._need(a["pin"], "pin")], label=label)
-            del self.pins[a["pin"]]
-        elif action == "drain":
-            lab.drain(self.pipes[self._need(a["pipe"], "pipe")], label=label)
-            del self.pipes[a["pipe"]]
-        elif action == "snapshot":
-            lab.snapshot(label or "snapshot")
+            values.pop("name", None)
+            lab.mmap(self.device.value, label=label, **values)
         else:
-            m = lab.mappings[self._need(a["map"], "mapping")]
-            if action == "touch":
-                pages = parse_pages([p for p in a["pages"].split(",") if p.strip()], m.pages,
-                                    m.name)
-                proc = None if a["proc_opt"] in (None, _OWNER) else a["proc_opt"]
-                lab.touch(m, pages, write=a["write"], proc=proc, label=label)
-            elif action == "munmap":
-                lab.munmap(m, offset=offset, length=length, label=label)
-            elif action == "pin":
-                pin = lab.pin(m, offset=offset, length=length, label=label)
-                self.pins[pin.name] = pin
-            elif action == "splice":
-                pipe = lab.splice(m, offset=offset, length=length, label=label)
-                self.pipes[pipe.name] = pipe
-            elif action == "madvise":
-                lab.madvise(m, a["advice"], offset=offset, length=length, label=label)
-
-    @staticmethod
-    def _need(value, what: str):
-        if not value:
-            raise UserError(f"no {what} to choose yet: create one first")
-        return value
+            lab.step(action, label=label, **values)
 
     # -- redrawing ----------------------------------------------------------------
     def _set_status(self, text: str) -> None:
@@ -266,20 +221,25 @@ class LabPanel:
         self._update_views()
 
     def _update_choices(self) -> None:
-        lab, a = self.lab, self.args
-        procs = lab.processes()
-        maps = list(lab.mappings)
-        _set_options(a["proc"], procs)
-        _set_options(a["proc_opt"], [_OWNER, *procs])
-        a["proc_new"].options = tuple(procs)
-        _set_options(a["map"], maps, prefer_last=True)
-        _set_options(a["pin"], list(self.pins), prefer_last=True)
-        _set_options(a["pipe"], list(self.pipes), prefer_last=True)
-        devices = ["4K", "2M", "1G"] if self.pud.value else ["4K", "2M"]
-        _set_options(a["device"], devices)
+        lab = self.lab
+        choices = {"proc": lab.processes(), "map": list(lab.mappings), "pin": list(self.pins),
+                   "splice": list(self.pipes)}
+        for action, widgets in self.fields.items():
+            for f in REGISTRY[action].fields:
+                widget = widgets.get(f.name)
+                if f.kind in choices and isinstance(widget, w.Dropdown):
+                    options = choices[f.kind]
+                    if not f.required:
+                        options = [_OWNER, *options]
+                    _set_options(widget, options, prefer_last=f.kind != "proc")
+                elif f.kind == "newproc":
+                    widget.options = tuple(choices["proc"])
+        _set_options(self.device, ["4K", "2M", "1G"] if self.pud.value else ["4K", "2M"])
 
     def _show_args(self) -> None:
-        self.args_box.children = [self.args[k] for k in _ARGS.get(self.action.value, ())]
+        action = self.action.value
+        extra = [self.device] if action == "mmap" else []
+        self.args_box.children = [*extra, *self.fields.get(action, {}).values(), self.label]
 
     def _update_views(self) -> None:
         fig = self._plot()
@@ -323,3 +283,34 @@ def _set_options(dropdown, options, *, prefer_last: bool = False) -> None:
         dropdown.value = old
     elif options:
         dropdown.value = options[-1] if prefer_last else options[0]
+
+
+def _field_widget(f: Field):
+    """The widget of one action field (`lab.actions.Field.kind`)."""
+    css = "devdax-pipe" if f.kind == "splice" else f"devdax-{f.name}"
+    initial = f.example if f.required else f.default
+    if f.kind in ("proc", "map", "pin", "splice"):
+        options = [] if f.required else [_OWNER]
+        widget = w.Dropdown(options=options, description=f.name)
+    elif f.kind == "newproc":
+        widget = w.Combobox(value=str(initial or ""), options=[], description=f.name,
+                            placeholder="new or existing")
+    elif f.kind == "bool":
+        widget = w.Checkbox(value=bool(initial), description=f.name)
+    elif f.kind == "advice":
+        widget = w.Dropdown(options=list(MADVISE), value=initial, description=f.name)
+    else:  # size, pages, prot, text
+        widget = w.Text(value="" if initial is None else str(initial), description=f.name,
+                        placeholder="to the end" if f.default is None else "")
+    widget.description_tooltip = f.doc
+    return _classed(widget, css)
+
+
+def _widget_value(f: Field, value):
+    """A widget's value as the Lab takes it (None: not given)."""
+    if value in (None, _OWNER) or (isinstance(value, str) and not value.strip()):
+        return None
+    if f.kind == "pages":
+        return [p.strip() if "-" in p else int(p) if p.strip().isdigit() else p.strip()
+                for p in value.split(",") if p.strip()]
+    return value.strip() if isinstance(value, str) else value

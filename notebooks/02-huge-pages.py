@@ -55,8 +55,8 @@ COLUMNS = ["step", "label", "proc", "page", "pfn", "folio_pfn", "order", "refcou
 # %%
 lab = Lab.boot("after")
 m = lab.mmap("2M", length="4M")
-lab.touch(m, [1], label="touch page 1 (a tail)")
-lab.touch(m, [0, 512], label="touch 0 (head) and 512")
+lab.touch(m, [1], write=True, label="touch page 1 (a tail)")
+lab.touch(m, [0, 512], write=True, label="touch 0 (head) and 512")
 lab.timeline[COLUMNS]
 
 # %% [markdown]

@@ -86,7 +86,7 @@ lab.fork("a", "b")
 tour.ask(lab, "refcount_after_fork")
 
 # %%
-lab.touch(m, [0], proc="b")
+lab.touch(m, [0], proc="b", write=True)
 tour.ask(lab, "refcount_two_mappings", "mapcount_two_mappings")
 
 # %% [markdown]

@@ -114,13 +114,13 @@ def test_bad_questions_and_the_guest_keeps_running():
         with pytest.raises(UserError, match="not on any device-dax namespace"):
             lab.watch(1)  # PFN 1: ordinary RAM
         lab.watch(m, 0)
-        lab.touch(m, 0)
+        lab.touch(m, 0, write=True)
         assert len(lab.events) == 2
         lab.unwatch()
         session = lab._session
         assert not session.watcher.connected
         assert session.vm.qmp.cmd("query-status")["status"] == "running"
-        lab.touch(m, 1)  # the guest runs, snapshots go back to QMP
+        lab.touch(m, 1, write=True)  # the guest runs, snapshots go back to QMP
         assert len(lab.events) == 2 and lab.timeline["step"].max() == 3
     with Lab.boot("after", say=lambda *_: None) as lab:
         m = lab.mmap("4K", length="16K")

@@ -21,6 +21,7 @@ from lab.image import ImageError
 from lab.inspect import InspectError
 from lab.jupyter import JupyterStartError
 from lab.kernels import CommandError, KernelError
+from lab.guest import StepError
 from lab.scenario import ScenarioError
 from lab.vm import GuestCrashed, VmError, VmTimeout
 
@@ -29,6 +30,7 @@ from lab.vm import GuestCrashed, VmError, VmTimeout
 CASES = [
     (errors.UserError("--kernels needs at least two kernels"), 2, 1),
     (ScenarioError("s.toml: step 2 (touch): pages: 9 is past the mapping's 4 pages"), 2, 1),
+    (StepError('lab.unpin(): pin: no pin "nope" (pins so far: none)'), 2, 1),
     (errors.LabError("a lab error of no particular kind"), 1, 1),
     (errors.LabFailure("something the lab ran failed"), 1, 1),
     (VmError("QEMU exited with status 1"), 1, 1),

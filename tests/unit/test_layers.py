@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-PURE = ("lab.model", "lab.columns", "lab.timeline", "lab.plots")
+PURE = ("lab.model", "lab.columns", "lab.guest", "lab.actions", "lab.timeline", "lab.plots")
 
 
 def test_pure_layers_import_neither_drgn_nor_qemu():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lab.model import UserError
+from lab.guest import StepError
 from lab.scenario import (
     ACTIONS,
     MADVISE,
@@ -140,7 +141,7 @@ def test_page_ranges_expand_sorted_and_distinct():
     (3, "must be an array"),
 ])
 def test_bad_pages(pages, problem):
-    with pytest.raises(ScenarioError, match="pages: ") as e:
+    with pytest.raises(StepError, match="pages: ") as e:
         parse_pages(pages, 16, "m")
     assert problem in str(e.value)
 
@@ -555,3 +556,35 @@ def test_watch_after_a_step_header_belongs_to_the_step():
     # the classic TOML slip: a top-level key written after [[step]]
     msg = error(scen(MMAP + 'watch = [{map = "m", page = 1}]\n'))
     assert msg.startswith("scenarios/x.toml: step 1 (mmap): watch: unknown field")
+
+
+def test_the_docs_document_exactly_the_registrys_actions_and_fields():
+    """docs/scenarios.md has a section per action of lab.actions whose field
+    tables name exactly the action's fields (label aside: every step has it)."""
+    import re
+
+    from lab.actions import REGISTRY
+
+    doc = (SCENARIOS.parent / "docs" / "scenarios.md").read_text()
+    steps = doc[doc.index("## Steps"):]
+    sections = re.split(r"^### ", steps, flags=re.M)[1:]
+    documented: dict[str, set[str]] = {}
+    for section in sections:
+        title, body = section.split("\n", 1)
+        body = re.split(r"^## ", body, flags=re.M)[0]
+        names = [n.strip() for n in title.split("/")]
+        current = names[0]
+        for line in body.splitlines():
+            header = re.match(r"\|\s*(?:`(\w+)`\s+)?field\s*\|", line)
+            if header:
+                current = header.group(1) or names[0]
+                documented.setdefault(current, set())
+                continue
+            row = re.match(r"\|\s*`(\w+)`\s*\|", line)
+            if row and current in names:
+                documented.setdefault(current, set()).add(row.group(1))
+        for name in names:
+            documented.setdefault(name, set())
+    assert set(documented) == set(REGISTRY)
+    for name, spec in REGISTRY.items():
+        assert documented[name] - {"label"} == {f.name for f in spec.fields}, name
