@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import inspect as _inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
