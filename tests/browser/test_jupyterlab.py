@@ -1,5 +1,5 @@
 """Live, in a browser: notebooks/00-quickstart in JupyterLab, driven like a
-user would. Debian's Chromium (Playwright, never a downloaded browser) opens
+user would. Debian's Chromium (the ``chromium`` fixture of tests/conftest.py) opens
 the notebook served by ``lab.jupyter.JupyterServer``, runs every cell (which
 boots the ``after`` kernel in QEMU), reads the panel's chart, faults another
 page from the panel and checks that the chart moved and nothing failed.
@@ -25,9 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "notebooks" / "00-quickstart.py"
 OUT = REPO / "test-output"
 WORK = OUT / "jupyterlab"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 
 RUN_ALL_TIMEOUT = 300.0  # boot under TCG (~4 s), drgn, first steps, widgets
 STEP_TIMEOUT = 120.0
@@ -103,20 +100,7 @@ def _show_panel(page) -> None:
     page.wait_for_timeout(500)
 
 
-@pytest.fixture
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def test_quickstart_runs_and_its_panel_faults_another_page(browser):
+def test_quickstart_runs_and_its_panel_faults_another_page(chromium):
     if not SOURCE.exists():
         pytest.skip(f"{SOURCE.relative_to(REPO)} does not exist yet")
     OUT.mkdir(exist_ok=True)
@@ -125,7 +109,7 @@ def test_quickstart_runs_and_its_panel_faults_another_page(browser):
     t0 = time.monotonic()
     with JupyterServer(REPO, open_path=ipynb.relative_to(REPO).as_posix()) as server:
         times["server"] = time.monotonic() - t0
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
         console_errors: list[str] = []
         page.on("pageerror", lambda exc: console_errors.append(str(exc)))
         page.goto(server.url)

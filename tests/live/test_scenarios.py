@@ -177,7 +177,7 @@ def test_bad_scenario_exits_2_and_boots_nothing(tmp_path):
         validate_text(bad.read_text())
 
 
-def test_cli_compare_writes_every_output(tmp_path):
+def test_cli_compare_writes_every_output(tmp_path, chromium):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "compare", str(SCENARIOS / "fault-4k.toml"),
                            "--kernels", "before,after", "--out", str(out)],
@@ -192,31 +192,26 @@ def test_cli_compare_writes_every_output(tmp_path):
     assert meta["accelerator"] in ("tcg", "kvm") and meta["qemu"] and meta["drgn"] and meta["python"]
     t = pd.read_parquet(out / "timeline.parquet")
     assert set(t["kernel"]) == {"before", "after"}
-    _check_report_in_chromium(out / "report.html")
+    _check_report_in_chromium(chromium, out / "report.html")
 
 
-def _check_report_in_chromium(report: Path) -> None:
-    """Open the report from the file in Debian's Chromium: no console errors,
-    every chart drawn; a screenshot stays in test-output/."""
-    from playwright.sync_api import sync_playwright
-
+def _check_report_in_chromium(chromium, report: Path) -> None:
+    """Open the report from the file in Debian's Chromium (the shared fixture
+    of tests/conftest.py): no console errors, every chart drawn; a screenshot
+    stays in test-output/."""
     shots = ROOT / "test-output"
     shots.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(report.as_uri())
-            page.wait_for_function("document.querySelectorAll('.plotly-graph-div').length > 0")
-            drawn = page.evaluate("""() => [...document.querySelectorAll('.plotly-graph-div')]
-                .map(el => (el._fullData || []).length)""")
-            page.screenshot(path=str(shots / "compare-fault-4k-report.png"), full_page=True)
-        finally:
-            browser.close()
+    page = chromium.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(report.as_uri())
+        page.wait_for_function("document.querySelectorAll('.plotly-graph-div').length > 0")
+        drawn = page.evaluate("""() => [...document.querySelectorAll('.plotly-graph-div')]
+            .map(el => (el._fullData || []).length)""")
+        page.screenshot(path=str(shots / "compare-fault-4k-report.png"), full_page=True)
+    finally:
+        page.close()
     assert drawn and all(n > 0 for n in drawn), drawn
     assert not errors, errors
