@@ -349,24 +349,21 @@ class Lab:
         return LabPanel(self).widget
 
     def save(self, directory: str | Path) -> Path:
-        """Write the frames, meta.json and report.html like `devdax-lab run`."""
-        from . import report
+        """Write the frames, meta.json and report.html like `devdax-lab run`
+        (`lab.experiment.write_experiment`); returns the report's path."""
+        from .experiment import Experiment, write_experiment
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         names = ["timeline", "steps", "device", "device_pages", "complaints"]
         if any(r.accounting for r in self._runs()):
             names += ["events", "accounting", "call_paths"]
         frames = {n: self.frame(n) for n in names}
         meta = {"kernels": {self.kernel: {"release": self.release}},
                 "scenario": {"name": "notebook session", "text": ""}, **self.meta}
-        report.write_outputs(out, frames, meta)
-        return report.build_report(out, title=f"notebook session on {self.kernel}", scenario_text="",
-                                   meta=meta, timeline=frames["timeline"], steps=frames["steps"],
-                                   device=frames["device"], device_pages=frames["device_pages"],
-                                   complaints=frames["complaints"], events=frames.get("events"),
-                                   accounting=frames.get("accounting"),
-                                   call_paths=frames.get("call_paths"))
+        violations = tl.check_invariants(frames["timeline"], frames["steps"]) if len(
+            frames["steps"]) else []
+        exp = Experiment(None, self._runs(), frames, [], violations, meta,
+                         session_title=f"notebook session on {self.kernel}")
+        return write_experiment(exp, directory)
 
     @property
     def mappings(self) -> dict[str, Mapping]:

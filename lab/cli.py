@@ -115,20 +115,10 @@ def cmd_boot(args) -> int:
 
 
 def _write_experiment(exp, out) -> None:
-    from pathlib import Path
+    from .experiment import write_experiment
 
-    from . import report
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_outputs(out, exp.frames, exp.meta)
     f = exp.frames
-    path = report.build_report(
-        out, title=f"{exp.scenario.title or exp.scenario.name}",
-        scenario_text=exp.scenario.text, meta=exp.meta, timeline=f["timeline"], steps=f["steps"],
-        device=f["device"], device_pages=f["device_pages"], complaints=f["complaints"],
-        diff=f.get("diff"), differences=exp.differences, violations=exp.violations,
-        events=f.get("events"), accounting=f.get("accounting"), call_paths=f.get("call_paths"))
+    path = write_experiment(exp, out)
     print(f"devdax-lab: wrote {out}/timeline.parquet, timeline.csv, meta.json and {path}")
     if "accounting" in f:
         from .timeline import accounting_problems

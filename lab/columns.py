@@ -125,6 +125,7 @@ TIMELINE: tuple[Column, ...] = (
     Column("pt_write", "boolean", "pte", "the entry's RW bit", attr="write", panel=True,
            report=True),
     Column("pt_dirty", "boolean", "pte", "the entry's dirty bit", attr="dirty", panel=True),
+    Column("pt_young", "boolean", "pte", "the entry's accessed bit", attr="young"),
     Column("pt_special", "boolean", "pte", "the entry's special bit (x86 SOFTW1)",
            attr="special", diff=True, report=True),
     Column("pt_devmap", "boolean", "pte", "the entry's devmap bit (x86 SOFTW4; null on "

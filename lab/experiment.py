@@ -21,19 +21,31 @@ from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, RunResult, UserError
 from .runner import run_scenario
 from .scenario import Scenario, load_scenario
 
-__all__ = ["Experiment", "run_experiment", "frames_of", "provenance"]
+__all__ = ["Experiment", "run_experiment", "frames_of", "provenance", "write_experiment"]
 
 
 @dataclass
 class Experiment:
-    """Everything a report is made of."""
+    """Everything a report is made of. ``scenario`` is None for a notebook
+    session (`Lab.save`), whose ``title`` then says what it was."""
 
-    scenario: Scenario
+    scenario: Scenario | None
     runs: list[RunResult]
     frames: dict[str, pd.DataFrame]
     differences: list[str]
     violations: list[tl.Violation]
     meta: dict
+    session_title: str = "notebook session"
+
+    @property
+    def title(self) -> str:
+        if self.scenario is None:
+            return self.session_title
+        return self.scenario.title or self.scenario.name
+
+    @property
+    def scenario_text(self) -> str:
+        return self.scenario.text if self.scenario is not None else ""
 
     @property
     def violations_frame(self) -> pd.DataFrame:
@@ -122,3 +134,23 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
     differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
     violations = tl.check_invariants(frames["timeline"], frames["steps"])
     return Experiment(scenario, runs, frames, differences, violations, provenance(scenario, runs))
+
+
+def write_experiment(exp: Experiment, out: str | Path) -> Path:
+    """Write a run directory: every frame as parquet (the timeline also as
+    CSV), meta.json and report.html (events, accounting and call paths
+    included when the run watched counters). The one writer of run
+    directories, for the CLI, `Lab.save` and notebook 04; returns the
+    report's path."""
+    from . import report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_outputs(out, exp.frames, exp.meta)
+    f = exp.frames
+    return report.build_report(
+        out, title=exp.title, scenario_text=exp.scenario_text, meta=exp.meta,
+        timeline=f["timeline"], steps=f["steps"], device=f["device"],
+        device_pages=f["device_pages"], complaints=f["complaints"], diff=f.get("diff"),
+        differences=exp.differences, violations=exp.violations, events=f.get("events"),
+        accounting=f.get("accounting"), call_paths=f.get("call_paths"))

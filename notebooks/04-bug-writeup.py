@@ -38,8 +38,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import JSON
 
-from lab import report
-from lab.experiment import run_experiment
+from lab.experiment import run_experiment, write_experiment
 from lab.plots import plot_counts, plot_page_table
 
 ROOT = Path.cwd() if (Path.cwd() / "scenarios").exists() else Path.cwd().parent
@@ -83,11 +82,5 @@ JSON(exp.meta, expanded=True)
 # ## Write the data and the report
 
 # %%
-f = exp.frames
-report.write_outputs(out_dir, f, exp.meta)
-report_path = report.build_report(
-    out_dir, title=exp.scenario.title or exp.scenario.name, scenario_text=exp.scenario.text,
-    meta=exp.meta, timeline=f["timeline"], steps=f["steps"], device=f["device"],
-    device_pages=f["device_pages"], complaints=f["complaints"], diff=f.get("diff"),
-    differences=exp.differences, violations=exp.violations)
+report_path = write_experiment(exp, out_dir)
 sorted(p.name for p in out_dir.iterdir()), report_path

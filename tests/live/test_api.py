@@ -53,3 +53,39 @@ def test_every_registry_action_has_a_method(lab):
         assert callable(getattr(lab, name)), name
     with pytest.raises(UserError, match="unknown action 'mremapp'"):
         lab.step("mremapp")
+
+
+def test_mremap_mlock_munlock_through_the_registry(lab):
+    """The registry's mremap, mlock and munlock, checked against the guest's
+    own /proc/PID/maps and smaps."""
+    agent = lab._session.agent
+    m = lab.mmap("4K", length="16K", proc="r")
+    lab.touch(m, [0], write=True, proc="r")
+
+    def vma(addr):
+        return next(v for v in agent.maps("r", smaps=True) if v["start"] <= addr < v["end"])
+
+    # mlock succeeds and faults the range in, but a DAX VMA is never
+    # VM_LOCKED: mlock_fixup() leaves vma_is_dax() VMAs alone ("dax: remove
+    # VM_MIXEDMAP for fsdax and device dax", v4.15)
+    record = lab.mlock(m, proc="r")
+    assert record.errno is None, record.error
+    assert "lo" not in vma(m.addr)["vmflags"].split()
+    now = lab.current().query("proc == 'r'")
+    assert set(now["page"]) == {0, 1, 2, 3} and now["pt_present"].all()  # populated
+    assert (now["pagemap_pfn"] == now["pfn"]).all()
+    record = lab.munlock(m, proc="r")
+    assert record.errno is None, record.error
+    record = lab.mremap(m, "32K", proc="r")
+    assert record.errno is None, record.error
+    moved = lab.mappings[m.name]
+    assert moved.length == 32 * 1024
+    v = vma(moved.addr)
+    assert (v["start"], v["end"]) == (moved.addr, moved.addr + 32 * 1024)
+    lab.touch(moved, [7], write=True, proc="r")  # a page of the grown part
+    row = lab.current().query("proc == 'r' and page == 7").iloc[0]
+    assert row["pagemap_pfn"] == row["pfn"]
+    # shrinking without MAYMOVE works in place; a refusal would be recorded, not raised
+    record = lab.mremap(moved, "16K", maymove=False, proc="r")
+    assert record.errno is None and lab.mappings[m.name].length == 16 * 1024
+    lab.exit("r")
