@@ -196,7 +196,7 @@ class Lab:
 
     def mmap(self, device: str = "4K", length: int | str = "64K", *, proc: str = "a",
              offset: int | str = 0, name: str | None = None, write: bool = True,
-             label: str | None = None) -> Mapping:
+             shared: bool = True, label: str | None = None) -> Mapping:
         """Map *length* of a device (by alignment "4K"/"2M"/"1G" or name) in
         *proc*. One device per Lab: the first mmap chooses it."""
         dev = self._device(device)
@@ -207,7 +207,7 @@ class Lab:
         elif dev["name"] != self._recorder.device["name"]:
             raise UserError(f"this Lab follows {self._recorder.device['name']}; one device per Lab")
         return self.step("mmap", label=label, proc=proc, name=name, length=length,
-                         offset=offset, write=write)
+                         offset=offset, write=write, shared=shared)
 
     # -- events ----------------------------------------------------------------
     def _pfn_of(self, target: Mapping | int, page: int) -> tuple[int, tuple[str, int] | None]:

@@ -302,7 +302,7 @@ def _field_widget(f: Field):
     else:  # size, pages, prot, text
         widget = w.Text(value="" if initial is None else str(initial), description=f.name,
                         placeholder="to the end" if f.default is None else "")
-    widget.description_tooltip = f.doc
+    widget.tooltip = f.doc
     return _classed(widget, css)
 
 
