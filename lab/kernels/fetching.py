@@ -228,8 +228,15 @@ def fetch_entry(
 ) -> KernelArtifacts:
     report = progress or silent
     root = kernel_dir(entry.name)
-    lock = root.parent / f".{entry.name}.lock"
-    with locked(lock, what=f"fetching kernel {entry.name}", say=lambda line: report(line, 0, None)):
+    waited: list[str] = []  # a wait for another fetch is a step of its own in the progress
+
+    def say(line: str) -> None:
+        waited.append(line)
+        report(line, 0, 1)
+
+    with locked(root.parent / f".{entry.name}.lock", what=f"fetching kernel {entry.name}", say=say):
+        if waited:
+            report(waited[0], 1, 1)
         if not force:
             check = check_entry(entry, root, progress)
             if check.state == "cached":

@@ -11,6 +11,7 @@ import lzma
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -695,3 +696,26 @@ def test_download_all_gives_up_after_one_update(cache):
     assert apt.calls.count("update") == 1
     with pytest.raises(KernelError, match="no ABI matching"):
         fetching.download_all(entry, FakeApt(["unrelated"]), lambda *a: None, {})
+
+
+def test_a_second_fetch_waits_for_the_first_and_says_for_whom(cache, monkeypatch):
+    """Two processes fetching one kernel: the second waits on the kernel's
+    lock (naming the holder in its progress), then finds or makes the entry."""
+    calls: list[str] = []
+    _fake_fetch(monkeypatch, cache, calls)
+    lock = cache / "kernels" / ".before.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ("import sys, time\nfrom pathlib import Path\nfrom lab.cache import locked\n"
+                                "with locked(Path(sys.argv[1]), what='fetching kernel before'):\n"
+                                "    print('held', flush=True); time.sleep(1.5)"), str(lock)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        out = io.StringIO()
+        art = kernels.fetch("before", progress=TextProgress(out, tty=False))
+    finally:
+        holder.kill()
+        holder.wait()
+    wait = f"waiting for pid {holder.pid} (fetching kernel before) (lock {lock})"
+    assert out.getvalue().splitlines()[:2] == [f"{wait}...", f"{wait}: done"]
+    assert calls == ["before"] and art.release == "6.12.1+deb12-amd64"
