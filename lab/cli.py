@@ -133,6 +133,18 @@ def _write_experiment(exp, out) -> None:
         print(f"devdax-lab: {len(exp.violations)} invariant violation(s), listed in the report")
 
 
+def _writeup(run_dir, out) -> None:
+    from .writeup import write_writeup
+
+    paths = write_writeup(run_dir, out)
+    print(f"devdax-lab: wrote {' and '.join(str(p) for p in paths)}")
+
+
+def cmd_writeup(args) -> int:
+    _writeup(args.run_dir, args.out or args.run_dir)
+    return 0
+
+
 def cmd_run(args) -> int:
     from pathlib import Path
 
@@ -141,6 +153,8 @@ def cmd_run(args) -> int:
 
     exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch)
     _write_experiment(exp, args.out)
+    if args.writeup:
+        _writeup(args.out, args.out)
     return 0
 
 
@@ -155,6 +169,8 @@ def cmd_compare(args) -> int:
         raise UserError(f"--kernels needs at least two kernels separated by commas, got {args.kernels!r}")
     exp = run_experiment(Path(args.scenario), names, progress=TextProgress(), events=args.watch)
     _write_experiment(exp, args.out)
+    if args.writeup:
+        _writeup(args.out, args.out)
     for line in exp.differences:
         print(f"  {line}")
     return 0
@@ -220,6 +236,12 @@ def cmd_notebook(args) -> int:
         return 1
 
 
+def _add_writeup_argument(parser) -> None:
+    parser.add_argument(
+        "--writeup", action="store_true",
+        help="also write repro.c and report.txt (as devdax-lab writeup OUT does)")
+
+
 def _add_watch_argument(parser) -> None:
     parser.add_argument(
         "--watch", nargs="?", const="counts", choices=["counts", "stacks"], default=None,
@@ -266,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kernel", required=True, help="before, after, or another known kernel")
     s.add_argument("--out", required=True, help="output directory")
     _add_watch_argument(s)
+    _add_writeup_argument(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("compare", help="run a scenario on several kernels and report the differences")
@@ -273,7 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kernels", default="before,after", help="comma list (default before,after)")
     s.add_argument("--out", required=True)
     _add_watch_argument(s)
+    _add_writeup_argument(s)
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("writeup", help="a run directory as a bug report: repro.c (standalone C "
+                       "reproducer) and report.txt (plain text, 80 columns)")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by run or compare --out")
+    s.add_argument("--out", help="where to write them (default: RUN_DIR)")
+    s.set_defaults(func=cmd_writeup)
 
     s = sub.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
     s.set_defaults(func=cmd_doctor)
