@@ -789,14 +789,14 @@ _NOISE = ("RAX:", "RBX:", "RCX:", "RDX:", "RSI:", "RDI:", "RBP:", "R08:", "R09:"
 def trim_kernel_messages(lines: Iterable[str], max_lines: int = 12) -> list[str]:
     """The useful lines of kernel messages: no timestamps, no register
     dumps, code bytes or module lists; call-trace frames without their
-    offsets; at most *max_lines*."""
+    offsets and without the unwinder's "?" guesses; at most *max_lines*."""
     from .console import strip_console_prefix
 
     out = []
     for line in lines:
         text = strip_console_prefix(str(line)).strip()
-        if not text or text.startswith(_NOISE):
-            continue
+        if not text or text.startswith(_NOISE) or text.startswith("? "):
+            continue  # "? frame": a guess of the unwinder, not a caller
         if "+0x" in text and "/0x" in text:  # "folio_put+0x12/0x40 [mod]" -> "folio_put"
             text = " ".join(w.split("+0x")[0] for w in text.split())
         out.append(text)
@@ -990,9 +990,13 @@ def _how(run: RunData) -> list[str]:
     sc = run.scenario
     path = (run.meta.get("scenario") or {}).get("path") or f"scenarios/{sc.name}.toml"
     kernels = run.kernels
-    lab = ([f"devdax-lab run {shlex.quote(path)}", f"--kernel {kernels[0]} --out DIR"]
+    watch = ""
+    if run.events is not None:
+        watch = " --watch stacks" if run.events["stack"].notna().any() else " --watch"
+    lab = ([f"devdax-lab run {shlex.quote(path)}", f"--kernel {kernels[0]}{watch} --out DIR"]
            if len(kernels) == 1 else
-           [f"devdax-lab compare {shlex.quote(path)}", f"--kernels {','.join(kernels)} --out DIR"])
+           [f"devdax-lab compare {shlex.quote(path)}",
+            f"--kernels {','.join(kernels)}{watch} --out DIR"])
     out = ["Without the lab, on a machine with a device-dax device aligned "
            f"{format_size(sc.device)}", "(as root):", "",
            "  gcc " + " ".join(CFLAGS) + " -o repro repro.c",

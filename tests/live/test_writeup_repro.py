@@ -1,0 +1,82 @@
+"""The reproducer reproduces: for the shipped fork-share, pin-longterm and
+fault-2m scenarios, the lab runs the scenario, writes its run directory and
+the write-up; repro.c is compiled on the host, sent into the same guest
+through the agent and run there. The lab snapshots the watched folios before
+and after: before equals the run's start, after equals the run's last step,
+the reproducer's steps did what the run's steps did (exit status 0, which
+covers every process exit), and the kernel complained as often as in the run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lab import inspect, report
+from lab.columns import COUNTERS
+from lab.experiment import frames_of, provenance
+from lab.runner import run_scenario
+from lab.scenario import load_scenario
+from lab.writeup import CFLAGS, read_run, write_writeup
+
+pytestmark = pytest.mark.live
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = 4096
+
+
+def _counters(session, pfns: list[int]) -> dict[int, dict]:
+    with session.stopped():
+        states = {pfn: inspect.folio_state(session.prog, pfn) for pfn in pfns}
+    return {pfn: {c: st.counters.get(c) for c in _names()} for pfn, st in states.items()}
+
+
+def _names() -> list[str]:
+    return [c.name for c in COUNTERS]
+
+
+def _recorded(timeline, kernel: str, step: int, pfns: list[int]) -> dict[int, dict]:
+    rows = timeline[(timeline["kernel"] == kernel) & (timeline["step"] == step)]
+    out = {}
+    for pfn in pfns:
+        r = rows[rows["pfn"] == pfn].iloc[0]
+        out[pfn] = {c: None if pd.isna(r[c]) else int(r[c]) for c in _names()}
+    return out
+
+
+@pytest.mark.parametrize("name", ["fork-share", "pin-longterm", "fault-2m"])
+def test_repro_c_reproduces_the_run(session, name, tmp_path):
+    gcc = shutil.which("gcc")
+    assert gcc, "gcc is needed to build repro.c"
+    scenario = load_scenario(ROOT / "scenarios" / f"{name}.toml")
+    run = run_scenario(session, scenario)
+    run_dir = tmp_path / "run"
+    report.write_outputs(run_dir, frames_of([run]), provenance(scenario, [run]))
+    c_file, txt = write_writeup(run_dir, tmp_path / "writeup")
+    assert max(len(line) for line in txt.read_text().splitlines()) <= 80
+    binary = tmp_path / "repro"
+    subprocess.run([gcc, *CFLAGS, "-o", str(binary), str(c_file)], check=True)
+
+    data = read_run(run_dir)
+    kernel = session.kernel.name
+    device = session.vm.device(scenario.device)
+    pfns = sorted({device["start"] // PAGE + scenario.device_page(w.map, w.page)
+                   for w in scenario.watch_list})
+    last = int(data.steps["step"].max())
+    complaints_before = len(session.vm.complaints)
+
+    before = _counters(session, pfns)
+    assert before == _recorded(data.timeline, kernel, 0, pfns)
+    res = session.agent.run_binary(binary, [f"/dev/{device['name']}"], timeout=120)
+    out = res.stdout.decode()
+    assert res.status == 0, out + res.stderr.decode()
+    assert out.splitlines()[-1] == (f"repro: {len(scenario.steps)} of {len(scenario.steps)} "
+                                    "steps as in the lab run")
+    session.vm.sync_console()
+    after = _counters(session, pfns)
+    assert after == _recorded(data.timeline, kernel, last, pfns)
+    recorded_complaints = data.complaints[data.complaints["kernel"] == kernel]
+    assert len(session.vm.complaints) - complaints_before == len(recorded_complaints)

@@ -1,0 +1,314 @@
+"""lab.writeup: repro.c compiled (and run on the host against a regular file
+standing in for the device), report.txt against a golden file from a real
+run, and the rule that every action the scenario validator knows has a C
+generator."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lab import scenario as scenario_mod
+from lab.errors import UserError
+from lab.writeup import C_STEPS, CFLAGS, RunData, read_run, repro_c, report_txt, \
+    trim_kernel_messages, write_writeup
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+WRITEUP = GOLDEN / "writeup" / "fork-share"
+
+
+def _known_actions() -> tuple[str, ...]:
+    """The actions the scenario validator accepts."""
+    return tuple(scenario_mod.ACTIONS)
+
+
+def test_every_action_the_validator_knows_has_a_c_generator():
+    missing = set(_known_actions()) - set(C_STEPS)
+    assert not missing, f"add a C generator to lab/writeup.py C_STEPS for: {sorted(missing)}"
+
+
+def _run_data(text: str, errnos: dict[int, int] | None = None,
+              releases=("6.12.0-test", "7.2.0-test")) -> RunData:
+    """A RunData for *text* whose steps got *errnos* (step -> errno) on every kernel."""
+    sc = scenario_mod.validate_text(text, "x.toml")
+    kernels = ["before", "after"][:len(releases)]
+    rows = [{"kernel": k, "step": s.index, "action": s.action,
+             "errno": (errnos or {}).get(s.index)} for k in kernels for s in sc.steps]
+    steps = pd.DataFrame(rows).astype({"errno": "Int64"})
+    meta = {"kernels": {k: {"release": r} for k, r in zip(kernels, releases)},
+            "scenario": {"name": "x", "text": text}}
+    empty = pd.DataFrame()
+    return RunData(Path("."), meta, sc, steps, empty, empty, None, empty, "dax0.0")
+
+
+ALL_ACTIONS = """
+[device]
+align = "4K"
+
+[[step]]
+action = "mmap"
+proc = "a"
+name = "m"
+length = "64K"
+
+[[step]]
+action = "touch"
+map = "m"
+pages = ["0-3", 9]
+write = true
+
+[[step]]
+action = "fork"
+proc = "a"
+child = "b"
+
+[[step]]
+action = "touch"
+proc = "b"
+map = "m"
+pages = [1]
+
+[[step]]
+action = "pin"
+map = "m"
+name = "p"
+length = "16K"
+
+[[step]]
+action = "splice"
+map = "m"
+name = "s"
+offset = "16K"
+length = "8K"
+
+[[step]]
+action = "drain"
+splice = "s"
+
+[[step]]
+action = "unpin"
+pin = "p"
+
+[[step]]
+action = "madvise"
+map = "m"
+advice = "DONTNEED"
+
+[[step]]
+action = "mprotect"
+map = "m"
+prot = "r"
+offset = "32K"
+length = "32K"
+
+[[step]]
+action = "touch"
+map = "m"
+pages = [12]
+write = true
+
+[[step]]
+action = "snapshot"
+
+[[step]]
+action = "kmsg"
+text = "devdax-lab: repro \\"quoted\\" */ text"
+
+[[step]]
+action = "exit"
+proc = "b"
+"""
+
+NEWER_ACTIONS = """
+[[step]]
+action = "mlock"
+map = "m"
+length = "16K"
+
+[[step]]
+action = "munlock"
+map = "m"
+length = "16K"
+
+[[step]]
+action = "mlock"
+map = "m"
+length = "16K"
+onfault = true
+
+[[step]]
+action = "mremap"
+map = "m"
+length = "128K"
+"""
+
+TAIL = """
+[[step]]
+action = "munmap"
+map = "m"
+"""
+
+
+def _all_actions_text() -> str:
+    text = ALL_ACTIONS
+    if {"mlock", "munlock", "mremap"} <= set(_known_actions()):
+        text += NEWER_ACTIONS
+    return text + TAIL
+
+
+def _compile(src: str, tmp_path: Path, name: str = "repro") -> Path:
+    gcc = shutil.which("gcc")
+    assert gcc, "gcc is needed to build repro.c"
+    (tmp_path / f"{name}.c").write_text(src)
+    proc = subprocess.run([gcc, *CFLAGS, "-o", str(tmp_path / name), str(tmp_path / f"{name}.c")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    return tmp_path / name
+
+
+def test_repro_of_every_action_compiles_without_a_warning(tmp_path):
+    run = _run_data(_all_actions_text())
+    src = repro_c(run)
+    covered = {s.action for s in run.scenario.steps}
+    assert covered >= set(_known_actions()) - {"snapshot"} or covered == set(_known_actions())
+    for s in run.scenario.steps:  # one comment and one table row per step
+        assert f"case {s.index}: {{ /* " in src
+    kmsg_case = next(line for line in src.splitlines() if "case 13:" in line)
+    assert "* / text" in kmsg_case  # the comment cannot end early (gcc would say so too)
+    _compile(src, tmp_path)
+
+
+FILE_SCENARIO = """
+[device]
+align = "4K"
+
+[[step]]
+action = "mmap"
+proc = "a"
+name = "m"
+length = "64K"
+
+[[step]]
+action = "touch"
+map = "m"
+pages = ["0-3"]
+write = true
+
+[[step]]
+action = "fork"
+proc = "a"
+child = "b"
+
+[[step]]
+action = "touch"
+proc = "b"
+map = "m"
+pages = [2, 5]
+write = true
+
+[[step]]
+action = "mprotect"
+map = "m"
+prot = "r"
+
+[[step]]
+action = "touch"
+map = "m"
+pages = [0]
+write = true
+
+[[step]]
+action = "splice"
+proc = "b"
+map = "m"
+name = "s"
+length = "8K"
+
+[[step]]
+action = "drain"
+splice = "s"
+
+[[step]]
+action = "exit"
+proc = "b"
+
+[[step]]
+action = "munmap"
+map = "m"
+"""
+
+
+def test_repro_runs_and_checks_each_step_against_the_lab(tmp_path):
+    """On the host a 1 MiB file stands in for the device: the steps run in
+    two processes, the write to a read-only page is EFAULT as recorded, and
+    a step that does differently from the lab makes the exit status 1."""
+    device = tmp_path / "dax0.0"
+    device.write_bytes(b"\0" * (1 << 20))
+    binary = _compile(repro_c(_run_data(FILE_SCENARIO, {6: errno.EFAULT})), tmp_path)
+    res = subprocess.run([str(binary), str(device)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("repro: Linux ") and "expecting what the lab saw on 7.2.0-test" in lines[0]
+    assert lines[1] == "step 1 (mmap) a: m = mmap 64K at device offset 0: ok; as in the lab"
+    assert lines[3] == "step 3 (fork) a forks b: ok; as in the lab"
+    assert lines[6].startswith("step 6 (touch) a: write m page 0: EFAULT (errno 14: ")
+    assert lines[6].endswith("; as in the lab")
+    assert lines[7] == "step 7 (splice) b: splice m pages 0-1 as s: ok; as in the lab"
+    assert lines[-1] == "repro: 10 of 10 steps as in the lab run"
+    assert device.read_bytes()[2 * 4096] != 0  # b's store reached the "device"
+
+    wrong = _compile(repro_c(_run_data(FILE_SCENARIO, {2: errno.EINVAL})), tmp_path, "wrong")
+    res = subprocess.run([str(wrong), str(device)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "step 2 (touch) a: write m pages 0-3: ok; DIFFERENT from the lab (the lab got EINVAL)" \
+        in res.stdout
+    assert "step 6 (touch) a: write m page 0: EFAULT" in res.stdout  # not expected this time
+    res = subprocess.run([str(wrong), str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and "repro: open" in res.stderr
+
+
+def test_trim_kernel_messages_on_a_captured_oops():
+    lines = (GOLDEN / "console" / "after-crash.log").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "Kernel panic" in line)
+    trimmed = trim_kernel_messages(lines[start:], max_lines=40)
+    assert trimmed[:2] == ["Kernel panic - not syncing: sysrq triggered crash",
+                           lines[start + 1].split("] ", 1)[1].strip()]
+    assert not any(t.startswith(("RAX:", "RBX:", "Code:", "Hardware name:", "[", "?", "<TASK>"))
+                   for t in trimmed)
+    assert trimmed[trimmed.index("Call Trace:") + 1:][:4] == [
+        "dump_stack_lvl", "vpanic", "panic", "sysrq_handle_crash"]
+    assert len(trim_kernel_messages(lines[start:], max_lines=5)) == 5
+
+
+def test_read_run_refuses_what_is_not_a_run_directory(tmp_path):
+    with pytest.raises(UserError, match="not a run directory.*meta.json"):
+        read_run(tmp_path)
+    from lab.cli import main
+
+    assert main(["writeup", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_txt_matches_the_golden_file_and_fits_80_columns(tmp_path):
+    run = read_run(WRITEUP)
+    text = report_txt(run)
+    assert text == (WRITEUP / "report.txt").read_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert all(line.isascii() for line in text.splitlines())
+    assert text.startswith("Subject: [devdax-lab] fork-share: refcount>=mappings broken on")
+    for heading in ("Verdict", "Steps", "Counters of the watched pages", "Kernel messages",
+                    "Who changed the counters (watchpoints)", "How to reproduce"):
+        assert f"\n{heading}\n{'-' * len(heading)}\n" in text
+    paths = write_writeup(WRITEUP, tmp_path)
+    assert [p.name for p in paths] == ["repro.c", "report.txt"]
+    assert (tmp_path / "report.txt").read_text() == text
+    _compile((tmp_path / "repro.c").read_text(), tmp_path)
+    meta = json.loads((WRITEUP / "meta.json").read_text())
+    assert meta["scenario"]["name"] == "fork-share"
