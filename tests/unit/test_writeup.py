@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from lab import scenario as scenario_mod
+from lab.actions import REGISTRY
 from lab.errors import UserError
 from lab.writeup import C_STEPS, CFLAGS, RunData, read_run, repro_c, report_txt, \
     trim_kernel_messages, write_writeup
@@ -24,8 +25,8 @@ WRITEUP = GOLDEN / "writeup" / "fork-share"
 
 
 def _known_actions() -> tuple[str, ...]:
-    """The actions the scenario validator accepts."""
-    return tuple(scenario_mod.ACTIONS)
+    """The actions of the registry (what the scenario validator accepts)."""
+    return tuple(REGISTRY)
 
 
 def test_every_action_the_validator_knows_has_a_c_generator():
@@ -156,10 +157,7 @@ map = "m"
 
 
 def _all_actions_text() -> str:
-    text = ALL_ACTIONS
-    if {"mlock", "munlock", "mremap"} <= set(_known_actions()):
-        text += NEWER_ACTIONS
-    return text + TAIL
+    return ALL_ACTIONS + NEWER_ACTIONS + TAIL
 
 
 def _compile(src: str, tmp_path: Path, name: str = "repro") -> Path:
@@ -175,8 +173,7 @@ def _compile(src: str, tmp_path: Path, name: str = "repro") -> Path:
 def test_repro_of_every_action_compiles_without_a_warning(tmp_path):
     run = _run_data(_all_actions_text())
     src = repro_c(run)
-    covered = {s.action for s in run.scenario.steps}
-    assert covered >= set(_known_actions()) - {"snapshot"} or covered == set(_known_actions())
+    assert {s.action for s in run.scenario.steps} == set(_known_actions())
     for s in run.scenario.steps:  # one comment and one table row per step
         assert f"case {s.index}: {{ /* " in src
     kmsg_case = next(line for line in src.splitlines() if "case 13:" in line)
@@ -239,6 +236,26 @@ action = "exit"
 proc = "b"
 
 [[step]]
+action = "mlock"
+map = "m"
+length = "16K"
+
+[[step]]
+action = "munlock"
+map = "m"
+length = "16K"
+
+[[step]]
+action = "mremap"
+map = "m"
+length = "128K"
+
+[[step]]
+action = "touch"
+map = "m"
+pages = [31]
+
+[[step]]
 action = "munmap"
 map = "m"
 """
@@ -260,7 +277,9 @@ def test_repro_runs_and_checks_each_step_against_the_lab(tmp_path):
     assert lines[6].startswith("step 6 (touch) a: write m page 0: EFAULT (errno 14: ")
     assert lines[6].endswith("; as in the lab")
     assert lines[7] == "step 7 (splice) b: splice m pages 0-1 as s: ok; as in the lab"
-    assert lines[-1] == "repro: 10 of 10 steps as in the lab run"
+    assert lines[12] == "step 12 (mremap) a: mremap m 64K -> 128K MAYMOVE: ok; as in the lab"
+    assert lines[13] == "step 13 (touch) a: read m page 31: ok; as in the lab"  # the new end
+    assert lines[-1] == "repro: 14 of 14 steps as in the lab run"
     assert device.read_bytes()[2 * 4096] != 0  # b's store reached the "device"
 
     wrong = _compile(repro_c(_run_data(FILE_SCENARIO, {2: errno.EINVAL})), tmp_path, "wrong")
