@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lab import inspect, report
+from lab import inspect
 from lab.columns import COUNTERS
-from lab.experiment import frames_of, provenance
+from lab.experiment import Experiment, frames_of, provenance, write_experiment
+from lab.timeline import check_invariants
 from lab.runner import run_scenario
 from lab.scenario import load_scenario
 from lab.writeup import CFLAGS, read_run, write_writeup
@@ -54,7 +55,10 @@ def test_repro_c_reproduces_the_run(session, name, tmp_path):
     scenario = load_scenario(ROOT / "scenarios" / f"{name}.toml")
     run = run_scenario(session, scenario)
     run_dir = tmp_path / "run"
-    report.write_outputs(run_dir, frames_of([run]), provenance(scenario, [run]))
+    frames = frames_of([run])
+    write_experiment(Experiment(scenario, [run], frames, [],
+                                check_invariants(frames["timeline"], frames["steps"]),
+                                provenance(scenario, [run])), run_dir)
     c_file, txt = write_writeup(run_dir, tmp_path / "writeup")
     assert max(len(line) for line in txt.read_text().splitlines()) <= 80
     binary = tmp_path / "repro"
