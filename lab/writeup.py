@@ -31,12 +31,13 @@ from .model import format_size
 from .scenario import Scenario, validate_text
 
 __all__ = [
-    "C_STEPS",
     "CFLAGS",
+    "C_STEPS",
     "RunData",
     "read_run",
-    "repro_c",
+    "report_sections",
     "report_txt",
+    "repro_c",
     "trim_kernel_messages",
     "write_writeup",
 ]
@@ -535,8 +536,8 @@ def repro_c(run: RunData) -> str:
     globals_ = [f"#define NPROCS {len(procs)}", f"#define NMAPS {max(len(ctx.maps), 1)}",
                 f"#define NSTEPS {nsteps}", f"#define NKERNELS {len(releases)}",
                 f"#define DEVICE_ALIGN {sc.device}UL"]
-    decls = ["static struct { char *addr; size_t length; } maps[NMAPS] "
-             "__attribute__((unused)); /* this process's view of each mapping */"]
+    decls = [("static struct { char *addr; size_t length; } maps[NMAPS] "
+             "__attribute__((unused)); /* this process's view of each mapping */")]
     if "pin_range" in uses or "unpin" in uses:
         decls.append(f"static int rings[{max(len(ctx.pins), 1)}]; /* io_uring fds of the pins */")
     if "splice_range" in uses or "drain" in uses:
@@ -828,9 +829,7 @@ def _verdict(run: RunData) -> list[str]:
         return _wrap("No violation: every invariant the lab checks "
                      f"({', '.join(INVARIANTS)}) held at every step on "
                      f"{' and '.join(_short_kernel(run, k) for k in run.kernels)}.")
-    order = {k: i for i, k in enumerate(run.kernels)}
-    v = v.assign(_k=v["kernel"].map(order)).sort_values(["step", "_k"], kind="stable")
-    first = v.iloc[0]
+    first = _first_violation(run)
     step = next((s for s in run.scenario.steps if s.index == int(first["step"])), None)
     doc = (INVARIANTS.get(first["invariant"]).__doc__ or "").split(".")[0]
     expected = " ".join(doc.split(":", 1)[-1].split()) if doc else first["invariant"]
@@ -969,7 +968,7 @@ def _writers(run: RunData) -> list[str]:
     ev = run.events
     if ev is None:
         return []
-    out = _heading("Who changed the counters (watchpoints)")
+    out: list[str] = []
     w = ev[ev["kind"] == "write"]
     if w.empty:
         return out + ["No counter of a watched folio changed."]
@@ -997,8 +996,8 @@ def _how(run: RunData) -> list[str]:
            if len(kernels) == 1 else
            [f"devdax-lab compare {shlex.quote(path)}",
             f"--kernels {','.join(kernels)}{watch} --out DIR"])
-    out = ["Without the lab, on a machine with a device-dax device aligned "
-           f"{format_size(sc.device)}", "(as root):", "",
+    out = [("Without the lab, on a machine with a device-dax device aligned "
+           f"{format_size(sc.device)}"), "(as root):", "",
            "  gcc " + " ".join(CFLAGS) + " -o repro repro.c",
            f"  ./repro /dev/{run.device}", ""]
     out += _wrap("repro.c runs the steps above in the same processes and prints one line "
@@ -1011,13 +1010,20 @@ def _how(run: RunData) -> list[str]:
     return out
 
 
-def report_txt(run: RunData) -> str:
-    """The mailing-list report (see module doc); every line at most 80 columns."""
-    sc = run.scenario
-    meta = run.meta
-    first_violation = None if run.violations.empty else run.violations.iloc[0]
-    subject = (f"[devdax-lab] {sc.name}: {first_violation['invariant']} broken on "
-               f"{run.release(first_violation['kernel'])}" if first_violation is not None
+def _first_violation(run: RunData):
+    """The earliest violation (by step, then kernel order), or None."""
+    v = run.violations
+    if v.empty:
+        return None
+    order = {k: i for i, k in enumerate(run.kernels)}
+    return v.assign(_k=v["kernel"].map(order)).sort_values(["step", "_k"], kind="stable").iloc[0]
+
+
+def _header(run: RunData) -> list[str]:
+    sc, meta = run.scenario, run.meta
+    first = _first_violation(run)
+    subject = (f"[devdax-lab] {sc.name}: {first['invariant']} broken on "
+               f"{run.release(first['kernel'])}" if first is not None
                else f"[devdax-lab] {sc.name}: no violation on "
                + ", ".join(run.release(k) for k in run.kernels))
     lines = _wrap(f"Subject: {subject}", "  ")
@@ -1032,11 +1038,12 @@ def report_txt(run: RunData) -> str:
     lines += _wrap(f"Run:      {meta.get('date', '?')} under QEMU "
                    f"({meta.get('accelerator', '?')}), devdax-lab {meta.get('devdax_lab', '?')}, "
                    f"drgn {meta.get('drgn', '?')}", "          ")
+    return lines
 
-    lines += _heading("Verdict") + _verdict(run)
 
-    lines += _heading("Steps")
-    for s in sc.steps:
+def _steps_words(run: RunData) -> list[str]:
+    lines = []
+    for s in run.scenario.steps:
         res = []
         for k in run.kernels:
             row = run.steps[(run.steps["kernel"] == k) & (run.steps["step"] == s.index)]
@@ -1045,13 +1052,36 @@ def report_txt(run: RunData) -> str:
         outcome = ("" if all(r == "ok" for _, r in res) else
                    " [" + ", ".join(f"{k}: {r}" for k, r in res) + "]")
         lines += _wrap(f"{s.index:>2}. {_step_line(s)}{outcome}", "    ")
+    return lines
 
-    lines += _heading("Counters of the watched pages") + _counter_table(run)
-    lines += _heading("Kernel messages") + _messages(run)
-    lines += _writers(run)
-    lines += _heading("How to reproduce") + _how(run)
-    lines += _heading("The scenario") + [
-        line for raw in sc.text.rstrip().splitlines() for line in _wrap(raw, "    ", "  ")]
+
+def report_sections(run: RunData) -> dict[str, list[str]]:
+    """report.txt as its sections, heading -> lines (the header block under
+    ""; the watchpoint section only when the run recorded events), each line
+    at most 80 columns: for notebook 04, which shows them between plots."""
+    sections = {
+        "": _header(run),
+        "Verdict": _verdict(run),
+        "Steps": _steps_words(run),
+        "Counters of the watched pages": _counter_table(run),
+        "Kernel messages": _messages(run),
+    }
+    if run.events is not None:
+        sections[WRITERS] = _writers(run)
+    sections["How to reproduce"] = _how(run)
+    sections["The scenario"] = [line for raw in run.scenario.text.rstrip().splitlines()
+                                for line in _wrap(raw, "    ", "  ")]
+    return sections
+
+
+WRITERS = "Who changed the counters (watchpoints)"
+
+
+def report_txt(run: RunData) -> str:
+    """The mailing-list report (see module doc); every line at most 80 columns."""
+    lines: list[str] = []
+    for heading, body in report_sections(run).items():
+        lines += (_heading(heading) if heading else []) + body
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 

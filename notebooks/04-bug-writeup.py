@@ -12,15 +12,21 @@
 # ---
 
 # %% [markdown]
-# # Bug write-up template
+# # Bug write-up
 #
-# A reproducible write-up: a scenario file and a list of kernels in, a
-# directory out with the data (`timeline.parquet`, `timeline.csv`, every
-# other frame), `meta.json` (kernel packages, QEMU, drgn, Python, the
-# scenario's text and sha256, the date) and a self-contained `report.html`,
-# the same as `devdax-lab compare` writes.
+# A write-up for people who will never install the lab: a scenario file and
+# a list of kernels in; out comes a directory with what `devdax-lab compare
+# --watch stacks --writeup` writes:
 #
-# Change the parameters in the next cell, or run it with papermill:
+# - `report.txt`: the message for the mailing list (plain text, 80 columns):
+#   send it inline;
+# - `repro.c`: a standalone C reproducer of the same steps in the same
+#   processes (`gcc -Wall -Wextra -Werror -O2 -static`); attach it;
+# - `report.html`, `meta.json` and the data (`timeline.parquet`, ...).
+#
+# The sections below are those of the write-up: Summary, Expected vs
+# actual, Steps, Evidence, Reproducer, Environment. Change the parameters in
+# the next cell, or run it with papermill:
 #
 #     papermill notebooks/04-bug-writeup.ipynb out.ipynb \
 #         -p scenario scenarios/pin-longterm.toml -p kernels before,after -p out out/pin
@@ -33,29 +39,65 @@ kernels = "before,after"
 out = "out/bug-writeup"
 
 # %%
-from pathlib import Path
-
-import pandas as pd
 from IPython.display import JSON
 
 from lab.experiment import run_experiment, write_experiment
-from lab.plots import plot_counts, plot_page_table
+from lab.paths import repo_root
+from lab.plots import plot_counts, plot_events, plot_page_table
+from lab.writeup import WRITERS, read_run, report_sections, write_writeup
 
-ROOT = Path.cwd() if (Path.cwd() / "scenarios").exists() else Path.cwd().parent
-scenario_path = ROOT / scenario
-out_dir = ROOT / out
+out_dir = repo_root() / out
 kernel_names = [k.strip() for k in kernels.split(",") if k.strip()]
 
-exp = run_experiment(scenario_path, kernel_names)
-print(exp.scenario.title)
-print(exp.scenario.description)
+# every change of the watched counters, with its writer's stack
+exp = run_experiment(repo_root() / scenario, kernel_names, events="stacks")
+write_experiment(exp, out_dir)
+written = write_writeup(out_dir, out_dir)
+run = read_run(out_dir)
+sections = report_sections(run)
+
+
+def show(heading: str) -> None:
+    """One section of report.txt, as the mailing list will read it."""
+    print("\n".join(sections.get(heading, [])))
+
 
 # %% [markdown]
-# ## What differs between the kernels
+# ## Summary
+#
+# The subject line, what ran where, and the verdict.
+
+# %%
+show("")
+print()
+show("Verdict")
+
+# %% [markdown]
+# ## Expected vs actual
+#
+# Each invariant the lab checks is an expectation; a violation says what was
+# expected and what the kernel did, at which step. The differences between
+# the kernels follow.
+
+# %%
+display(exp.violations_frame)  # noqa: F821
 
 # %%
 for line in exp.differences:
     print("-", line)
+
+# %% [markdown]
+# ## Steps
+
+# %%
+show("Steps")
+
+# %% [markdown]
+# ## Evidence
+#
+# The watched folios' counters at every step, the page-table entries that
+# map them, the counters at the steps where they moved (as report.txt has
+# them), the kernel's own complaints, and who wrote each change.
 
 # %%
 plot_counts(exp.frames["timeline"], exp.frames["complaints"])
@@ -63,24 +105,33 @@ plot_counts(exp.frames["timeline"], exp.frames["complaints"])
 # %%
 plot_page_table(exp.frames["timeline"])
 
-# %% [markdown]
-# ## Invariants broken
-#
-# On fork-share, `refcount>=mappings` is broken on `before` by design: two
-# processes map the same device page while the mappings hold no reference.
+# %%
+show("Counters of the watched pages")
 
 # %%
-pd.DataFrame(exp.violations, columns=["invariant", "kernel", "step", "map", "page", "message"])
+show("Kernel messages")
+
+# %%
+if "events" in exp.frames:
+    display(plot_events(exp.frames["events"], exp.frames["steps"]))  # noqa: F821
+show(WRITERS)
 
 # %% [markdown]
-# ## The environment (meta.json)
+# ## Reproducer
+#
+# `repro.c` replays the steps without the lab and exits 0 when every step
+# did what it did here. Its first lines:
+
+# %%
+show("How to reproduce")
+print()
+print("\n".join((out_dir / "repro.c").read_text().splitlines()[:24]))
+
+# %% [markdown]
+# ## Environment (meta.json)
 
 # %%
 JSON(exp.meta, expanded=True)
 
-# %% [markdown]
-# ## Write the data and the report
-
 # %%
-report_path = write_experiment(exp, out_dir)
-sorted(p.name for p in out_dir.iterdir()), report_path
+sorted(p.name for p in out_dir.iterdir())

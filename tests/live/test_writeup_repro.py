@@ -18,9 +18,9 @@ import pytest
 from lab import inspect
 from lab.columns import COUNTERS
 from lab.experiment import Experiment, frames_of, provenance, write_experiment
-from lab.timeline import check_invariants
 from lab.runner import run_scenario
 from lab.scenario import load_scenario
+from lab.timeline import check_invariants
 from lab.writeup import CFLAGS, read_run, write_writeup
 
 pytestmark = pytest.mark.live

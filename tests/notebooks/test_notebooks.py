@@ -25,6 +25,7 @@ from nbclient.exceptions import CellExecutionError
 from lab.paths import device_pages
 from lab.procs import pid_alive
 from lab.vm import RUN_PREFIX, run_parent
+from lab.writeup import CFLAGS
 
 pytestmark = pytest.mark.live
 
@@ -163,13 +164,27 @@ def test_bug_writeup_with_parameters(tmp_path):
     nb = nbformat.read(path, as_version=4)
     out = tmp_path / "writeup"
     _inject(nb, scenario="scenarios/fork-share.toml", kernels="before,after", out=str(out))
-    _run(path, nb)
+    nb, _ = _run(path, nb)
     assert (out / "report.html").stat().st_size > 0
     assert (out / "timeline.parquet").exists()
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["kernels"]) == {"before", "after"}
     assert meta["scenario"]["name"] == "fork-share"
     assert {"qemu", "drgn", "python", "date"} <= set(meta)
+    # the write-up: report.txt as the mailing list gets it, repro.c that builds
+    report = (out / "report.txt").read_text()
+    assert report.startswith("Subject: [devdax-lab] fork-share")
+    assert max(len(line) for line in report.splitlines()) <= 80
+    assert "Who changed the counters (watchpoints)" in report  # the run watched them
+    assert (out / "events.parquet").exists()
+    binary = tmp_path / "repro"
+    subprocess.run(["gcc", *CFLAGS, "-o", str(binary), str(out / "repro.c")], check=True)
+    text = "\n".join(_text(o) for o in _outputs(nb))
+    for heading in ("Summary", "Expected vs actual", "Steps", "Evidence", "Reproducer",
+                    "Environment"):
+        assert any(c.cell_type == "markdown" and c.source.startswith(f"## {heading}")
+                   for c in nb.cells), heading
+    assert "Subject: [devdax-lab] fork-share" in text and "refcount>=mappings" in text
 
 
 def test_panel_steps_and_errors_headless():
