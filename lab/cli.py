@@ -52,15 +52,46 @@ def cmd_kernel_build(args) -> int:
 
 def cmd_prepare(args) -> int:
     """Fetch kernels, build their images and the prepared NVDIMM files."""
-    from . import image, kernels, vm
+    from .prepare import boot_inputs, resolve_kernel
     from .progress import TextProgress
 
-    accel = vm.probe_accel()
     for name in args.names:
-        k = kernels.resolve(name, progress=TextProgress())
-        initrd = image.build_image(k)
-        vm.prepare_nvdimms(k, initrd, _dax_layout(args), accel=accel)
-        print(f"{name}: {k.release} ready (image {initrd.stat().st_size // 1024} KiB)")
+        k = resolve_kernel(name, progress=TextProgress()).artifacts
+        inputs = boot_inputs(k, _dax_layout(args))
+        print(f"{name}: {k.release} ready (image {inputs.initrd.stat().st_size // 1024} KiB)")
+    return 0
+
+
+def _print_command(spec, label: str | None = None) -> None:
+    """The exact command a plan starts (what `Vm.launch` runs), with the
+    run directory it makes at start called RUN_DIR."""
+    from . import vm
+
+    if label:
+        print(f"# {label}")
+    print(shlex.join(vm.launch_command(spec)))
+    copies = ""
+    if spec.nvdimm_sources and not spec.nvdimms_in_place:
+        copies = (f"; RUN_DIR/nvdimmN.img are sparse copies of "
+                  f"{spec.nvdimm_sources[0].parent}/nvdimmN.img")
+    print(f"# RUN_DIR: a private directory made at start ({vm.run_parent()}/{vm.RUN_PREFIX}*)"
+          + copies)
+
+
+def _show_scenario_commands(scenario_path: str, names: Sequence[str], watch) -> int:
+    """--show-command of run and compare: each kernel's boot as the run would
+    start it (the scenario decides the devices and whether events are on)."""
+    from pathlib import Path
+
+    from .experiment import boot_options, resolve_kernels
+    from .progress import TextProgress
+    from .scenario import load_scenario
+    from .session import Session
+
+    scenario = load_scenario(Path(scenario_path))
+    for choice in resolve_kernels(names, progress=TextProgress()):
+        spec = Session.plan(choice, progress=TextProgress(), **boot_options(scenario, watch))
+        _print_command(spec, f"{scenario.name} on {choice.spelling}:")
     return 0
 
 
@@ -82,28 +113,24 @@ def _size(n: int) -> str:
 
 
 def cmd_boot(args) -> int:
-    from . import image, kernels, vm
+    from . import vm
     from .progress import TextProgress
 
     dax = _dax_layout(args)
+    names = [k for k in args.kernel.split(",") if k]
     if args.show_command or args.shell:
-        k = kernels.resolve(args.kernel, progress=TextProgress())
-        initrd = image.build_image(k)
-        accel = vm.probe_accel()
-        files = vm.prepare_nvdimms(k, initrd, dax, accel=accel)
-        from pathlib import Path
-
-        from .model import VmSpec
-
+        if len(names) != 1:
+            raise UserError(f"--shell and --show-command take one kernel, got {args.kernel!r}")
+        spec = vm.boot_spec(names[0], dax=dax, shell=args.shell, progress=TextProgress())
         if args.show_command:
-            spec = VmSpec(kernel=k, initrd=initrd, run_dir=Path("RUN_DIR"), nvdimm_files=tuple(
-                Path(f"RUN_DIR/nvdimm{i}.img") for i in range(len(dax))), dax=dax, accel=accel,
-                **vm.fast_boot(k))
-            print(shlex.join(vm.qemu_argv(spec)))
-            print(f"# RUN_DIR/nvdimmN.img are sparse copies of {files[0].parent}/nvdimmN.img")
+            _print_command(spec)
             return 0
-        return vm.interactive_shell(k, initrd, files, dax, accel)
-    for name in args.kernel.split(","):
+        print("devdax-lab: guest console follows; exit or Ctrl-D powers the guest off, "
+              "Ctrl-A X quits QEMU", flush=True)
+        with vm.Vm(spec) as v:
+            v.wait_ready(args.timeout)
+            return v.interact()
+    for name in names:
         t0 = time.monotonic()
         with vm.boot(name, dax=dax, progress=TextProgress(),
                      ready_timeout=args.timeout) as v:
@@ -151,6 +178,8 @@ def cmd_run(args) -> int:
     from .experiment import run_experiment
     from .progress import TextProgress
 
+    if args.show_command:
+        return _show_scenario_commands(args.scenario, [args.kernel], args.watch)
     exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch)
     _write_experiment(exp, args.out)
     if args.writeup:
@@ -167,6 +196,8 @@ def cmd_compare(args) -> int:
     names = [k for k in args.kernels.split(",") if k]
     if len(names) < 2:
         raise UserError(f"--kernels needs at least two kernels separated by commas, got {args.kernels!r}")
+    if args.show_command:
+        return _show_scenario_commands(args.scenario, names, args.watch)
     exp = run_experiment(Path(args.scenario), names, progress=TextProgress(), events=args.watch)
     _write_experiment(exp, args.out)
     if args.writeup:
@@ -208,6 +239,14 @@ def cmd_notebook(args) -> int:
     root = Path(__file__).resolve().parent.parent
     if not (root / "notebooks").is_dir():
         root = Path.cwd()
+    if args.show_command:
+        from .session import Session
+
+        print(shlex.join(JupyterServer(root, port=args.port).launch_command()))
+        print("# JupyterLab; its token, config and runtime dirs are private (made at start)")
+        _print_command(Session.plan(args.kernel), f"what Lab.boot({args.kernel!r}) starts in it:")
+        return 0
+
     def interrupt(signum, frame):  # a closed ssh session or a kill: stop cleanly as on Ctrl-C
         raise KeyboardInterrupt
 
@@ -247,6 +286,11 @@ def _add_watch_argument(parser) -> None:
         "--watch", nargs="?", const="counts", choices=["counts", "stacks"], default=None,
         help="also record every change of the watched folios' counters (watchpoints, "
              "events.parquet); 'stacks' adds each writer's kernel stack (about 15x slower a hit)")
+
+
+def _add_show_command_argument(parser) -> None:
+    parser.add_argument("--show-command", action="store_true",
+                        help="print the exact command lines it would start, and start nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     _add_watch_argument(s)
     _add_writeup_argument(s)
+    _add_show_command_argument(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("compare", help="run a scenario on several kernels and report the differences")
@@ -297,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     _add_watch_argument(s)
     _add_writeup_argument(s)
+    _add_show_command_argument(s)
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("writeup", help="a run directory as a bug report: repro.c (standalone C "
@@ -313,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a notebook in notebooks/ (default 00-quickstart)")
     s.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     s.add_argument("--no-open", action="store_true", help="open JupyterLab without a notebook")
+    s.add_argument("--kernel", default="after",
+                   help="with --show-command: the kernel whose Lab.boot to show (default after)")
+    _add_show_command_argument(s)
     s.set_defaults(func=cmd_notebook)
 
     s = sub.add_parser("bench", help="benchmarks: boot, snapshot (bulk vs per-page), compare")

@@ -21,7 +21,8 @@ from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, RunResult, UserError
 from .runner import run_scenario
 from .scenario import Scenario, load_scenario
 
-__all__ = ["Experiment", "run_experiment", "frames_of", "provenance", "write_experiment"]
+__all__ = ["Experiment", "run_experiment", "frames_of", "provenance", "write_experiment",
+           "boot_options", "resolve_kernels"]
 
 
 @dataclass
@@ -74,10 +75,12 @@ def frames_of(runs: Sequence[RunResult]) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def provenance(scenario: Scenario, runs: Sequence[RunResult]) -> dict:
-    """meta.json: kernels and their packages, tool versions, accelerator,
-    the scenario text and its hash, and the date."""
-    from . import kernels
+def provenance(scenario: Scenario, runs: Sequence[RunResult], choices: Sequence) -> dict:
+    """meta.json: kernels (as the user named them, and what they resolved
+    to: release, packages, source, files), tool versions, accelerator, the
+    scenario text and its hash, and the date. *choices* are the
+    :class:`lab.plan.KernelChoice` of each run, in order: nothing is looked
+    up again."""
     from .vm import qemu_version
 
     def version(dist: str) -> str:
@@ -87,10 +90,11 @@ def provenance(scenario: Scenario, runs: Sequence[RunResult]) -> dict:
             return "unknown"
 
     kernel_meta = {}
-    for run in runs:
-        st = kernels.status(run.kernel)
-        kernel_meta[run.kernel] = {"release": run.release, "packages": dict(st.packages or {}),
-                                   "source": st.source}
+    for run, choice in zip(runs, choices, strict=True):
+        k = choice.artifacts
+        kernel_meta[run.kernel] = {
+            "spelling": choice.spelling, "release": run.release, "packages": dict(k.packages),
+            "source": choice.source, "root": str(k.root) if k.root else None}
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "scenario": {"name": scenario.name, "title": scenario.title, "sha256": scenario.sha256,
@@ -116,24 +120,18 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
     from .session import Session
 
     scenario = load_scenario(scenario_path)
-    if not kernel_names:
-        raise UserError("name at least one kernel")
-    from . import kernels
-
-    for name in kernel_names:  # a bad name fails here, before anything boots
-        kernels.resolve(name, progress=progress)
-    dax = PUD_LAYOUT if scenario.device >= PUD_DAX.align else DEFAULT_DAX
+    choices = resolve_kernels(kernel_names, progress=progress)
     runs = []
-    for name in kernel_names:
-        say(f"devdax-lab: {scenario.name} on {name}: booting")
-        wants_events = bool(events) or any(w.events for w in scenario.watch_list)
-        with Session.boot(name, dax=dax, say=say, progress=progress,
-                          events=wants_events) as session:
+    for choice in choices:
+        say(f"devdax-lab: {scenario.name} on {choice.spelling}: booting")
+        with Session.boot(choice, say=say, progress=progress,
+                          **boot_options(scenario, events)) as session:
             runs.append(run_scenario(session, scenario, progress=progress, events=events))
     frames = frames_of(runs)
     differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
     violations = tl.check_invariants(frames["timeline"], frames["steps"])
-    return Experiment(scenario, runs, frames, differences, violations, provenance(scenario, runs))
+    return Experiment(scenario, runs, frames, differences, violations,
+                      provenance(scenario, runs, choices))
 
 
 def write_experiment(exp: Experiment, out: str | Path) -> Path:
@@ -154,3 +152,21 @@ def write_experiment(exp: Experiment, out: str | Path) -> Path:
         device_pages=f["device_pages"], complaints=f["complaints"], diff=f.get("diff"),
         differences=exp.differences, violations=exp.violations, events=f.get("events"),
         accounting=f.get("accounting"), call_paths=f.get("call_paths"))
+
+
+def resolve_kernels(kernel_names: Sequence[str], *, progress: Callable | None = None) -> list:
+    """Each kernel resolved once, before anything boots (a bad name fails
+    here): the :class:`lab.plan.KernelChoice` a run carries to its end."""
+    from .prepare import resolve_kernel
+
+    if not kernel_names:
+        raise UserError("name at least one kernel")
+    return [resolve_kernel(name, progress=progress) for name in kernel_names]
+
+
+def boot_options(scenario: Scenario, events: str | None = None) -> dict:
+    """How *scenario* needs its guests booted (``Session.boot`` /
+    ``Session.plan`` keywords): the 1G device layout when it uses one, and
+    events when asked or when a watch entry asks."""
+    return {"dax": PUD_LAYOUT if scenario.device >= PUD_DAX.align else DEFAULT_DAX,
+            "events": bool(events) or any(w.events for w in scenario.watch_list)}

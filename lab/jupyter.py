@@ -169,6 +169,11 @@ class JupyterServer:
             argv.append("--allow-root")
         return argv
 
+    def launch_command(self) -> list[str]:
+        """What :meth:`start` runs: JupyterLab under ``setpriv --pdeathsig``
+        (its token goes in the environment, not here)."""
+        return ["setpriv", "--pdeathsig", "KILL", "--", *self._argv()]
+
     def _environment(self) -> dict[str, str]:
         assert self.tmp is not None
         env = dict(os.environ)
@@ -205,7 +210,7 @@ class JupyterServer:
         try:
             (self.tmp / "owner.pid").write_text(str(os.getpid()))
             self._write_settings()
-            self.command = ["setpriv", "--pdeathsig", "KILL", "--", *self._argv()]
+            self.command = self.launch_command()
             try:
                 self.proc = subprocess.Popen(
                     self.command, cwd=self.root, env=self._environment(),

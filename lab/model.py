@@ -130,8 +130,13 @@ class VmSpec:
 
     kernel: KernelArtifacts
     initrd: Path
-    run_dir: Path  # private 0700 directory: sockets, console log, NVDIMM copies
-    nvdimm_files: tuple[Path, ...]
+    # private 0700 directory made at launch (sockets, console log, RAM and
+    # NVDIMM copies); a plan names it RUN_DIR until then
+    run_dir: Path
+    # the prepared NVDIMM files (cached): each boot maps private sparse copies
+    # of them in its run directory, except the boot that prepares them
+    nvdimm_sources: tuple[Path, ...]
+    nvdimms_in_place: bool = False
     dax: tuple[DaxSpec, ...] = DEFAULT_DAX
     memory: int = 1 * GiB
     cpus: int = 2
@@ -144,10 +149,20 @@ class VmSpec:
     boot_file: Path | None = None
     firmware: Path | None = None  # -bios (qboot starts faster than SeaBIOS)
     extra_args: tuple[str, ...] = field(default=())
+    # the guest's console on this terminal (QEMU's monitor behind Ctrl-A)
+    # instead of captured by the owner
+    shell: bool = False
 
     @property
     def needs_1g_pages(self) -> bool:
         return any(d.align >= GiB for d in self.dax)
+
+    @property
+    def nvdimm_files(self) -> tuple[Path, ...]:
+        """The files QEMU maps as NVDIMMs."""
+        if self.nvdimms_in_place:
+            return self.nvdimm_sources
+        return tuple(self.run_dir / f"nvdimm{i}.img" for i in range(len(self.nvdimm_sources)))
 
 
 @dataclass(frozen=True)
@@ -309,7 +324,11 @@ class RunResult:
     """
 
     scenario: Any
-    kernel: str
+    kernel: str  # the kernel's name (for a tree, its directory's name)
+    # the kernel as the user spelled it: a name, or the PATH of a tree built
+    # in place (what meta.json and a rerun need; `kernel` alone cannot be
+    # looked up again for a tree)
+    kernel_spelling: str
     release: str
     accel: str
     device: dict

@@ -42,7 +42,7 @@ class Recorder:
         self.model = GuestModel(device["align"], device["size"])
         self.watched = dict(watched or {})
         self.result = RunResult(scenario=scenario, kernel=session.kernel.name,
-                                release=session.vm.release, accel=session.vm.spec.accel,
+                                kernel_spelling=session.kernel_spelling, release=session.vm.release, accel=session.vm.spec.accel,
                                 device=device)
         self.result.steps.append(self._snapshot(0, "start", None, "start", "", None, None,
                                                 time.monotonic(), len(session.vm.complaints)))

@@ -18,7 +18,8 @@ import drgn
 from . import inspect
 from .agent import AgentClient
 from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts
-from .vm import Vm, boot
+from .plan import KernelChoice
+from .vm import Vm, boot_spec, start
 
 __all__ = ["Session"]
 
@@ -26,32 +27,44 @@ __all__ = ["Session"]
 class Session:
     """One booted kernel with drgn attached. Use as a context manager."""
 
-    def __init__(self, vm: Vm, kernel: KernelArtifacts, prog: drgn.Program):
+    def __init__(self, vm: Vm, kernel: KernelChoice, prog: drgn.Program):
         self.vm = vm
-        self.kernel = kernel
+        self.choice = kernel
+        self.kernel: KernelArtifacts = kernel.artifacts
         self.prog = prog
         self._watcher = None
 
-    @classmethod
-    def boot(cls, kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
-             say=print, progress=None, ready_timeout: float = 120.0,
-             events: bool = False) -> Session:
-        """Boot *kernel*, wait until its devices are ready and attach drgn.
-        With *events*, QEMU also serves a gdbstub for :attr:`watcher`, and
-        the guest gets one CPU: QEMU reports one watchpoint per stop, so two
-        CPUs hitting at once lose one hit (BENCHMARKS.md, "Events")."""
-        from . import kernels
+    @property
+    def kernel_spelling(self) -> str:
+        """The kernel as the user named it (a name or a PATH)."""
+        return self.choice.spelling
 
-        artifacts = kernel if isinstance(kernel, KernelArtifacts) else kernels.resolve(
-            kernel, progress=progress)
-        vm = boot(artifacts, dax=dax, say=say, ready_timeout=ready_timeout, gdbstub=events,
-                  cpus=1 if events else 2)
+    @classmethod
+    def boot(cls, kernel: str | KernelChoice | KernelArtifacts, *,
+             dax: Sequence[DaxSpec] = DEFAULT_DAX, say=print, progress=None,
+             ready_timeout: float = 120.0, events: bool = False) -> Session:
+        """Boot *kernel* (a name, a PATH to a tree built in place, or a
+        choice already resolved), wait until its devices are ready and
+        attach drgn. With *events*, QEMU also serves a gdbstub for
+        :attr:`watcher` (and the plan gives the guest one CPU)."""
+        from .prepare import resolve_kernel
+
+        choice = resolve_kernel(kernel, progress=progress)
+        spec = cls.plan(choice, dax=dax, say=say, progress=progress, events=events)
+        vm = start(spec, say=say, ready_timeout=ready_timeout)
         try:
-            prog = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", artifacts)
+            prog = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", choice.artifacts)
         except BaseException:
             vm.close()
             raise
-        return cls(vm, artifacts, prog)
+        return cls(vm, choice, prog)
+
+    @staticmethod
+    def plan(kernel: str | KernelChoice | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
+             say=print, progress=None, events: bool = False):
+        """The VmSpec :meth:`boot` starts, with the same arguments (what
+        ``--show-command`` prints)."""
+        return boot_spec(kernel, dax=dax, events=events, say=say, progress=progress)
 
     def __enter__(self) -> Session:
         return self

@@ -1,5 +1,7 @@
 """QEMU: the command line (a pure function of a VmSpec), the one owner of the
-QEMU process, its QMP connection, its console and the agent socket.
+QEMU process, its QMP connection, its console and the agent socket. Every
+QEMU the lab starts is started by :meth:`Vm.launch` (the interactive shell is
+a mode of it), from a spec made by :func:`lab.plan.plan`.
 
 A guest is *ready* when the agent answers and every requested device-dax
 namespace exists. Namespaces are not created at boot: the NVDIMM backing
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import json
 import os
 import shutil
 import signal
@@ -28,13 +29,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .agent import AgentClient, AgentDisconnected, AgentError, AgentTimeout
-from .cache import atomic_entry, cache_root, hash_inputs
 from .console import Complaint, find_complaint
 from .errors import LabFailure
 from .model import DEFAULT_DAX, DaxSpec, GiB, KernelArtifacts, MiB, UserError, VmSpec, format_size
+from .plan import RUN_DIR
 from .procs import pid_alive
 
 __all__ = [
@@ -43,11 +45,13 @@ __all__ = [
     "VmTimeout",
     "qemu_argv",
     "kernel_cmdline",
+    "launch_command",
     "probe_accel",
     "copy_sparse",
-    "prepare_nvdimms",
     "Vm",
     "boot",
+    "boot_spec",
+    "start",
     "RUN_PREFIX",
     "sweep_stale_run_dirs",
 ]
@@ -107,13 +111,15 @@ def accel_arg(spec: VmSpec) -> str:
     return spec.accel
 
 
-def qemu_argv(spec: VmSpec, *, console: str = "stdio") -> list[str]:
+def qemu_argv(spec: VmSpec) -> list[str]:
     """The exact QEMU command line for *spec*.
 
-    *console* is ``stdio`` (captured by the owner) or ``mon:stdio`` (an
-    interactive terminal, Ctrl-A X quits).
+    The serial console is ``stdio``: captured by the owner, or with
+    ``spec.shell`` this terminal with QEMU's monitor behind Ctrl-A
+    (``mon:stdio``; Ctrl-A X quits).
     """
     run = spec.run_dir
+    console = "mon:stdio" if spec.shell else "stdio"
     nvdimm_total = sum(d.size for d in spec.dax)
     maxmem = spec.memory + nvdimm_total + GiB
     argv = [
@@ -157,15 +163,11 @@ def qemu_argv(spec: VmSpec, *, console: str = "stdio") -> list[str]:
     return argv
 
 
-def prepare_arg(dax: Sequence[DaxSpec]) -> str:
-    """``devdax_lab.prepare=`` value: one ``ALIGN[:SIZE]`` per region, in order."""
-    parts = []
-    for d in dax:
-        part = format_size(d.align)
-        if d.namespace_size:
-            part += ":" + format_size(d.namespace_size)
-        parts.append(part)
-    return ",".join(parts)
+def launch_command(spec: VmSpec) -> list[str]:
+    """The command :meth:`Vm.launch` starts: QEMU under ``setpriv
+    --pdeathsig KILL``, so that it dies with the Python process even on
+    SIGKILL (setpriv execs QEMU: the pid is QEMU's)."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", *qemu_argv(spec)]
 
 
 # A boot sector that writes to QEMU's isa-debug-exit port: QEMU then exits
@@ -402,18 +404,24 @@ class ThreadedQmp:
 class Vm:
     """The one owner of a QEMU process.
 
-    Nothing starts before :meth:`launch`; :meth:`close` (also run by the
-    context manager, on exceptions and Ctrl-C) powers the guest off, then
-    quits QEMU over QMP, then kills it, always reaps it and removes the run
-    directory.
+    Nothing starts before :meth:`launch`, which makes the run directory (a
+    spec from :func:`lab.plan.plan` names it ``RUN_DIR`` until then), copies
+    the NVDIMM files into it and starts :func:`launch_command`. With
+    ``spec.shell`` the console is this terminal instead (:meth:`interact`).
+    :meth:`close` (also run by the context manager, on exceptions and Ctrl-C)
+    powers the guest off, then quits QEMU over QMP, then kills it, always
+    reaps it and removes the run directory.
     """
 
     def __init__(self, spec: VmSpec, *, console_log: Path | None = None, say=print):
         self.spec = spec
         self.argv = qemu_argv(spec)
-        self.console_log = console_log or spec.run_dir / "console.log"
+        self.command = launch_command(spec)
+        self._console_log = console_log
         self.say = say
         self.proc: subprocess.Popen | None = None
+        self._stdin_pump: threading.Thread | None = None
+        self._ready = threading.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.complaints: list[tuple[int, Complaint]] = []  # (console line number, complaint)
         self.lines_seen = 0
@@ -438,25 +446,85 @@ class Vm:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def console_log(self) -> Path:
+        return self._console_log or self.spec.run_dir / "console.log"
+
     def launch(self) -> None:
-        """Start QEMU and connect to its agent socket and QMP."""
-        cmd = ["setpriv", "--pdeathsig", "KILL", "--", *self.argv]
-        self.started_at = time.monotonic()
+        """Make the run directory, start QEMU and connect to its agent socket
+        and QMP."""
+        if self.spec.run_dir == RUN_DIR:
+            self.spec = replace(self.spec, run_dir=make_run_dir())
+        self.argv = qemu_argv(self.spec)
+        self.command = launch_command(self.spec)
         try:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us, and we stop QEMU in order
-            )
-        except FileNotFoundError as exc:
-            raise UserError(f"{exc.filename} not found: run `devdax-lab doctor`") from exc
-        (self.spec.run_dir / "qemu.pid").write_text(str(self.proc.pid))
-        self._reader = threading.Thread(target=self._drain_console, name="qemu-console", daemon=True)
-        self._reader.start()
+            if not self.spec.nvdimms_in_place:
+                for src, dst in zip(self.spec.nvdimm_sources, self.spec.nvdimm_files, strict=True):
+                    copy_sparse(src, dst)
+            self.started_at = time.monotonic()
+            self.proc = self._popen()
+        except BaseException:
+            shutil.rmtree(self.spec.run_dir, ignore_errors=True)
+            raise
         try:
+            (self.spec.run_dir / "qemu.pid").write_text(str(self.proc.pid))
+            if not self.spec.shell:
+                self._reader = threading.Thread(target=self._drain_console, name="qemu-console",
+                                                daemon=True)
+                self._reader.start()
             self._connect()
         except BaseException:
             self.close()
             raise
+
+    def _popen(self) -> subprocess.Popen:
+        try:
+            if not self.spec.shell:
+                return subprocess.Popen(
+                    self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C reaches us, and we stop QEMU in order
+                )
+            # The console is this terminal (QEMU makes it raw: Ctrl-C goes to
+            # the guest). Input that is not a terminal is passed on by a
+            # thread, which ends the guest's shell when the input ends.
+            stdin_is_tty = os.isatty(0)
+            proc = subprocess.Popen(self.command, stdin=None if stdin_is_tty else subprocess.PIPE)
+            if not stdin_is_tty:
+                self._stdin_pump = threading.Thread(target=self._pump_stdin, args=(proc,),
+                                                    name="qemu-stdin", daemon=True)
+                self._stdin_pump.start()
+            return proc
+        except FileNotFoundError as exc:
+            raise UserError(f"{exc.filename} not found: run `devdax-lab doctor`") from exc
+
+    def _pump_stdin(self, proc: subprocess.Popen) -> None:
+        """Copy our stdin to the guest console once the guest is ready (the
+        console is open in the guest from /init on, so nothing is lost; input
+        sent while its serial driver starts could be); at the end of the
+        input send a newline and Ctrl-D, which ends the guest's shell, and
+        /init then powers off: a script's `devdax-lab boot --shell <
+        commands` returns once they ran."""
+        assert proc.stdin
+        while not self._ready.wait(0.1):
+            if proc.poll() is not None:
+                return
+        try:
+            while block := os.read(0, 4096):
+                proc.stdin.write(block)
+                proc.stdin.flush()
+            proc.stdin.write(b"\n\x04")
+            proc.stdin.flush()
+        except OSError:  # QEMU went away first
+            pass
+
+    def interact(self) -> int:
+        """Wait while the person at the terminal (or the input piped in) uses
+        the guest's shell; return QEMU's exit status. The guest powers off
+        when its shell ends (``exit``, Ctrl-D, end of input); Ctrl-A X quits
+        QEMU at once."""
+        assert self.spec.shell and self.proc
+        return self.proc.wait()
 
     def _drain_console(self) -> None:
         assert self.proc and self.proc.stdout
@@ -478,7 +546,8 @@ class Vm:
         with self._lock:
             return list(self.tail)[-n:]
 
-    def _fail(self, cls, message: str) -> VmError:
+    def fail(self, cls, message: str) -> VmError:
+        """An error of class *cls* carrying the command and the console tail."""
         time.sleep(0.2)  # let the console reader catch the last lines
         return cls(message, argv=self.argv, console_tail=self.console_tail())
 
@@ -497,7 +566,7 @@ class Vm:
                     return
             self.check_alive()
             if time.monotonic() > deadline:
-                raise self._fail(VmTimeout, f"the guest console fell silent for {timeout:.0f} s")
+                raise self.fail(VmTimeout, f"the guest console fell silent for {timeout:.0f} s")
             time.sleep(0.002)
 
     def _settle(self, timeout: float = 3.0) -> None:
@@ -516,9 +585,9 @@ class Vm:
         with self._lock:
             fatal = [c for _, c in self.complaints if c.fatal]
         if fatal:
-            raise self._fail(GuestCrashed, f"the guest kernel crashed: {fatal[0].text}")
+            raise self.fail(GuestCrashed, f"the guest kernel crashed: {fatal[0].text}")
         if self.proc and self.proc.poll() is not None:
-            raise self._fail(VmError, f"QEMU exited with status {self.proc.returncode}")
+            raise self.fail(VmError, f"QEMU exited with status {self.proc.returncode}")
 
     def _wait_for_socket(self, path: Path, deadline: float) -> socket.socket:
         while True:
@@ -531,7 +600,7 @@ class Vm:
                 except (ConnectionRefusedError, FileNotFoundError):
                     s.close()
             if time.monotonic() > deadline:
-                raise self._fail(VmTimeout, f"QEMU did not create {path.name} within 10 s")
+                raise self.fail(VmTimeout, f"QEMU did not create {path.name} within 10 s")
             time.sleep(0.02)
 
     def _connect(self) -> None:
@@ -558,9 +627,9 @@ class Vm:
             except AgentDisconnected as exc:
                 self._settle()
                 self.check_alive()  # a crash explains a closed channel best
-                raise self._fail(VmError, f"the agent channel closed: {exc}") from exc
+                raise self.fail(VmError, f"the agent channel closed: {exc}") from exc
             if time.monotonic() > deadline:
-                raise self._fail(VmTimeout, f"the guest agent did not answer within {timeout:.0f} s")
+                raise self.fail(VmTimeout, f"the guest agent did not answer within {timeout:.0f} s")
         want = sorted(d.align for d in self.spec.dax)
         while True:
             self.check_alive()
@@ -569,13 +638,14 @@ class Vm:
                 break
             if time.monotonic() > deadline:
                 have = ", ".join(f"{d['name']} (align {format_size(d['align'])})" for d in self.devices)
-                raise self._fail(
+                raise self.fail(
                     VmTimeout,
                     f"device-dax namespaces with aligns {', '.join(map(format_size, want))} "
                     f"did not appear within {timeout:.0f} s (present: {have or 'none'})",
                 )
             time.sleep(0.05)
         self.ready_at = time.monotonic()
+        self._ready.set()
 
     @property
     def time_to_ready(self) -> float:
@@ -636,76 +706,28 @@ class Vm:
 
 
 # ----------------------------------------------------------------------------
-# Prepared NVDIMM files
-
-
-def nvdimm_key(dax: Sequence[DaxSpec]) -> str:
-    return hash_inputs(json.dumps([[d.align, d.size, d.namespace_size] for d in dax]),
-                       str(LABEL_SIZE), "v1")
-
-
-def prepare_nvdimms(kernel: KernelArtifacts, initrd: Path, dax: Sequence[DaxSpec],
-                    *, accel: str, say=print, timeout: float = 300.0) -> list[Path]:
-    """NVDIMM backing files whose labels already describe one device-dax
-    namespace each, made once per layout by booting *kernel* with ndctl and
-    cached (a file prepared under one kernel works under the others)."""
-    final = cache_root() / "nvdimm" / nvdimm_key(dax)
-    files = [final / f"nvdimm{i}.img" for i in range(len(dax))]
-    if all(f.exists() for f in files):
-        return files
-    say(f"devdax-lab: preparing NVDIMM labels for {prepare_arg(dax)} (once; ~10-20 s under TCG)")
-    with atomic_entry(final) as tmp:
-        for i, d in enumerate(dax):
-            with open(tmp / f"nvdimm{i}.img", "wb") as f:
-                f.truncate(d.size)
-        run = make_run_dir()
-        spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, accel=accel, **fast_boot(kernel),
-                      nvdimm_files=tuple(tmp / f"nvdimm{i}.img" for i in range(len(dax))),
-                      dax=tuple(dax), cmdline_extra=(f"devdax_lab.prepare={prepare_arg(dax)}",))
-        with Vm(spec, say=say, console_log=final.parent / "last-prepare-console.log") as vm:
-            try:
-                vm.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired as exc:
-                raise vm._fail(VmTimeout, f"preparing the NVDIMM labels took over {timeout:.0f} s") from exc
-            time.sleep(0.1)
-            lines = vm.console_tail(60)
-            if not any("devdax-lab: prepare ok" in line for line in lines):
-                raise vm._fail(VmError, "preparing the NVDIMM labels failed")
-    return files
-
-
-# ----------------------------------------------------------------------------
 # The usual way in
 
 
-def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
-         ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
-         progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None,
-         cpus: int = 2) -> Vm:
-    """Resolve *kernel*, build its image, boot it and wait until it is ready.
+def boot_spec(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX, events: bool = False,
+              shell: bool = False, cmdline_extra: Sequence[str] = (), cpus: int | None = None,
+              say=print, progress=None) -> VmSpec:
+    """The plan of one boot of *kernel* (a name, a PATH, a
+    :class:`lab.plan.KernelChoice` or artifacts): resolve it, build its image,
+    probe the accelerator, prepare the NVDIMM files (each once, cached), then
+    :func:`lab.plan.plan`. Nothing is started."""
+    from .plan import plan
+    from .prepare import boot_inputs, resolve_kernel
 
-    The returned :class:`Vm` is running; use it as a context manager (or call
-    ``close()``) so QEMU is always stopped.
-    """
-    from . import image, kernels
+    choice = resolve_kernel(kernel, progress=progress)
+    inputs = boot_inputs(choice.artifacts, dax, say=say)
+    return plan(inputs, events=events, shell=shell, cmdline_extra=cmdline_extra, cpus=cpus)
 
-    artifacts = kernel if isinstance(kernel, KernelArtifacts) else kernels.resolve(kernel, progress=progress)
-    initrd = image.build_image(artifacts)
-    accel = probe_accel(say=say)
-    nvdimms = prepare_nvdimms(artifacts, initrd, dax, accel=accel, say=say)
-    run = make_run_dir()
-    try:
-        copies = []
-        for i, src in enumerate(nvdimms):
-            dst = run / f"nvdimm{i}.img"
-            copy_sparse(src, dst)
-            copies.append(dst)
-        spec = VmSpec(kernel=artifacts, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
-                      dax=tuple(dax), accel=accel, gdbstub=gdbstub, cpus=cpus,
-                      cmdline_extra=tuple(cmdline_extra), **fast_boot(artifacts))
-    except BaseException:
-        shutil.rmtree(run, ignore_errors=True)
-        raise
+
+def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
+          console_log: Path | None = None) -> Vm:
+    """Launch *spec* and wait until the guest is ready; the returned
+    :class:`Vm` is running (use it as a context manager)."""
     vm = Vm(spec, say=say, console_log=console_log)
     vm.launch()
     try:
@@ -716,30 +738,18 @@ def boot(kernel: str | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
     return vm
 
 
-def interactive_shell(kernel: KernelArtifacts, initrd: Path, nvdimms: Sequence[Path],
-                      dax: Sequence[DaxSpec], accel: str) -> int:
-    """Boot with a shell on the console attached to this terminal (Ctrl-A X
-    quits QEMU); the agent still runs. Returns QEMU's exit status."""
-    run = make_run_dir()
-    try:
-        copies = []
-        for i, src in enumerate(nvdimms):
-            copy_sparse(src, run / f"nvdimm{i}.img")
-            copies.append(run / f"nvdimm{i}.img")
-        spec = VmSpec(kernel=kernel, initrd=initrd, run_dir=run, nvdimm_files=tuple(copies),
-                      dax=tuple(dax), accel=accel, cmdline_extra=("devdax_lab.shell=1",),
-                      **fast_boot(kernel))
-        print("devdax-lab: guest console follows; Ctrl-A X quits", flush=True)
-        proc = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--",
-                                 *qemu_argv(spec, console="mon:stdio")])
-        try:
-            return proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
+def boot(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
+         ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
+         progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None,
+         cpus: int | None = None) -> Vm:
+    """Resolve *kernel*, build its image, boot it and wait until it is ready.
+
+    The returned :class:`Vm` is running; use it as a context manager (or call
+    ``close()``) so QEMU is always stopped.
+    """
+    spec = boot_spec(kernel, dax=dax, events=gdbstub, cmdline_extra=cmdline_extra, cpus=cpus,
+                     say=say, progress=progress)
+    return start(spec, ready_timeout=ready_timeout, say=say, console_log=console_log)
 
 
 def qemu_version(qemu: str = "qemu-system-x86_64") -> str:

@@ -76,6 +76,9 @@ say "agent on $port"
 ( while true; do /bin/agent "$port" --allow-poweroff; echo "devdax-lab: agent exited $?"; sleep 1; done ) &
 
 if [ "$(arg shell)" = "1" ]; then
-    while true; do setsid cttyhack sh -l; done
+    # The shell's end (exit, Ctrl-D, the end of input piped to
+    # `devdax-lab boot --shell`) ends the guest.
+    setsid cttyhack sh -l
+    poweroff -f
 fi
 while true; do sleep 3600; done

@@ -4,7 +4,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from lab import vm
+from lab import plan, vm
 from lab.model import DEFAULT_DAX, PUD_LAYOUT, KernelArtifacts, VmSpec
 
 KERNEL = KernelArtifacts(name="before", release="6.12.0", vmlinuz=Path("/k/vmlinuz"),
@@ -14,7 +14,8 @@ KERNEL = KernelArtifacts(name="before", release="6.12.0", vmlinuz=Path("/k/vmlin
 def spec(**kw) -> VmSpec:
     dax = kw.pop("dax", DEFAULT_DAX)
     return VmSpec(kernel=KERNEL, initrd=Path("/k/initrd"), run_dir=Path("/run/x"),
-                  nvdimm_files=tuple(Path(f"/run/x/nv{i}") for i in range(len(dax))), dax=dax, **kw)
+                  nvdimm_sources=tuple(Path(f"/cache/nv{i}") for i in range(len(dax))), dax=dax,
+                  **kw)
 
 
 def _pairs(argv, flag):
@@ -27,7 +28,7 @@ def test_argv_has_one_nvdimm_per_device_and_no_network():
     assert [d for d in devices if d.startswith("nvdimm,")] == [
         "nvdimm,memdev=nvm0,id=nv0,label-size=128K", "nvdimm,memdev=nvm1,id=nv1,label-size=128K"]
     objects = _pairs(argv, "-object")
-    assert any("mem-path=/run/x/nv0" in o and "size=1090M" in o for o in objects)
+    assert any("mem-path=/run/x/nvdimm0.img" in o and "size=1090M" in o for o in objects)
     assert ["-nic", "none"] == argv[argv.index("-nic"):argv.index("-nic") + 2]
     assert "-nodefaults" in argv and "-no-reboot" in argv
     assert "vmcoreinfo" in devices
@@ -45,7 +46,7 @@ def test_tcg_runs_several_vcpus_on_one_thread():
 def test_1g_device_asks_for_a_cpu_with_1g_pages_and_4_level_paging():
     argv = vm.qemu_argv(spec(dax=PUD_LAYOUT))
     assert _pairs(argv, "-cpu") == ["max,la57=off"]
-    assert vm.prepare_arg(PUD_LAYOUT) == "1G:4G,4K,2M"
+    assert plan.prepare_arg(PUD_LAYOUT) == "1G:4G,4K,2M"
 
 
 def test_sockets_live_in_the_run_dir():
