@@ -62,6 +62,12 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _to_stderr(line: str) -> None:
+    """Progress of a --show-command (accelerator probe, preparing files):
+    stdout carries only the command lines."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _print_command(spec, label: str | None = None) -> None:
     """The exact command a plan starts (what `Vm.launch` runs), with the
     run directory it makes at start called RUN_DIR."""
@@ -90,7 +96,8 @@ def _show_scenario_commands(scenario_path: str, names: Sequence[str], watch) -> 
 
     scenario = load_scenario(Path(scenario_path))
     for choice in resolve_kernels(names, progress=TextProgress()):
-        spec = Session.plan(choice, progress=TextProgress(), **boot_options(scenario, watch))
+        spec = Session.plan(choice, progress=TextProgress(), say=_to_stderr,
+                            **boot_options(scenario, watch))
         _print_command(spec, f"{scenario.name} on {choice.spelling}:")
     return 0
 
@@ -121,7 +128,8 @@ def cmd_boot(args) -> int:
     if args.show_command or args.shell:
         if len(names) != 1:
             raise UserError(f"--shell and --show-command take one kernel, got {args.kernel!r}")
-        spec = vm.boot_spec(names[0], dax=dax, shell=args.shell, progress=TextProgress())
+        spec = vm.boot_spec(names[0], dax=dax, shell=args.shell, progress=TextProgress(),
+                            say=_to_stderr if args.show_command else print)
         if args.show_command:
             _print_command(spec)
             return 0
@@ -244,7 +252,8 @@ def cmd_notebook(args) -> int:
 
         print(shlex.join(JupyterServer(root, port=args.port).launch_command()))
         print("# JupyterLab; its token, config and runtime dirs are private (made at start)")
-        _print_command(Session.plan(args.kernel), f"what Lab.boot({args.kernel!r}) starts in it:")
+        _print_command(Session.plan(args.kernel, say=_to_stderr),
+                       f"what Lab.boot({args.kernel!r}) starts in it:")
         return 0
 
     def interrupt(signum, frame):  # a closed ssh session or a kill: stop cleanly as on Ctrl-C

@@ -126,6 +126,24 @@ def test_fault_4k_as_on_before(built):
     assert not exp.violations
 
 
+def test_run_with_kernel_path(built, tree, tmp_path):
+    """`run --kernel PATH` of a tree built in place (the object directory of
+    the build above: its bzImage and vmlinux): the path, as typed, goes into
+    meta.json (nothing looks the tree up again by its directory name)."""
+    obj = build.work_dir(tree) / "obj"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "run", "scenarios/fault-4k.toml",
+                           "--kernel", str(obj), "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "meta.json").read_text())
+    [(name, kernel)] = meta["kernels"].items()
+    assert name == "obj" and kernel["spelling"] == str(obj) and kernel["source"] == "tree"
+    assert kernel["release"] == built.release and kernel["root"] == str(obj.resolve())
+    timeline = pd.read_parquet(out / "timeline.parquet")
+    assert set(timeline["kernel"]) == {"obj"} and len(timeline) > 0
+
+
 # ---------------------------------------------------------------- the git path
 
 
