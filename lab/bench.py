@@ -50,14 +50,14 @@ def boot_phases(marks: Sequence[tuple[float, str]], ready: float) -> dict[str, f
 
 
 def bench_boot(kernel_names: Sequence[str], runs: int) -> int:
-    from . import vm
+    from . import launch, vm
 
     print(f"boot: QEMU start to device-dax ready, {runs} runs per kernel "
           f"(accelerator: {vm.probe_accel(say=lambda *_: None)})")
     for name in kernel_names:
         times, phases = [], []
         for _ in range(runs):
-            with vm.boot(name, say=lambda *_: None) as v:
+            with launch.boot(name, say=lambda *_: None) as v:
                 times.append(v.time_to_ready)
                 phases.append(boot_phases(v.marks, v.time_to_ready))
         med = statistics.median(times)
@@ -154,7 +154,7 @@ def bench_build(runs: int = 3) -> int:
     import os
     import shutil
 
-    from . import build, vm
+    from . import build, launch, vm
     from .cache import cache_root
     from .model import KernelArtifacts
 
@@ -195,7 +195,7 @@ def bench_build(runs: int = 3) -> int:
         release=(obj / "include" / "config" / "kernel.release").read_text().strip(), root=obj)
     times = []
     for _ in range(runs):
-        with vm.boot(kernel, say=quiet) as v:
+        with launch.boot(kernel, say=quiet) as v:
             times.append(v.time_to_ready)
     med = statistics.median(times)
     print(f"  QEMU start to ready {med:7.2f} s  median of {runs} (min {min(times):.2f}, max "

@@ -52,7 +52,7 @@ def cmd_kernel_build(args) -> int:
 
 def cmd_prepare(args) -> int:
     """Fetch kernels, build their images and the prepared NVDIMM files."""
-    from .prepare import boot_inputs, resolve_kernel
+    from .launch import boot_inputs, resolve_kernel
     from .progress import TextProgress
 
     for name in args.names:
@@ -120,7 +120,7 @@ def _size(n: int) -> str:
 
 
 def cmd_boot(args) -> int:
-    from . import vm
+    from . import launch, vm
     from .progress import TextProgress
 
     dax = _dax_layout(args)
@@ -128,8 +128,8 @@ def cmd_boot(args) -> int:
     if args.show_command or args.shell:
         if len(names) != 1:
             raise UserError(f"--shell and --show-command take one kernel, got {args.kernel!r}")
-        spec = vm.boot_spec(names[0], dax=dax, shell=args.shell, progress=TextProgress(),
-                            say=_to_stderr if args.show_command else print)
+        spec = launch.boot_spec(names[0], dax=dax, shell=args.shell, progress=TextProgress(),
+                                say=_to_stderr if args.show_command else print)
         if args.show_command:
             _print_command(spec)
             return 0
@@ -140,8 +140,8 @@ def cmd_boot(args) -> int:
             return v.interact()
     for name in names:
         t0 = time.monotonic()
-        with vm.boot(name, dax=dax, progress=TextProgress(),
-                     ready_timeout=args.timeout) as v:
+        with launch.boot(name, dax=dax, progress=TextProgress(),
+                         ready_timeout=args.timeout) as v:
             print(f"{name}: Linux {v.release}, ready in {v.time_to_ready:.2f} s "
                   f"({v.spec.accel}); device-dax namespaces:")
             _print_devices(v)

@@ -157,7 +157,7 @@ def write_experiment(exp: Experiment, out: str | Path) -> Path:
 def resolve_kernels(kernel_names: Sequence[str], *, progress: Callable | None = None) -> list:
     """Each kernel resolved once, before anything boots (a bad name fails
     here): the :class:`lab.plan.KernelChoice` a run carries to its end."""
-    from .prepare import resolve_kernel
+    from .launch import resolve_kernel
 
     if not kernel_names:
         raise UserError("name at least one kernel")

@@ -7,7 +7,7 @@ a shell, extra kernel arguments).
 :func:`plan`, and :class:`lab.vm.Vm` launches exactly
 :func:`lab.vm.launch_command` of the spec it returns: what ``--show-command``
 prints is what runs. The I/O that finds the inputs (kernel, image,
-accelerator, prepared NVDIMM files) is :mod:`lab.prepare`.
+accelerator, prepared NVDIMM files) is :mod:`lab.launch`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class KernelChoice:
 @dataclass(frozen=True)
 class BootInputs:
     """What a boot of one kernel with one device layout needs from this
-    machine, found (and made, once) by :func:`lab.prepare.boot_inputs`."""
+    machine, found (and made, once) by :func:`lab.launch.boot_inputs`."""
 
     kernel: KernelArtifacts
     initrd: Path

@@ -19,7 +19,8 @@ from . import inspect
 from .agent import AgentClient
 from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts
 from .plan import KernelChoice
-from .vm import Vm, boot_spec, start
+from .launch import boot_spec, start
+from .vm import Vm
 
 __all__ = ["Session"]
 
@@ -47,7 +48,7 @@ class Session:
         choice already resolved), wait until its devices are ready and
         attach drgn. With *events*, QEMU also serves a gdbstub for
         :attr:`watcher` (and the plan gives the guest one CPU)."""
-        from .prepare import resolve_kernel
+        from .launch import resolve_kernel
 
         choice = resolve_kernel(kernel, progress=progress)
         spec = cls.plan(choice, dax=dax, say=say, progress=progress, events=events)

@@ -49,9 +49,6 @@ __all__ = [
     "probe_accel",
     "copy_sparse",
     "Vm",
-    "boot",
-    "boot_spec",
-    "start",
     "RUN_PREFIX",
     "sweep_stale_run_dirs",
 ]
@@ -703,53 +700,6 @@ class Vm:
             proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-# ----------------------------------------------------------------------------
-# The usual way in
-
-
-def boot_spec(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX, events: bool = False,
-              shell: bool = False, cmdline_extra: Sequence[str] = (), cpus: int | None = None,
-              say=print, progress=None) -> VmSpec:
-    """The plan of one boot of *kernel* (a name, a PATH, a
-    :class:`lab.plan.KernelChoice` or artifacts): resolve it, build its image,
-    probe the accelerator, prepare the NVDIMM files (each once, cached), then
-    :func:`lab.plan.plan`. Nothing is started."""
-    from .plan import plan
-    from .prepare import boot_inputs, resolve_kernel
-
-    choice = resolve_kernel(kernel, progress=progress)
-    inputs = boot_inputs(choice.artifacts, dax, say=say)
-    return plan(inputs, events=events, shell=shell, cmdline_extra=cmdline_extra, cpus=cpus)
-
-
-def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
-          console_log: Path | None = None) -> Vm:
-    """Launch *spec* and wait until the guest is ready; the returned
-    :class:`Vm` is running (use it as a context manager)."""
-    vm = Vm(spec, say=say, console_log=console_log)
-    vm.launch()
-    try:
-        vm.wait_ready(ready_timeout)
-    except BaseException:
-        vm.close()
-        raise
-    return vm
-
-
-def boot(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
-         ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
-         progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None,
-         cpus: int | None = None) -> Vm:
-    """Resolve *kernel*, build its image, boot it and wait until it is ready.
-
-    The returned :class:`Vm` is running; use it as a context manager (or call
-    ``close()``) so QEMU is always stopped.
-    """
-    spec = boot_spec(kernel, dax=dax, events=gdbstub, cmdline_extra=cmdline_extra, cpus=cpus,
-                     say=say, progress=progress)
-    return start(spec, ready_timeout=ready_timeout, say=say, console_log=console_log)
 
 
 def qemu_version(qemu: str = "qemu-system-x86_64") -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lab import vm
+from lab import launch, vm
 
 OUT = Path(__file__).resolve().parent / "console"
 
@@ -22,12 +22,12 @@ OUT = Path(__file__).resolve().parent / "console"
 def capture(kernel: str) -> None:
     boot_log = OUT / f"{kernel}-boot.log"
     boot_log.unlink(missing_ok=True)
-    vm.boot(kernel, say=lambda *_: None, console_log=boot_log).close()
+    launch.boot(kernel, say=lambda *_: None, console_log=boot_log).close()
     crash_log = OUT / f"{kernel}-crash.log"
     crash_log.unlink(missing_ok=True)
     try:
-        vm.boot(kernel, say=lambda *_: None, cmdline_extra=["devdax_lab.crash=1"],
-                ready_timeout=60, console_log=crash_log).close()
+        launch.boot(kernel, say=lambda *_: None, cmdline_extra=["devdax_lab.crash=1"],
+                    ready_timeout=60, console_log=crash_log).close()
     except vm.GuestCrashed as exc:
         print(f"{kernel}: crash captured: {str(exc).splitlines()[0]}")
     else:

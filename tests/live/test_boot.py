@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import vm
+from lab import launch, vm
 from lab.model import DEFAULT_DAX
 from lab.procs import pid_alive
 
@@ -50,7 +50,7 @@ def test_touched_page_is_on_the_device(session):
 
 
 def test_clean_shutdown_removes_everything():
-    v = vm.boot("before", say=lambda *_: None)
+    v = launch.boot("before", say=lambda *_: None)
     run_dir, proc = v.spec.run_dir, v.proc
     v.close()
     assert proc.returncode == 0  # powered off by the agent, not killed
@@ -59,8 +59,8 @@ def test_clean_shutdown_removes_everything():
 
 SCRIPT = textwrap.dedent("""
     import sys, time
-    from lab import vm
-    with vm.boot("before", say=lambda *_: None) as v:
+    from lab import launch
+    with launch.boot("before", say=lambda *_: None) as v:
         print(v.proc.pid, v.spec.run_dir, flush=True)
         time.sleep(600)
 """)
@@ -104,7 +104,7 @@ def _run_dirs_of(pid: int) -> list[Path]:
 
 def test_guest_panic_is_a_clear_error_and_leaves_nothing():
     with pytest.raises(vm.GuestCrashed) as info:
-        vm.boot("before", say=lambda *_: None, cmdline_extra=["devdax_lab.crash=1"], ready_timeout=60)
+        launch.boot("before", say=lambda *_: None, cmdline_extra=["devdax_lab.crash=1"], ready_timeout=60)
     message = str(info.value)
     assert message.startswith("the guest kernel crashed: Kernel panic - not syncing: sysrq triggered crash")
     assert "last lines of the guest console" in message
@@ -181,7 +181,7 @@ def test_show_command_prints_what_boot_run_and_notebook_start():
 
     shown = _cli("boot", "--kernel", "before", "--show-command", timeout=300)
     assert shown.returncode == 0, shown.stderr
-    with vm.boot("before", say=lambda *_: None) as v:
+    with launch.boot("before", say=lambda *_: None) as v:
         assert _shown(shown.stdout) == [_as_started(v)]
 
     # run with watches: events on, one CPU, a gdbstub

@@ -63,7 +63,7 @@ def test_a_choice_keeps_the_spelling():
 
 
 def test_a_tree_by_path_resolves_once_with_the_path_kept(tmp_path):
-    from lab.prepare import resolve_kernel
+    from lab.launch import resolve_kernel
 
     tree = tmp_path / "mytree"
     (tree / "arch" / "x86" / "boot").mkdir(parents=True)

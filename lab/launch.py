@@ -1,7 +1,8 @@
-"""What a boot needs, found or made once on this machine: the kernel
-resolved (once per run, keeping the user's spelling), its guest image, the
-accelerator, and NVDIMM files whose labels already describe the namespaces.
-:func:`lab.plan.plan` turns the result into the VmSpec that is started.
+"""Booting the usual way: what a boot needs, found or made once on this
+machine (the kernel resolved once per run, keeping the user's spelling; its
+guest image; the accelerator; NVDIMM files whose labels already describe the
+namespaces), :func:`lab.plan.plan` of it, and :class:`lab.vm.Vm` started
+from that plan.
 
 Creating namespaces with ndctl costs about 6 s under TCG, so the NVDIMM
 backing files are prepared once per device layout by a throw-away boot and
@@ -18,10 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cache import atomic_entry, cache_root, hash_inputs
-from .model import KernelArtifacts
+from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts, VmSpec
 from .plan import BootInputs, KernelChoice, plan, prepare_arg
+from .vm import LABEL_SIZE, Vm, VmError, VmTimeout, fast_boot, probe_accel
 
-__all__ = ["resolve_kernel", "boot_inputs", "prepare_nvdimms", "nvdimm_key"]
+__all__ = ["boot", "boot_inputs", "boot_spec", "nvdimm_key", "prepare_nvdimms", "resolve_kernel",
+           "start"]
 
 
 def resolve_kernel(kernel: str | KernelChoice | KernelArtifacts, *, progress=None) -> KernelChoice:
@@ -46,19 +49,17 @@ def resolve_kernel(kernel: str | KernelChoice | KernelArtifacts, *, progress=Non
 def boot_inputs(kernel: KernelArtifacts, dax: Sequence, *, say=print) -> BootInputs:
     """The guest image, accelerator and prepared NVDIMM files for *kernel*
     with devices *dax* (each made once and cached)."""
-    from . import image, vm
+    from . import image
 
     initrd = image.build_image(kernel)
-    accel = vm.probe_accel(say=say)
+    accel = probe_accel(say=say)
     base = BootInputs(kernel=kernel, initrd=initrd, accel=accel, dax=tuple(dax), nvdimms=(),
-                      **vm.fast_boot(kernel))
+                      **fast_boot(kernel))
     nvdimms = prepare_nvdimms(base, say=say)
     return BootInputs(**{**base.__dict__, "nvdimms": tuple(nvdimms)})
 
 
 def nvdimm_key(dax: Sequence) -> str:
-    from .vm import LABEL_SIZE
-
     return hash_inputs(json.dumps([[d.align, d.size, d.namespace_size] for d in dax]),
                        str(LABEL_SIZE), "v1")
 
@@ -91,3 +92,43 @@ def prepare_nvdimms(inputs: BootInputs, *, say=print, timeout: float = 300.0) ->
             if not any("devdax-lab: prepare ok" in line for line in v.console_tail(60)):
                 raise v.fail(VmError, "preparing the NVDIMM labels failed")
     return files
+
+
+def boot_spec(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX, events: bool = False,
+              shell: bool = False, cmdline_extra: Sequence[str] = (), cpus: int | None = None,
+              say=print, progress=None) -> VmSpec:
+    """The plan of one boot of *kernel* (a name, a PATH, a
+    :class:`lab.plan.KernelChoice` or artifacts): resolve it, build its image,
+    probe the accelerator, prepare the NVDIMM files (each once, cached), then
+    :func:`lab.plan.plan`. Nothing is started."""
+    choice = resolve_kernel(kernel, progress=progress)
+    inputs = boot_inputs(choice.artifacts, dax, say=say)
+    return plan(inputs, events=events, shell=shell, cmdline_extra=cmdline_extra, cpus=cpus)
+
+
+def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
+          console_log: Path | None = None) -> Vm:
+    """Launch *spec* and wait until the guest is ready; the returned
+    :class:`Vm` is running (use it as a context manager)."""
+    vm = Vm(spec, say=say, console_log=console_log)
+    vm.launch()
+    try:
+        vm.wait_ready(ready_timeout)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def boot(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
+         ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
+         progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None,
+         cpus: int | None = None) -> Vm:
+    """Resolve *kernel*, build its image, boot it and wait until it is ready.
+
+    The returned :class:`Vm` is running; use it as a context manager (or call
+    ``close()``) so QEMU is always stopped.
+    """
+    spec = boot_spec(kernel, dax=dax, events=gdbstub, cmdline_extra=cmdline_extra, cpus=cpus,
+                     say=say, progress=progress)
+    return start(spec, ready_timeout=ready_timeout, say=say, console_log=console_log)
