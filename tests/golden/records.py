@@ -66,6 +66,10 @@ def load(path: Path) -> list[RunResult]:
             steps.append(StepRecord(**{**st, "pages": tuple(pages), "pgmap": pgmap,
                                        "complaints": tuple(tuple(c) for c in st["complaints"]),
                                        "device_refcount": empty, "device_mapcount": empty}))
-        runs.append(RunResult(scenario=None, kernel=r["kernel"], release=r["release"],
+        # records captured before RunResult had kernel_spelling were of
+        # catalog kernels, spelled as their names
+        runs.append(RunResult(scenario=None, kernel=r["kernel"],
+                              kernel_spelling=r.get("kernel_spelling", r["kernel"]),
+                              release=r["release"],
                               accel=r["accel"], device=r["device"], steps=steps))
     return runs
