@@ -55,12 +55,13 @@ _FOLIO_FIELDS = columns.names("hover")
 def kernel_colors(kernels: Iterable[str]) -> dict[str, str]:
     """A color per kernel: fixed for ``before``/``after``, else from
     PALETTE in sorted name order (same kernels -> same colors everywhere)."""
+    names = sorted(set(kernels))  # read once: *kernels* may be a generator
     out: dict[str, str] = {}
     free = [c for c in PALETTE]
-    for k in sorted(set(kernels)):
+    for k in names:
         if k in KERNEL_COLORS:
             out[k] = KERNEL_COLORS[k]
-    for k in sorted(set(kernels)):
+    for k in names:
         if k not in out:
             out[k] = free.pop(0) if free else PALETTE[len(out) % len(PALETTE)]
     return out

@@ -294,3 +294,11 @@ def test_one_kernel_slice_draws_one_column(golden):
     dev = golden["device"]
     assert [tr.meta["kernel"] for tr in traces(plots.plot_device_summary(dev[dev["kernel"] == k]),
                                                 "pages_changed")] == [k]
+
+
+def test_kernel_colors_of_a_generator_name_every_kernel():
+    """A built kernel or a tree (no fixed color) read from a generator, as
+    the report passes them: each still gets a color."""
+    colors = plots.kernel_colors(k for k in ["obj", "before", "mine"])
+    assert set(colors) == {"obj", "before", "mine"}
+    assert colors["before"] == plots.KERNEL_COLORS["before"]
