@@ -266,6 +266,7 @@ class AgentClient:
         self._lines: deque[bytes] = deque()
         self._next_id = 1
         self._closed = False
+        self._signals: list[dict[str, Any]] = []
 
     @classmethod
     def from_fds(cls, read_fd: int, write_fd: int) -> AgentClient:
@@ -325,8 +326,31 @@ class AgentClient:
                 continue
             if resp["id"] != req_id:
                 log.debug("skipping stale agent response %s", resp["id"])
+                self._keep_signals("?", None, resp)  # a late answer still carries them
                 continue
+            self._keep_signals(cmd, args.get("proc"), resp)
             return check_response(cmd, resp)
+
+    def _keep_signals(self, cmd: str, proc: Any, resp: dict[str, Any]) -> None:
+        """Move the signals a worker reports with an answer (success or
+        failure) into :meth:`take_signals`'s list, tagged with the process
+        and the command they came with."""
+        for sig in resp.pop("signals", None) or ():
+            self._signals.append({"proc": proc, "cmd": cmd, **sig})
+        lost = resp.pop("signals_lost", 0)
+        if lost:
+            log.warning("worker %s lost %d signal records (its queue was full)", proc, lost)
+
+    def take_signals(self) -> list[dict[str, Any]]:
+        """Every signal reported since the last call, oldest first: dicts with
+        ``proc``, ``cmd`` (the request whose answer carried it), ``signal``,
+        ``code`` (si_code), ``addr`` (si_addr; 0 for a signal sent by a
+        process), ``addr_lsb`` (the size of a memory-failure mapping as a
+        shift; 0 otherwise) and ``sender`` (the pid of a process that sent
+        it; 0 for a signal the kernel raised). The worker survived each one:
+        it is alive to report it."""
+        out, self._signals = self._signals, []
+        return out
 
     def exchange_raw(self, data: bytes, timeout: float = 10.0) -> dict[str, Any]:
         """Send raw bytes and return the next response line decoded, whatever
@@ -351,7 +375,28 @@ class AgentClient:
 
     def procs(self) -> dict[str, int]:
         """Live worker processes: name -> pid."""
-        return {p["name"]: p["pid"] for p in self.request("procs")["procs"]}
+        return self.proc_table()[0]
+
+    def proc_table(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """Live workers (name -> pid) and the workers that ended, as dicts
+        with ``name``, ``pid``, ``status`` (exit status, or None), ``signal``
+        (the signal that killed it, or None) and ``core``. A dead worker is
+        remembered until its name is used again."""
+        resp = self.request("procs")
+        return {p["name"]: p["pid"] for p in resp["procs"]}, resp.get("exited", [])
+
+    def signals(self, proc: str) -> list[dict[str, Any]]:
+        """The signals *proc* received since its last answer (also kept for
+        :meth:`take_signals`)."""
+        before = len(self._signals)
+        self.request("signals", proc=proc)
+        return self._signals[before:]
+
+    def kill(self, proc: str, signal: int = 9) -> int:
+        """Send *signal* to the worker *proc*, as another process (or the
+        kernel's OOM killer) would; for SIGKILL the answer comes once it is
+        gone. Returns its pid."""
+        return self.request("kill", proc=proc, signal=signal)["pid"]
 
     def mmap(self, proc: str, device: str, length: int, offset: int = 0, write: bool = True,
              shared: bool = True, align: int = 0) -> int:

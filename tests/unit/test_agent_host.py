@@ -671,3 +671,83 @@ def test_large_requests_and_replies(agent):
         c.request("pagemap", proc="a", addrs=big + [addr])
     assert info.value.errno == errno.E2BIG
     assert c.ping()
+
+
+# -- signals and deaths are data ------------------------------------------------
+
+
+def test_a_signal_outside_a_touch_is_recorded_and_survived(agent):
+    """A signal the worker survives comes back with its next answer (here
+    SIGUSR1 from kill, whose default would end it), and the worker stays usable."""
+    c = agent.client
+    addr = c.mmap("a", "dax0.0", PAGE)
+    pid = c.procs()["a"]
+    assert c.kill("a", signal.SIGUSR1) == pid
+    sigs = c.signals("a")
+    assert [(s["proc"], s["signal"], s["code"], s["sender"]) for s in sigs] == [
+        ("a", signal.SIGUSR1, 0, agent.proc.pid)]  # si_code SI_USER, sent by the agent
+    assert c.signals("a") == []  # drained
+    assert c.touch("a", [addr], write=True) == 1
+    assert c.take_signals() == sigs
+
+
+def test_a_fault_is_reported_with_its_si_code_and_address(agent):
+    c = agent.client
+    addr = c.mmap("a", "dax0.0", PAGE)
+    c.munmap("a", addr, PAGE)
+    with pytest.raises(AgentError):
+        c.touch("a", [addr], write=True)
+    (sig,) = c.take_signals()
+    assert (sig["cmd"], sig["signal"], sig["code"], sig["addr"]) == (
+        "touch", signal.SIGSEGV, 1, addr)  # SEGV_MAPERR
+    # the handler stays armed: the next fault is recorded the same way
+    with pytest.raises(AgentError):
+        c.touch("a", [addr], write=False)
+    assert [s["signal"] for s in c.take_signals()] == [signal.SIGSEGV]
+
+
+def test_a_signal_between_requests_waits_for_the_next_answer(agent):
+    c = agent.client
+    c.mmap("a", "dax0.0", PAGE)
+    pid = c.procs()["a"]
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.1)
+    assert c.procs()["a"] == pid  # recorded and survived
+    c.touch("a", [], write=False)
+    assert [(s["cmd"], s["signal"]) for s in c.take_signals()] == [("touch", signal.SIGTERM)]
+
+
+def test_how_a_worker_ended_is_reported(agent):
+    """The agent reaps every worker (a forked one too: CLONE_PARENT makes it
+    the agent's child) and says how it ended: exit status or signal."""
+    c = agent.client
+    c.mmap("a", "dax0.0", PAGE)
+    c.fork("a", "b")
+    pid_b = c.procs()["b"]
+    stat = Path(f"/proc/{pid_b}/stat").read_text()
+    assert int(stat.rsplit(")", 1)[1].split()[1]) == agent.proc.pid  # ppid
+    assert c.kill("b", signal.SIGKILL) == pid_b  # answered once b is gone
+    live, exited = c.proc_table()
+    assert live == {"a": c.procs()["a"]}
+    assert exited == [{"name": "b", "pid": pid_b, "status": None, "signal": signal.SIGKILL,
+                       "core": False}]
+    with pytest.raises(AgentError) as info:
+        c.touch("b", [], write=False)
+    assert info.value.errno == errno.ESRCH
+    c.exit("a", status=3)
+    _, exited = c.proc_table()
+    assert {e["name"]: (e["status"], e["signal"]) for e in exited} == {
+        "a": (3, None), "b": (None, signal.SIGKILL)}
+    with pytest.raises(AgentError) as info:
+        c.kill("a")
+    assert info.value.errno == errno.ESRCH
+
+
+def test_a_worker_killed_from_outside_is_reported_with_the_signal(agent):
+    c = agent.client
+    c.mmap("a", "dax0.0", PAGE)
+    pid = c.procs()["a"]
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid, zombie_ok=False)  # reaped by the agent
+    live, exited = c.proc_table()
+    assert live == {} and exited[0]["signal"] == signal.SIGKILL

@@ -34,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sched.h> /* CLONE_PARENT */
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
@@ -712,7 +713,7 @@ static bool valid_name(const char *s)
 
 /* Builds the whole reply line (without the newline). */
 static void build_response(struct sbuf *out, int64_t id, int rc, struct sbuf *res, struct err *e,
-			   const char *cmd)
+			   const char *cmd, const struct sbuf *extra)
 {
 	if (rc == 0 && res->oom)
 		rc = fail(e, ENOMEM, "%s: out of memory building the reply", cmd);
@@ -727,6 +728,8 @@ static void build_response(struct sbuf *out, int64_t id, int rc, struct sbuf *re
 		sb_printf(out, "false,\"errno\":%d,\"error\":", e->no);
 		sb_json_str(out, e->msg, strlen(e->msg));
 	}
+	if (extra && extra->len) /* the worker's signals, on success and failure alike */
+		sb_putn(out, extra->p, extra->len);
 	sb_putc(out, '}');
 }
 
@@ -750,6 +753,32 @@ static sigjmp_buf g_fault_jmp;
 static volatile sig_atomic_t g_fault_armed;
 static void *volatile g_fault_addr;
 static volatile sig_atomic_t g_fault_sig;
+static volatile sig_atomic_t g_fault_code;
+
+/* Every signal a worker receives is recorded here by its handler and
+ * reported with the worker's next reply ("signals"), so that a SIGBUS the
+ * kernel sends (memory_failure's BUS_MCEERR_AR for MADV_HWPOISON) is data of
+ * the step that caused it.  The handler only appends; the worker loop drains
+ * with the signals blocked. */
+#define MAX_SIGRECS 32
+struct sigrec {
+	int sig, code, lsb;
+	uintptr_t addr;
+	pid_t sender;
+};
+static struct sigrec g_sigrecs[MAX_SIGRECS];
+static volatile sig_atomic_t g_nsigrecs, g_sigrecs_lost;
+static volatile sig_atomic_t g_unarmed_repeats; /* the same fault again, outside a touch */
+static void *volatile g_unarmed_addr;
+static bool g_report_signals; /* the "signals" command: report even none */
+
+/* Signals that come from the instruction the worker executes (a fault), and
+ * the others a worker records and survives (their default would end it;
+ * SIGKILL and SIGSTOP cannot be caught: the agent reports those deaths). */
+static const int g_fault_signals[] = {SIGBUS, SIGSEGV, SIGILL, SIGFPE, SIGTRAP, SIGSYS};
+static const int g_other_signals[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
+				      SIGTERM, SIGXCPU, SIGXFSZ, SIGVTALRM, SIGPROF};
+#define NELEM(a) (sizeof(a) / sizeof((a)[0]))
 
 static int handle_add(struct handle *tab, int *next_id, int fd0, int fd1)
 {
@@ -770,19 +799,94 @@ static struct handle *handle_find(struct handle *tab, uint64_t id)
 	return NULL;
 }
 
-/* SIGBUS/SIGSEGV while touching memory become an EFAULT reply.  The handler
- * runs on its own stack so that even a fault caused by the stack works. */
+static void record_signal(int sig, const siginfo_t *si)
+{
+	if (g_nsigrecs >= MAX_SIGRECS) {
+		g_sigrecs_lost++;
+		return;
+	}
+	struct sigrec *s = &g_sigrecs[g_nsigrecs];
+	s->sig = sig;
+	s->code = si->si_code;
+	/* si_addr means something only for a signal the kernel raised (si_code
+	 * > 0); one from kill() carries the sender instead. */
+	s->addr = si->si_code > 0 ? (uintptr_t)si->si_addr : 0;
+	s->sender = si->si_code <= 0 ? si->si_pid : 0;
+	s->lsb = sig == SIGBUS && (si->si_code == BUS_MCEERR_AR || si->si_code == BUS_MCEERR_AO)
+		 ? si->si_addr_lsb : 0;
+	g_nsigrecs++;
+}
+
+/* A fault while touching memory becomes an EFAULT reply (siglongjmp out of
+ * the touch).  Outside a touch the handler records and returns: a SIGBUS the
+ * kernel raised on the way out of a system call (memory_failure() sends
+ * BUS_MCEERR_AR to the caller of madvise(MADV_HWPOISON)) leaves nothing to
+ * retry, and the worker goes on.  A real fault outside a touch would come
+ * back at once; the third time at the same address the handler gives up and
+ * the next one ends the worker, which the agent then reports as killed.
+ * Runs on its own stack so that even a fault caused by the stack works. */
 static void on_fault(int sig, siginfo_t *si, void *uc)
 {
 	(void)uc;
-	if (!g_fault_armed) {
-		signal(sig, SIG_DFL); /* a real bug: return and die on the re-fault */
-		return;
+	record_signal(sig, si);
+	if (g_fault_armed) {
+		g_fault_armed = 0;
+		g_fault_addr = si->si_addr;
+		g_fault_sig = sig;
+		g_fault_code = si->si_code;
+		siglongjmp(g_fault_jmp, 1);
 	}
-	g_fault_armed = 0;
-	g_fault_addr = si->si_addr;
-	g_fault_sig = sig;
-	siglongjmp(g_fault_jmp, 1);
+	if (si->si_code <= 0)
+		return; /* sent by kill(): nothing to re-execute */
+	if (si->si_addr == g_unarmed_addr) {
+		if (++g_unarmed_repeats >= 3)
+			signal(sig, SIG_DFL);
+	} else {
+		g_unarmed_addr = si->si_addr;
+		g_unarmed_repeats = 1;
+	}
+}
+
+static void on_other_signal(int sig, siginfo_t *si, void *uc)
+{
+	(void)uc;
+	record_signal(sig, si);
+}
+
+static void block_recorded_signals(int how)
+{
+	sigset_t set;
+	sigemptyset(&set);
+	for (size_t i = 0; i < NELEM(g_fault_signals); i++)
+		sigaddset(&set, g_fault_signals[i]);
+	for (size_t i = 0; i < NELEM(g_other_signals); i++)
+		sigaddset(&set, g_other_signals[i]);
+	sigprocmask(how, &set, NULL);
+}
+
+/* ,"signals":[{"signal":7,"code":4,"addr":N,"addr_lsb":12,"sender":0},...]
+ * (and "signals_lost" when the queue overflowed); nothing when no signal
+ * came, unless asked by the "signals" command. */
+static void drain_signals(struct sbuf *out)
+{
+	block_recorded_signals(SIG_BLOCK);
+	int n = g_nsigrecs, lost = g_sigrecs_lost;
+	if (n || lost || g_report_signals) {
+		sb_puts(out, ",\"signals\":[");
+		for (int i = 0; i < n; i++) {
+			struct sigrec *s = &g_sigrecs[i];
+			sb_printf(out, "%s{\"signal\":%d,\"code\":%d,\"addr\":%" PRIuPTR
+				  ",\"addr_lsb\":%d,\"sender\":%d}", i ? "," : "", s->sig, s->code,
+				  s->addr, s->lsb, (int)s->sender);
+		}
+		sb_putc(out, ']');
+		if (lost)
+			sb_printf(out, ",\"signals_lost\":%d", lost);
+	}
+	g_nsigrecs = 0;
+	g_sigrecs_lost = 0;
+	g_report_signals = false;
+	block_recorded_signals(SIG_UNBLOCK);
 }
 
 static void install_fault_handlers(void)
@@ -795,8 +899,14 @@ static void install_fault_handlers(void)
 	sa.sa_sigaction = on_fault;
 	sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
 	sigemptyset(&sa.sa_mask);
-	sigaction(SIGBUS, &sa, NULL);
-	sigaction(SIGSEGV, &sa, NULL);
+	for (size_t i = 0; i < NELEM(g_fault_signals); i++)
+		sigaction(g_fault_signals[i], &sa, NULL);
+	sa.sa_sigaction = on_other_signal;
+	sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+	for (size_t i = 0; i < NELEM(g_other_signals); i++)
+		sigaction(g_other_signals[i], &sa, NULL);
+	g_nsigrecs = 0;
+	g_sigrecs_lost = 0;
 }
 
 /* Misaligned: reserve length+align bytes of PROT_NONE address space, put the
@@ -899,9 +1009,10 @@ static int cmd_touch(struct req *r, struct sbuf *res, struct err *e)
 	uint8_t val = (uint8_t)(1 + g_touch_seq++ % 255);
 	volatile size_t i = 0;
 	if (sigsetjmp(g_fault_jmp, 1)) {
-		return fail(e, EFAULT, "touch: %s at address 0x%" PRIxPTR " (touching 0x%" PRIx64
-			    ", %zu of %zu done)", g_fault_sig == SIGBUS ? "SIGBUS" : "SIGSEGV",
-			    (uintptr_t)g_fault_addr, addrs[i], (size_t)i, n);
+		return fail(e, EFAULT, "touch: %s (si_code %d) at address 0x%" PRIxPTR " (touching 0x%"
+			    PRIx64 ", %zu of %zu done)", g_fault_sig == SIGBUS ? "SIGBUS"
+			    : g_fault_sig == SIGSEGV ? "SIGSEGV" : strsignal(g_fault_sig),
+			    (int)g_fault_code, (uintptr_t)g_fault_addr, addrs[i], (size_t)i, n);
 	}
 	g_fault_armed = 1;
 	for (; i < n; i++) {
@@ -918,7 +1029,7 @@ static int cmd_touch(struct req *r, struct sbuf *res, struct err *e)
 
 /* The child becomes a worker on the channel the agent passed with this
  * request; the parent answers with the child's pid. */
-static void worker_start(int chan, const char *name, bool from_agent) __attribute__((noreturn));
+static void worker_start(int chan, const char *name) __attribute__((noreturn));
 
 static int cmd_fork(struct req *r, struct sbuf *res, struct err *e)
 {
@@ -927,15 +1038,20 @@ static int cmd_fork(struct req *r, struct sbuf *res, struct err *e)
 		return -1;
 	if (g_recv_fd < 0)
 		return fail(e, EINVAL, "fork %s: no channel came with the request", child);
-	pid_t pid = fork();
+	/* CLONE_PARENT: the child's parent is the agent, not this worker, so the
+	 * agent learns how every worker ended (exit status or the signal that
+	 * killed it) from wait().  The address space is copied exactly as by
+	 * fork(); only the parent link differs.  A raw clone leaves glibc's
+	 * cached thread id stale in the child: workers never call raise(). */
+	pid_t pid = (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, NULL, NULL, 0);
 	if (pid < 0) {
 		int en = errno;
-		return fail(e, en, "fork %s: fork: %s", child, strerror(en));
+		return fail(e, en, "fork %s: clone: %s", child, strerror(en));
 	}
 	if (pid == 0) {
 		char name[NAME_LEN];
 		snprintf(name, sizeof name, "%s", child);
-		worker_start(g_recv_fd, name, false);
+		worker_start(g_recv_fd, name);
 	}
 	close(g_recv_fd);
 	g_recv_fd = -1;
@@ -1120,6 +1236,17 @@ static int cmd_maps(struct req *r, struct sbuf *res, struct err *e)
 		sb_putc(res, '}');
 	sb_putc(res, ']');
 	fclose(f);
+	return 0;
+}
+
+/* The signals received since the last reply (the list is in every reply
+ * that has some; this asks for it even when empty). */
+static int cmd_signals(struct req *r, struct sbuf *res, struct err *e)
+{
+	(void)r;
+	(void)res;
+	(void)e;
+	g_report_signals = true;
 	return 0;
 }
 
@@ -1815,6 +1942,7 @@ static int cmd_poweroff(struct req *r, struct sbuf *res, struct err *e)
 }
 
 static int cmd_procs(struct req *r, struct sbuf *res, struct err *e);
+static int cmd_kill(struct req *r, struct sbuf *res, struct err *e);
 
 /* ------------------------------------------------------------------------ */
 /* The command table.  AT_WORKER commands name a process in "proc"; the     */
@@ -1856,6 +1984,8 @@ static const struct cmd g_cmds[] = {
 	{"splice", AT_WORKER, K_PLAIN, cmd_splice},
 	{"drain", AT_WORKER, K_PLAIN, cmd_drain},
 	{"pagemap", AT_WORKER, K_PLAIN, cmd_pagemap},
+	{"signals", AT_WORKER, K_PLAIN, cmd_signals},
+	{"kill", AT_AGENT, K_PLAIN, cmd_kill},
 };
 
 static const struct cmd *find_cmd(const char *name)
@@ -1961,16 +2091,13 @@ static int isolate_fds(int chan)
 
 static void worker_loop(int chan) __attribute__((noreturn));
 
-static void worker_start(int chan, const char *name, bool from_agent)
+static void worker_start(int chan, const char *name)
 {
-	if (from_agent) {
-		/* Die with the agent.  Forked children skip this: it would tie them
-		 * to their parent worker, which the host may make exit first; they
-		 * notice the agent's death by their channel closing instead. */
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		if (getppid() != g_agent_pid)
-			_exit(0);
-	}
+	/* Die with the agent: every worker is the agent's child (forked ones
+	 * too, by CLONE_PARENT). */
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	if (getppid() != g_agent_pid)
+		_exit(0);
 	char comm[16];
 	snprintf(comm, sizeof comm, "w:%s", name);
 	prctl(PR_SET_NAME, comm);
@@ -1990,14 +2117,18 @@ static void worker_handle(char *msg, size_t len, struct sbuf *reply)
 	struct req r;
 	struct err e = {0};
 	struct sbuf res = {0};
+	struct sbuf sigs = {0};
 	memset(&r, 0, sizeof r);
+	g_unarmed_repeats = 0;
 	int rc = parse_request(msg, len, &r, &e);
 	const struct cmd *c = rc ? NULL : find_cmd(r.cmd);
 	if (rc == 0 && (!c || c->where != AT_WORKER))
 		rc = fail(&e, EINVAL, "worker: unknown command '%s'", r.cmd);
 	if (rc == 0)
 		rc = c->fn(&r, &res, &e);
-	build_response(reply, r.has_id ? r.id : -1, rc, &res, &e, r.cmd ? r.cmd : "?");
+	drain_signals(&sigs); /* what came during this request, or since the last reply */
+	build_response(reply, r.has_id ? r.id : -1, rc, &res, &e, r.cmd ? r.cmd : "?", &sigs);
+	sb_free(&sigs);
 	sb_free(&res);
 	jobj_free(&r.obj);
 }
@@ -2032,7 +2163,7 @@ static void worker_loop(int chan)
 			parse_request(buf, (size_t)n, &r, &e);
 			fail(&e, E2BIG, "%s: reply of %zu bytes does not fit the channel",
 			     r.cmd ? r.cmd : "?", reply.len);
-			build_response(&small, r.has_id ? r.id : -1, -1, &res, &e, "?");
+			build_response(&small, r.has_id ? r.id : -1, -1, &res, &e, "?", NULL);
 			send_msg(chan, small.p, small.len, -1, 0);
 			sb_free(&small);
 			jobj_free(&r.obj);
@@ -2063,6 +2194,8 @@ struct proc {
 	unsigned gen;
 	struct pending q[MAX_PENDING]; /* requests relayed, replies not yet seen */
 	int qhead, qlen;
+	bool reaped; /* wait() returned its status: */
+	int wstatus; /* how it ended (exit status or the signal that killed it) */
 };
 
 static struct proc g_procs[MAX_PROCS];
@@ -2093,7 +2226,7 @@ static void send_line(struct sbuf *line)
 static void agent_reply(int64_t id, int rc, struct sbuf *res, struct err *e, const char *cmd)
 {
 	struct sbuf line = {0};
-	build_response(&line, id, rc, res, e, cmd);
+	build_response(&line, id, rc, res, e, cmd, NULL);
 	send_line(&line);
 	sb_free(&line);
 }
@@ -2136,6 +2269,49 @@ static struct proc *proc_alloc(const char *name)
 	return p;
 }
 
+/* Every worker is the agent's child (CLONE_PARENT for forked ones), and the
+ * agent reaps them itself, so that it knows how each one ended: a worker the
+ * kernel killed (SIGKILL from the OOM killer or memory_failure(), a SIGBUS it
+ * could not survive) is reported by "procs" with the signal. */
+static void note_death(pid_t pid, int wstatus)
+{
+	for (int i = 0; i < MAX_PROCS; i++) {
+		struct proc *p = &g_procs[i];
+		if (p->state != P_FREE && p->pid == pid && !p->reaped) {
+			p->reaped = true;
+			p->wstatus = wstatus;
+			return;
+		}
+	}
+}
+
+static void reap_children(void)
+{
+	int st;
+	pid_t pid;
+	while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+		note_death(pid, st);
+}
+
+/* Wait (5 s at most) until *pid* has ended and is reaped: its /proc entry
+ * and its mm are gone, so the host's next step and snapshot see the exit
+ * complete, not a page table teardown still running. */
+static void wait_gone(pid_t pid)
+{
+	for (int i = 0; i < 5000; i++) {
+		int st;
+		pid_t w = waitpid(pid, &st, WNOHANG);
+		if (w == pid) {
+			note_death(pid, st);
+			return;
+		}
+		if (w < 0 && kill(pid, 0) < 0)
+			return; /* not our child (reaped already) and gone */
+		struct timespec ts = {0, 1000000}; /* 1 ms */
+		nanosleep(&ts, NULL);
+	}
+}
+
 /* The worker is gone (or never came to be): every request still waiting for
  * it is answered with ESRCH, and a child it was forking is forgotten. */
 static void proc_close(struct proc *p, enum pstate final)
@@ -2144,6 +2320,8 @@ static void proc_close(struct proc *p, enum pstate final)
 		close(p->fd);
 	p->fd = -1;
 	p->state = final;
+	if (final == P_DEAD && p->pid > 0 && !p->reaped)
+		wait_gone(p->pid); /* its channel closed: it is exiting, learn how */
 	while (p->qlen > 0) {
 		struct pending pd = p->q[p->qhead];
 		p->qhead = (p->qhead + 1) % MAX_PENDING;
@@ -2180,7 +2358,7 @@ static struct proc *spawn_worker(const char *name, struct err *e)
 	}
 	if (pid == 0) {
 		close(sv[0]);
-		worker_start(sv[1], name, true);
+		worker_start(sv[1], name);
 	}
 	close(sv[1]);
 	p->fd = sv[0];
@@ -2278,17 +2456,7 @@ error:
 	agent_error(r->id, &e);
 }
 
-/* A worker answers "exit" before it exits.  Wait until it is gone (SIGCHLD is
- * ignored, so the kernel reaps it: its /proc entry goes only after exit_mm()
- * and exit_files() are done), so that the host's next step and snapshot see
- * the exit complete, not a page table teardown still running. */
-static void wait_gone(pid_t pid)
-{
-	for (int i = 0; i < 5000 && kill(pid, 0) == 0; i++) {
-		struct timespec ts = {0, 1000000}; /* 1 ms, 5 s at most */
-		nanosleep(&ts, NULL);
-	}
-}
+/* A worker answers "exit" before it exits: wait_gone() waits for the exit. */
 
 /* Relays one reply.  Replies come in request order, so the oldest pending
  * request is the one being answered.  fork and exit replies are also read by
@@ -2379,6 +2547,59 @@ static int cmd_procs(struct req *r, struct sbuf *res, struct err *e)
 		first = false;
 	}
 	sb_putc(res, ']');
+	/* "exited": how each remembered dead worker ended. */
+	reap_children();
+	first = true;
+	res_key(res, "exited");
+	sb_putc(res, '[');
+	for (int i = 0; i < MAX_PROCS; i++) {
+		struct proc *p = &g_procs[i];
+		if (p->state != P_DEAD || p->pid <= 0)
+			continue;
+		sb_puts(res, first ? "{\"name\":" : ",{\"name\":");
+		sb_json_str(res, p->name, strlen(p->name));
+		sb_printf(res, ",\"pid\":%d,\"status\":", (int)p->pid);
+		if (p->reaped && WIFEXITED(p->wstatus))
+			sb_printf(res, "%d", WEXITSTATUS(p->wstatus));
+		else
+			sb_puts(res, "null");
+		sb_puts(res, ",\"signal\":");
+		if (p->reaped && WIFSIGNALED(p->wstatus))
+			sb_printf(res, "%d,\"core\":%s}", WTERMSIG(p->wstatus),
+				  WCOREDUMP(p->wstatus) ? "true" : "false");
+		else
+			sb_puts(res, "null,\"core\":false}");
+		first = false;
+	}
+	sb_putc(res, ']');
+	return 0;
+}
+
+/* kill: send a signal to a worker, as another process or the kernel would
+ * (the OOM killer's SIGKILL, say).  For SIGKILL the answer waits until the
+ * worker is gone, so the next snapshot sees it exited. */
+static int cmd_kill(struct req *r, struct sbuf *res, struct err *e)
+{
+	const char *name;
+	int64_t sig;
+	if (get_str(r, "proc", &name, e) || get_i64(r, "signal", false, SIGKILL, &sig, e))
+		return -1;
+	if (sig < 1 || sig >= NSIG)
+		return fail(e, EINVAL, "kill %s: signal %" PRId64 " out of range", name, sig);
+	struct proc *p = proc_find(name);
+	if (!p)
+		return fail(e, ENOENT, "kill: no process named %s", name);
+	if (p->state != P_LIVE || p->pid <= 0)
+		return fail(e, ESRCH, "kill: process %s has exited", name);
+	if (kill(p->pid, (int)sig) < 0) {
+		int en = errno;
+		return fail(e, en, "kill %s: %s", name, strerror(en));
+	}
+	if (sig == SIGKILL) {
+		wait_gone(p->pid);
+		on_worker_readable(p); /* the channel's EOF: answers what was pending */
+	}
+	res_i64(res, "pid", p->pid);
 	return 0;
 }
 
@@ -2508,6 +2729,7 @@ static void agent_loop(void)
 		}
 		bool input_ready = polled_input && rc > 0 && pfd[0].revents;
 		paused = false;
+		reap_children(); /* run helpers, orphans: no zombies */
 		/* Workers first: handling input may fork and reshuffle the table. */
 		for (int k = 0; rc > 0 && k < n; k++) {
 			if (who[k] < 0 || !pfd[k].revents)
@@ -2581,7 +2803,7 @@ int main(int argc, char **argv)
 	g_agent_pid = getpid();
 	g_page_size = sysconf(_SC_PAGESIZE);
 	signal(SIGPIPE, SIG_IGN);  /* a closed channel is an error code, not death */
-	signal(SIGCHLD, SIG_IGN);  /* the kernel reaps workers: no zombies */
+	signal(SIGCHLD, SIG_DFL);  /* reaped by the agent, which wants their status */
 	prctl(PR_SET_CHILD_SUBREAPER, 1); /* orphaned forked workers come back to us */
 
 	if (strcmp(port, "-") == 0) {
