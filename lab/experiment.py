@@ -65,6 +65,9 @@ def frames_of(runs: Sequence[RunResult]) -> dict[str, pd.DataFrame]:
         "device": tl.df_device(runs),
         "device_pages": tl.df_device_pages(runs),
         "complaints": tl.df_complaints(runs),
+        "kernel_messages": tl.df_kernel_messages(runs),
+        "signals": tl.df_signals(runs),
+        "processes": tl.df_processes(runs),
     }
     if len(runs) > 1:
         frames["diff"] = tl.df_diff(timeline)
@@ -151,7 +154,9 @@ def write_experiment(exp: Experiment, out: str | Path) -> Path:
         timeline=f["timeline"], steps=f["steps"], device=f["device"],
         device_pages=f["device_pages"], complaints=f["complaints"], diff=f.get("diff"),
         differences=exp.differences, violations=exp.violations, events=f.get("events"),
-        accounting=f.get("accounting"), call_paths=f.get("call_paths"))
+        accounting=f.get("accounting"), call_paths=f.get("call_paths"),
+        signals=f.get("signals"), kernel_messages=f.get("kernel_messages"),
+        processes=f.get("processes"))
 
 
 def resolve_kernels(kernel_names: Sequence[str], *, progress: Callable | None = None) -> list:

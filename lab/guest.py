@@ -244,6 +244,7 @@ class Proc:
     name: str
     created_at: int
     exited_at: int | None = None
+    exit_reason: str | None = None  # ended without an exit step ("killed by SIGKILL")
     views: dict[str, View] = field(default_factory=dict)
     pins: set[str] = field(default_factory=set)
     pipes: set[str] = field(default_factory=set)
@@ -300,7 +301,8 @@ class GuestModel:
         if p is None:
             where.fail(fld, f'no process "{name}" (a process is created by mmap or fork)')
         if p.exited_at is not None:
-            where.fail(fld, f'process "{name}" exited at step {p.exited_at}{hint}')
+            why = f" ({p.exit_reason})" if p.exit_reason else ""
+            where.fail(fld, f'process "{name}" exited at step {p.exited_at}{why}{hint}')
         return p
 
     def name_taken(self, name: str) -> str | None:

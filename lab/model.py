@@ -30,6 +30,8 @@ __all__ = [
     "VmaState",
     "Frame",
     "PageRecord",
+    "SignalRecord",
+    "ProcessRecord",
     "StepRecord",
     "Event",
     "RunResult",
@@ -271,6 +273,36 @@ class PageRecord:
 
 
 @dataclass(frozen=True)
+class SignalRecord:
+    """One signal a guest process received during a step, or the one that
+    ended it (``survived`` False, ``code`` None: a wait status carries no
+    si_code)."""
+
+    proc: str
+    pid: int | None
+    signal: int
+    code: int | None  # si_code (BUS_MCEERR_AR = 4 for SIGBUS)
+    addr: int | None  # si_addr of a signal the kernel raised
+    addr_lsb: int | None  # memory failure: log2 of the mapping's size (12, 21, 30)
+    survived: bool
+    during: str | None = None  # the agent command whose answer reported it
+    sender: int | None = None  # pid of the process that sent it (kill)
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """One live guest process at a snapshot: its ``mm_struct`` RSS counters
+    (MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES, in pages, summed as the kernel
+    does), None where they could not be read."""
+
+    proc: str
+    pid: int
+    file_pages: int | None
+    anon_pages: int | None
+    shmem_pages: int | None
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """What one step did and what the kernel looked like after it: the
     snapshot of that step."""
@@ -288,6 +320,13 @@ class StepRecord:
     device_refcount: Any  # numpy int array: every struct page of the device (bulk path)
     device_mapcount: Any
     complaints: tuple[tuple[str, str], ...] = ()  # (kind, console line)
+    # the console's memory-management lines (memory failure, OOM, ...):
+    # (kind, console line), next to the complaints they are not
+    kernel_messages: tuple[tuple[str, str], ...] = ()
+    signals: tuple[SignalRecord, ...] = ()  # received during this step
+    exited: tuple[tuple[str, str], ...] = ()  # (proc, reason): ended without an exit step
+    processes: tuple[ProcessRecord, ...] = ()  # every live worker at the snapshot
+    rss_seconds: float | None = None  # what reading the processes' RSS cost
 
 
 @dataclass(frozen=True)

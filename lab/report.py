@@ -269,6 +269,29 @@ def _events_section(events, accounting, call_paths) -> list[str]:
     return parts
 
 
+def _signals_section(signals, kernel_messages, processes) -> list[str]:
+    """Signals the guest processes received, the processes the kernel
+    killed, the kernel's memory-management messages and the processes' RSS."""
+    parts = ["<h2>Signals and memory-management messages</h2>"]
+    if signals is not None and len(signals):
+        killed = signals[~signals["survived"].fillna(False).astype(bool)]
+        cls = "bad" if len(killed) else "ok"
+        parts.append(f"<p class='{cls}'>{len(signals)} signal(s) reached guest processes, "
+                     f"{len(killed)} of them ended the process (signals.parquet):</p>"
+                     + _table(signals.drop(columns=["during", "sender"], errors="ignore")))
+    else:
+        parts.append("<p class='ok'>No guest process received a signal.</p>")
+    if kernel_messages is not None and len(kernel_messages):
+        parts.append(f"<p>The kernel reported {len(kernel_messages)} memory-management line(s) "
+                     "(memory failure, hwpoison, OOM, page dumps, rss-counter), by the step "
+                     "during which they appeared:</p>" + _table(kernel_messages))
+    if processes is not None and len(processes):
+        parts.append("<details><summary>RSS counters of every live process after every step "
+                     f"(pages; processes.parquet, {len(processes)} rows)</summary>"
+                     f"{_table(processes)}</details>")
+    return parts
+
+
 def build_report(
     out_dir: str | Path,
     *,
@@ -286,6 +309,9 @@ def build_report(
     events: pd.DataFrame | None = None,
     accounting: pd.DataFrame | None = None,
     call_paths: pd.DataFrame | None = None,
+    signals: pd.DataFrame | None = None,
+    kernel_messages: pd.DataFrame | None = None,
+    processes: pd.DataFrame | None = None,
 ) -> Path:
     """Write ``report.html`` into *out_dir* (one file, plotly.js inline
     once, opens offline) and return its path."""
@@ -324,6 +350,7 @@ def build_report(
         parts.append("<p class='ok'>None: no kernel printed a warning, BUG, Oops or "
                      "\"Bad ...\" line.</p>")
 
+    parts.extend(_signals_section(signals, kernel_messages, processes))
     if accounting is not None:
         parts.extend(_events_section(events, accounting, call_paths))
     figs = _figures(timeline, steps, device, device_pages, complaints, events)

@@ -1,7 +1,9 @@
 """Run a scenario against a booted session: each step through the guest
 agent, then a snapshot of the watched folios, their page-table entries in
 every process that maps them, the device's dev_pagemap and all its struct
-pages (bulk path), and any complaint the guest kernel printed meanwhile.
+pages (bulk path), every live process's RSS counters, the signals each
+process received, the processes the kernel killed, and any complaint or
+memory-management message the guest kernel printed meanwhile.
 
 The result is plain data (the records of `lab.model`: RunResult,
 StepRecord, PageRecord); `lab.timeline` turns it into DataFrames.
@@ -17,7 +19,9 @@ from . import inspect
 from .actions import CHECK_ERRNO, REGISTRY, Guest, check_step
 from .agent import AgentError
 from .guest import GuestModel, StepError, Where
-from .model import PageRecord, RunResult, Step, StepRecord, UserError
+from .model import (PageRecord, ProcessRecord, RunResult, SignalRecord, Step, StepRecord,
+                    UserError)
+from .signals import describe_signal
 from .scenario import Scenario
 from .session import Session
 
@@ -45,7 +49,11 @@ class Recorder:
                                 kernel_spelling=session.kernel_spelling, release=session.vm.release, accel=session.vm.spec.accel,
                                 device=device)
         self.result.steps.append(self._snapshot(0, "start", None, "start", "", None, None,
-                                                time.monotonic(), len(session.vm.complaints)))
+                                                time.monotonic(), self._console_marks()))
+
+    def _console_marks(self) -> tuple[int, int]:
+        """How many complaints and mm messages the console held so far."""
+        return len(self.session.vm.complaints), len(self.session.vm.mm_messages)
 
     @property
     def next_index(self) -> int:
@@ -102,7 +110,7 @@ class Recorder:
         failed earlier, say) raises StepError with *strict*, else it is
         recorded with ENOENT."""
         started = time.monotonic()
-        complaints_from = len(self.session.vm.complaints)
+        complaints_from = self._console_marks()
         if self.session.armed_watcher is not None:
             self.session.armed_watcher.step = step.index  # events during the action
         errno_, error, detail = None, None, ""
@@ -132,7 +140,7 @@ class Recorder:
         return record
 
     def _snapshot(self, index, action, proc, label, detail, errno_, error, started,
-                  complaints_from) -> StepRecord:
+                  complaints_from: tuple[int, int]) -> StepRecord:
         record = _snapshot(self.session, self.device, self.model, self.watched, step=index,
                            action=action, proc=proc, label=label, detail=detail, errno=errno_,
                            error=error, started=started, complaints_from=complaints_from,
@@ -194,11 +202,69 @@ def _with_pagemap(session: Session, pages: list[PageRecord]) -> list[PageRecord]
     return [replace(pr, pagemap_pfn=answers.get((pr.proc, pr.vaddr))) for pr in pages]
 
 
+def _signal_records(received: list[dict], pids: dict[str, int]) -> list[SignalRecord]:
+    """The signals the agent reported (each survived: the worker was alive
+    to report it)."""
+    return [SignalRecord(proc=s["proc"], pid=pids.get(s["proc"]), signal=s["signal"],
+                         code=s["code"], addr=s["addr"] if s["code"] > 0 else None,
+                         addr_lsb=s["addr_lsb"] or None, survived=True, during=s["cmd"],
+                         sender=s["sender"] or None)
+            for s in received]
+
+
+def _deaths(guest: GuestModel, exited: list[dict], step: int
+            ) -> tuple[list[SignalRecord], list[tuple[str, str]]]:
+    """Processes the model thinks alive that the agent saw end (the kernel
+    killed them, or they exited by themselves): marked exited at *step* in
+    *guest* with the reason, so that later steps using them fail their
+    check in one line."""
+    signals, ended = [], []
+    for dead in exited:
+        proc = guest.procs.get(dead["name"])
+        if proc is None or proc.exited_at is not None:
+            continue  # an exit step the model already applied, or not the model's
+        if dead["signal"] is not None:
+            reason = describe_signal(dead["signal"], None, None, survived=False)
+            signals.append(SignalRecord(proc=dead["name"], pid=dead["pid"], signal=dead["signal"],
+                                        code=None, addr=None, addr_lsb=None, survived=False))
+        elif dead["status"] is not None:
+            reason = f"exited by itself with status {dead['status']}"
+        else:
+            reason = "ended, how is unknown"
+        proc.exited_at, proc.exit_reason = step, reason
+        ended.append((dead["name"], reason))
+    return signals, ended
+
+
+def _processes(prog, pids: dict[str, int]) -> list[ProcessRecord]:
+    """The RSS counters of every live worker (guest stopped)."""
+    out = []
+    for name, pid in sorted(pids.items()):
+        try:
+            rss = inspect.mm_rss(prog, pid)
+        except inspect.InspectError:
+            out.append(ProcessRecord(name, pid, None, None, None))
+            continue
+        out.append(ProcessRecord(name, pid, rss.file, rss.anon, rss.shmem))
+    return out
+
+
 def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, *, step: int,
               action: str, proc: str | None, label: str, detail: str, errno: int | None,
-              error: str | None, started: float, complaints_from: int,
+              error: str | None, started: float, complaints_from: tuple[int, int],
               accounting: list | None = None) -> StepRecord:
     prog = session.prog
+    agent = session.agent
+    # Signals come with each worker's answers; a live worker is asked for
+    # what arrived since (between requests). Then which workers ended, and
+    # how: the model learns of deaths before anything reads their pages.
+    pids, exited = agent.proc_table()
+    for name in sorted(pids):
+        if name in guest.procs and guest.procs[name].exited_at is None:
+            agent.signals(name)
+    signals = _signal_records(agent.take_signals(), pids)
+    killed, ended = _deaths(guest, exited, step)
+    signals += killed
     # Where each watched page is mapped, per process (pagemap asked first:
     # the agent's answer comes from the running guest).
     holders: dict[tuple[str, int], list[tuple[str, int]]] = {}
@@ -207,9 +273,11 @@ def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, 
             if map_name == view.spec.name and view.addr is not None and view.mapped(page):
                 holders.setdefault((map_name, page), []).append(
                     (proc_name, view.addr + page * PAGE))
-    pids = session.agent.procs()
     pages: list[PageRecord] = []
     with session.stopped():
+        rss_started = time.monotonic()
+        processes = _processes(prog, pids)
+        rss_seconds = time.monotonic() - rss_started
         if session.armed_watcher is not None and accounting is not None:
             # events from here on are counted, and named, for the next step
             accounting.extend(session.armed_watcher.reconcile(next_step=step + 1))
@@ -233,8 +301,10 @@ def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, 
     if device["align"] < PUD_SIZE:
         pages = _with_pagemap(session, pages)
     session.vm.sync_console()  # every line the step made the kernel print is in
-    complaints = tuple((c.kind, c.text) for _, c in session.vm.complaints[complaints_from:])
+    complaints = tuple((c.kind, c.text) for _, c in session.vm.complaints[complaints_from[0]:])
+    messages = tuple((m.kind, m.text) for _, m in session.vm.mm_messages[complaints_from[1]:])
     return StepRecord(step=step, action=action, proc=proc, label=label, detail=detail, errno=errno,
                       error=error, seconds=time.monotonic() - started, pages=tuple(pages),
                       pgmap=pgmap, device_refcount=bulk.refcount, device_mapcount=bulk.mapcount,
-                      complaints=complaints)
+                      complaints=complaints, kernel_messages=messages, signals=tuple(signals),
+                      exited=tuple(ended), processes=tuple(processes), rss_seconds=rss_seconds)

@@ -25,6 +25,11 @@ __all__ = [
     "df_device",
     "df_device_pages",
     "df_complaints",
+    "df_kernel_messages",
+    "df_signals",
+    "df_processes",
+    "SIGNAL_COLUMNS",
+    "PROCESS_COLUMNS",
     "df_steps",
     "df_diff",
     "Violation",
@@ -136,6 +141,85 @@ def df_complaints(runs: Iterable[RunResult]) -> pd.DataFrame:
     rows = [{"kernel": run.kernel, "step": st.step, "action": st.action, "kind": kind, "text": text}
             for run in runs for st in run.steps for kind, text in st.complaints]
     return pd.DataFrame(rows, columns=["kernel", "step", "action", "kind", "text"])
+
+
+def df_kernel_messages(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """Every memory-management line the guest kernel printed (memory failure,
+    hwpoison, OOM, page dumps, rss-counter, ...: `lab.console.MM_KINDS`), per
+    step: kernel, step, action, kind, text. Not complaints: a memory failure
+    handled as designed is data (a "Bad rss-counter state" line is both)."""
+    rows = [{"kernel": run.kernel, "step": st.step, "action": st.action, "kind": kind,
+             "text": text}
+            for run in runs for st in run.steps for kind, text in st.kernel_messages]
+    return pd.DataFrame(rows, columns=["kernel", "step", "action", "kind", "text"])
+
+
+# -- signals and processes ------------------------------------------------------
+
+SIGNAL_COLUMNS = {
+    "kernel": "string", "step": "Int64", "action": "string", "proc": "string", "pid": "Int64",
+    "signal": "string", "si_code": "string", "address": "Int64", "addr_lsb": "Int64",
+    "survived": "boolean", "during": "string", "sender": "Int64", "text": "string",
+}
+
+
+def df_signals(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """One row per signal a guest process received, at the step it arrived:
+    ``signal`` and ``si_code`` by name (SIGBUS, BUS_MCEERR_AR), ``address``
+    (si_addr, for a signal the kernel raised), ``addr_lsb`` (a memory
+    failure's mapping size as a shift: 12 for a PTE), ``survived``, ``during``
+    (the agent command whose answer reported it), ``sender`` (the pid that
+    sent it with kill) and ``text``, one line. A process the kernel killed
+    has one row with ``survived`` false and no si_code (a wait status has none).
+    """
+    from .signals import describe_signal, si_code_name, signal_name
+
+    rows = [{"kernel": run.kernel, "step": st.step, "action": st.action, "proc": sg.proc,
+             "pid": sg.pid, "signal": signal_name(sg.signal),
+             "si_code": si_code_name(sg.signal, sg.code), "address": sg.addr,
+             "addr_lsb": sg.addr_lsb, "survived": sg.survived, "during": sg.during,
+             "sender": sg.sender,
+             "text": describe_signal(sg.signal, sg.code, sg.addr, sg.survived)}
+            for run in runs for st in run.steps for sg in st.signals]
+    return pd.DataFrame(rows, columns=list(SIGNAL_COLUMNS)).astype(SIGNAL_COLUMNS)
+
+
+PROCESS_COLUMNS = {
+    "kernel": "string", "step": "Int64", "proc": "string", "pid": "Int64",
+    "file_pages": "Int64", "anon_pages": "Int64", "shmem_pages": "Int64",
+    "device_pte": "Int64", "device_pmd": "Int64", "device_pud": "Int64",
+}
+
+_ENTRY_SHIFT = {"PTE": 12, "PMD": 21, "PUD": 30}
+
+
+def df_processes(runs: Iterable[RunResult]) -> pd.DataFrame:
+    """One row per live guest process at each step: its mm's RSS counters in
+    pages (``file_pages`` = MM_FILEPAGES, ``anon_pages`` = MM_ANONPAGES,
+    ``shmem_pages`` = MM_SHMEMPAGES; null where they could not be read) and
+    the page-table entries of that process that map watched device pages, by
+    level (``device_pte``, ``device_pmd``, ``device_pud``: entries, not
+    pages; a PMD entry maps 512 pages). Only watched pages are seen: a
+    mapped page nobody watches is in the counters but not in the entries.
+    """
+    rows = []
+    for run in runs:
+        for st in run.steps:
+            entries: dict[str, dict[str, set[int]]] = {}
+            for pr in st.pages:
+                if pr.proc is None or pr.pte is None or not pr.pte.present:
+                    continue
+                level = pr.pte.level
+                entries.setdefault(pr.proc, {}).setdefault(level, set()).add(
+                    pr.vaddr >> _ENTRY_SHIFT[level])
+            for p in st.processes:
+                levels = entries.get(p.proc, {})
+                rows.append({"kernel": run.kernel, "step": st.step, "proc": p.proc, "pid": p.pid,
+                             "file_pages": p.file_pages, "anon_pages": p.anon_pages,
+                             "shmem_pages": p.shmem_pages,
+                             **{f"device_{lv.lower()}": len(levels.get(lv, ()))
+                                for lv in _ENTRY_SHIFT}})
+    return pd.DataFrame(rows, columns=list(PROCESS_COLUMNS)).astype(PROCESS_COLUMNS)
 
 
 # -- events (watchpoints on folio counters, `lab.events`) ---------------------

@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .agent import AgentClient, AgentDisconnected, AgentError, AgentTimeout
-from .console import Complaint, find_complaint
+from .console import Complaint, MmMessage, find_complaint, find_mm_message
 from .errors import LabFailure
 from .model import DEFAULT_DAX, DaxSpec, GiB, KernelArtifacts, MiB, UserError, VmSpec, format_size
 from .plan import RUN_DIR
@@ -421,6 +421,7 @@ class Vm:
         self._ready = threading.Event()
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.complaints: list[tuple[int, Complaint]] = []  # (console line number, complaint)
+        self.mm_messages: list[tuple[int, MmMessage]] = []  # memory failure, OOM, page dumps
         self.lines_seen = 0
         self._marker = 0
         self.marks: list[tuple[float, str]] = []  # (seconds since launch, /init's line)
@@ -538,6 +539,9 @@ class Vm:
                     complaint = find_complaint(line)
                     if complaint:
                         self.complaints.append((self.lines_seen, complaint))
+                    message = find_mm_message(line)
+                    if message:
+                        self.mm_messages.append((self.lines_seen, message))
 
     def console_tail(self, n: int = 30) -> list[str]:
         with self._lock:

@@ -10,6 +10,7 @@ from .bulk import PageArray, read_pages
 from .folio import folio_counters, folio_state
 from .pgmap import find_dev_pagemap, pgmap_state, percpu_ref_state
 from .pgtable import devmap_supported, pte_state, vma_state
+from .rss import RssState, mm_rss
 
 __all__ = [
     "InspectError",
@@ -25,4 +26,6 @@ __all__ = [
     "devmap_supported",
     "read_pages",
     "PageArray",
+    "mm_rss",
+    "RssState",
 ]

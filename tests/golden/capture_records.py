@@ -3,9 +3,11 @@ tests/unit/test_timeline_records.py.
 
 Run from the repository root after `make prepare`:
 
-    .venv/bin/python tests/golden/capture_records.py
+    .venv/bin/python tests/golden/capture_records.py [SCENARIO ...]
 
-Runs scenarios/fork-share.toml and scenarios/fault-2m.toml on `before` and
+Runs scenarios/fork-share.toml and scenarios/fault-2m.toml (or the
+scenarios named; hwpoison-4k's records carry signals, kernel messages and
+the processes' RSS) on `before` and
 `after` (lab.experiment.run_experiment), writes each run's records as JSON
 (tests/golden/records/SCENARIO.json) and df_timeline of them as parquet
 (tests/golden/records/SCENARIO.timeline.parquet).
@@ -29,7 +31,7 @@ OUT = ROOT / "tests" / "golden" / "records"
 
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
-    for name in ("fork-share", "fault-2m"):
+    for name in sys.argv[1:] or ("fork-share", "fault-2m"):
         exp = run_experiment(ROOT / "scenarios" / f"{name}.toml", ["before", "after"],
                              say=lambda *_: None)
         dump(exp.runs, OUT / f"{name}.json")

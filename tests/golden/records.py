@@ -16,8 +16,10 @@ from lab.model import (
     PageRecord,
     PercpuRefState,
     PgmapState,
+    ProcessRecord,
     PteState,
     RunResult,
+    SignalRecord,
     StepRecord,
 )
 
@@ -63,8 +65,14 @@ def load(path: Path) -> list[RunResult]:
             pgmap = PgmapState(**{**pg, "ranges": tuple(tuple(x) for x in pg["ranges"]),
                                   "ref": PercpuRefState(**pg["ref"])})
             empty = np.zeros(0, dtype=np.int64)
+            # records captured before signals/processes existed lack them
+            extra = {"kernel_messages": tuple(tuple(m) for m in st.get("kernel_messages", ())),
+                     "signals": tuple(SignalRecord(**x) for x in st.get("signals", ())),
+                     "exited": tuple(tuple(x) for x in st.get("exited", ())),
+                     "processes": tuple(ProcessRecord(**x) for x in st.get("processes", ()))}
             steps.append(StepRecord(**{**st, "pages": tuple(pages), "pgmap": pgmap,
                                        "complaints": tuple(tuple(c) for c in st["complaints"]),
+                                       **extra,
                                        "device_refcount": empty, "device_mapcount": empty}))
         # records captured before RunResult had kernel_spelling were of
         # catalog kernels, spelled as their names
