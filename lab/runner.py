@@ -19,11 +19,10 @@ from . import inspect
 from .actions import CHECK_ERRNO, REGISTRY, Guest, check_step
 from .agent import AgentError
 from .guest import GuestModel, StepError, Where
-from .model import (PageRecord, ProcessRecord, RunResult, SignalRecord, Step, StepRecord,
-                    UserError)
-from .signals import describe_signal
+from .model import PageRecord, ProcessRecord, RunResult, SignalRecord, Step, StepRecord, UserError
 from .scenario import Scenario
 from .session import Session
+from .signals import describe_signal
 
 __all__ = ["Recorder", "run_scenario", "PAGE"]
 

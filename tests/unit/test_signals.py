@@ -17,8 +17,17 @@ import pytest
 from lab import timeline as tl
 from lab.console import MM_KINDS, complaints, find_mm_message, mm_messages
 from lab.guest import GuestModel, Proc, StepError, Where
-from lab.model import (FolioState, PageRecord, PercpuRefState, PgmapState, ProcessRecord,
-                       PteState, RunResult, SignalRecord, StepRecord)
+from lab.model import (
+    FolioState,
+    PageRecord,
+    PercpuRefState,
+    PgmapState,
+    ProcessRecord,
+    PteState,
+    RunResult,
+    SignalRecord,
+    StepRecord,
+)
 from lab.runner import _deaths, _signal_records
 from lab.signals import describe_signal, si_code_name, signal_name
 
@@ -190,6 +199,11 @@ def _step(n: int, pages=(), signals=(), processes=()) -> StepRecord:
                       device_mapcount=empty, signals=tuple(signals), processes=tuple(processes))
 
 
+def _run(*steps: StepRecord) -> RunResult:
+    return RunResult(scenario=None, kernel="k", kernel_spelling="k", release="r", accel="tcg",
+                     device={}, steps=list(steps))
+
+
 def test_df_processes_counts_entries_not_pages():
     """Two watched pages of one 2M folio under one PMD are one entry; a PTE
     in another process is counted there."""
@@ -197,7 +211,7 @@ def test_df_processes_counts_entries_not_pages():
     st = _step(1, pages=[("a", 0, base, "PMD"), ("a", 3, base + 3 * 4096, "PMD"),
                          ("a", 512, base + (2 << 20), "PMD"), ("b", 0, base + 4096, "PTE")],
                processes=[ProcessRecord("a", 10, 1024, 5, 0), ProcessRecord("b", 11, 1, 5, 0)])
-    run = RunResult(scenario=None, kernel="k", release="r", accel="tcg", device={}, steps=[st])
+    run = _run(st)
     frame = tl.df_processes([run])
     got = {r.proc: (r.file_pages, r.device_pte, r.device_pmd, r.device_pud)
            for r in frame.itertuples()}
@@ -206,7 +220,7 @@ def test_df_processes_counts_entries_not_pages():
 
 def test_df_signals_of_a_killed_process():
     st = _step(3, signals=[SignalRecord("b", 12, signal.SIGKILL, None, None, None, False)])
-    run = RunResult(scenario=None, kernel="k", release="r", accel="tcg", device={}, steps=[st])
+    run = _run(st)
     (row,) = tl.df_signals([run]).itertuples()
     assert (row.proc, row.signal, row.survived, row.text) == ("b", "SIGKILL", False,
                                                              "killed by SIGKILL")
@@ -214,8 +228,7 @@ def test_df_signals_of_a_killed_process():
 
 
 def test_empty_runs_give_typed_empty_frames():
-    run = RunResult(scenario=None, kernel="k", release="r", accel="tcg", device={},
-                    steps=[_step(0)])
+    run = _run(_step(0))
     assert list(tl.df_signals([run]).columns) == list(tl.SIGNAL_COLUMNS)
     assert list(tl.df_processes([run]).columns) == list(tl.PROCESS_COLUMNS)
     assert len(tl.df_kernel_messages([run])) == 0
