@@ -568,7 +568,9 @@ _C_TEMPLATE = r"""/*
  *
  * Needs a device-dax device aligned {align} (default {device_path}) and root.
  * Build: gcc -Wall -Wextra -Werror -O2 -static -o repro repro.c
- * Run:   ./repro [{device_path}]
+ * Run:   ./repro [{device_path}] [--pause SECONDS]
+ * With --pause, after each step "repro: step N done" goes to the kernel log
+ * and the program waits SECONDS: time to read the counters (drgn, crash).
  * Each step runs in the named process (a child of this program; fork steps
  * fork them as the lab did) and prints one line.  Exit status: 0 when every
  * step succeeded or failed with the same errno as in the lab run, 1 when
@@ -618,6 +620,7 @@ static const struct {{
 static int me = -1;                /* which process this is */
 static int ctl[NPROCS][2], res[2]; /* step numbers in, results out */
 static int exit_after_reply;
+static double pause_seconds;
 
 struct result {{
 	int step, err;
@@ -680,14 +683,36 @@ static void wait_gone(pid_t pid)
 	}}
 }}
 
+/* --pause: a line in the kernel log marks the moment, then a wait. */
+static void pause_after(int step)
+{{
+	char line[64];
+	int fd = open("/dev/kmsg", O_WRONLY | O_CLOEXEC);
+	int n = snprintf(line, sizeof line, "<4>repro: step %d done\n", step);
+	if (fd >= 0) {{
+		if (write(fd, line, (size_t)n) < 0)
+			perror("repro: /dev/kmsg");
+		close(fd);
+	}}
+	struct timespec ts = {{(time_t)pause_seconds,
+			      (long)((pause_seconds - (double)(time_t)pause_seconds) * 1e9)}};
+	nanosleep(&ts, NULL);
+}}
+
 int main(int argc, char **argv)
 {{
-	if (argc > 2 || (argc == 2 && argv[1][0] == '-')) {{
-		fprintf(stderr, "usage: %s [DEVICE]   (default %s)\n", argv[0], device_path);
-		return 2;
+	int devices = 0;
+	for (int a = 1; a < argc; a++) {{
+		if (strcmp(argv[a], "--pause") == 0 && a + 1 < argc) {{
+			pause_seconds = atof(argv[++a]);
+		}} else if (argv[a][0] != '-' && !devices++) {{
+			device_path = argv[a];
+		}} else {{
+			fprintf(stderr, "usage: %s [DEVICE] [--pause SECONDS]   (default %s)\n", argv[0],
+				device_path);
+			return 2;
+		}}
 	}}
-	if (argc == 2)
-		device_path = argv[1];
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	int fd = open(device_path, O_RDWR);
 	if (fd < 0) {{
@@ -763,6 +788,8 @@ int main(int argc, char **argv)
 		if (r.err != want)
 			printf(" (the lab got %s)", want ? errname(want) : "success");
 		printf("\n");
+		if (pause_seconds > 0)
+			pause_after(steps[i].index);
 	}}
 	/* Processes still alive end here, as at the end of the lab's run. */
 	for (int i = 0; i < NPROCS; i++) {{

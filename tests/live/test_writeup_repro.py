@@ -2,7 +2,8 @@
 fault-2m scenarios, the lab runs the scenario, writes its run directory and
 the write-up; repro.c is compiled on the host, sent into the same guest
 through the agent and run there. The lab snapshots the watched folios before
-and after: before equals the run's start, after equals the run's last step,
+and after: before equals the run's start, after each step (the reproducer
+pauses with --pause) the run's same step, after it the run's last step,
 the reproducer's steps did what the run's steps did (exit status 0, which
 covers every process exit), and the kernel complained as often as in the run."""
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +36,25 @@ def _counters(session, pfns: list[int]) -> dict[int, dict]:
     with session.stopped():
         states = {pfn: inspect.folio_state(session.prog, pfn) for pfn in pfns}
     return {pfn: {c: st.counters.get(c) for c in _names()} for pfn, st in states.items()}
+
+
+PAUSE = 2.0  # seconds the reproducer waits after each step (guest time: not while stopped)
+
+
+def _wait_for_line(session, text: str, since: int, runner: threading.Thread,
+                   timeout: float = 60) -> int:
+    """Wait for a console line holding *text* among those after line number
+    *since* (an earlier scenario's reproducer printed the same markers);
+    the console's line count then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = session.vm.lines_seen
+        new = session.vm.console_tail(min(seen - since, 60)) if seen > since else []
+        if any(text in line for line in new):
+            return seen
+        assert runner.is_alive(), f"the reproducer ended before {text!r}"
+        assert time.monotonic() < deadline, f"no {text!r} on the console"
+        time.sleep(0.02)
 
 
 def _names() -> list[str]:
@@ -74,7 +96,22 @@ def test_repro_c_reproduces_the_run(session, name, tmp_path):
 
     before = _counters(session, pfns)
     assert before == _recorded(data.timeline, kernel, 0, pfns)
-    res = session.agent.run_binary(binary, [f"/dev/{device['name']}"], timeout=120)
+    # With --pause the reproducer marks the kernel log after each step and
+    # waits: the lab snapshots there (the agent is busy running it, drgn
+    # and QMP are not), and each step's counters must be the run's.
+    done: dict = {}
+    runner = threading.Thread(target=lambda: done.setdefault("res", session.agent.run_binary(
+        binary, [f"/dev/{device['name']}", "--pause", str(PAUSE)], timeout=120)))
+    since = session.vm.lines_seen
+    runner.start()
+    try:
+        for step in scenario.steps:
+            since = _wait_for_line(session, f"repro: step {step.index} done", since, runner)
+            assert _counters(session, pfns) == _recorded(data.timeline, kernel, step.index, pfns), \
+                f"after step {step.index} ({step.action})"
+    finally:
+        runner.join(timeout=180)
+    res = done["res"]
     out = res.stdout.decode()
     assert res.status == 0, out + res.stderr.decode()
     assert out.splitlines()[-1] == (f"repro: {len(scenario.steps)} of {len(scenario.steps)} "

@@ -299,6 +299,10 @@ def test_repro_runs_and_checks_each_step_against_the_lab(tmp_path):
     res = subprocess.run([str(wrong), str(tmp_path / "missing")], capture_output=True, text=True, check=False,
                          timeout=60)
     assert res.returncode == 2 and "repro: open" in res.stderr
+    for bad in (["--frobnicate"], [str(device), str(device)], ["--pause"]):
+        res = subprocess.run([str(wrong), *bad], capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert res.returncode == 2 and "usage:" in res.stderr and "--pause SECONDS" in res.stderr
 
 
 def test_trim_kernel_messages_on_a_captured_oops():
