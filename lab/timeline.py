@@ -441,8 +441,9 @@ def _explain(values: dict[str, dict[str, str]], kernels: Sequence[str]) -> list[
                    " set it.")
     elif "pt_devmap" in values:
         out.append("Only the devmap bit differs (a PMD/PUD: no special bit there):"
-                   " vm_normal_page_pmd() returns NULL for a devmap entry, and zap and GUP take"
-                   " their devmap paths on the kernel that set it.")
+                   " vm_normal_page_pmd() returns NULL for a devmap PMD, and zap, split and GUP"
+                   " route devmap PMDs/PUDs through their devmap paths on the kernel that set"
+                   " it.")
     if "pt_level" in values:
         out.append("The page is mapped at a different page-table level (or not at all) on one"
                    " kernel.")

@@ -165,8 +165,9 @@ _QUESTIONS = [
              "mapcount"),
     Question("pt_level", "The level of the page-table entry mapping it (PTE, PMD or PUD)?",
              _field("pt_level"),
-             ("dax0.0 is 4K-aligned: dev_dax_huge_fault() serves only order-0 faults there,",
-              "so __dev_dax_pte_fault() maps one PTE."), "vm-hugepage"),
+             ("dax0.0 is 4K-aligned: __dev_dax_pmd_fault() returns VM_FAULT_FALLBACK (a PMD is"
+              " larger than the device's alignment),",
+              "so the fault ends in __dev_dax_pte_fault(), which maps one PTE."), "vm-hugepage"),
     Question("pt_devmap", "Its devmap bit (True, False, or None when the kernel has none)?",
              _field("pt_devmap"),
              (("This kernel has no devmap bit at all: \"mm: remove devmap related functions and"

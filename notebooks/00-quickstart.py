@@ -42,7 +42,8 @@ print(m)
 # `lab.timeline` has one row per (step, watched page, process). Look at
 # `refcount` (2: one reference at rest plus one for the mapping), `mapcount`
 # (the raw `_mapcount`: -1 = unmapped, 0 = mapped once) and `pt_level` /
-# `pt_devmap` (a PTE; this kernel has no devmap bit at all, hence null).
+# `pt_devmap` (a PTE; this kernel has no devmap bit at all, hence null). The
+# kernel code behind each of these is in the [glossary](../docs/glossary.md).
 
 # %%
 lab.timeline[["step", "action", "proc", "map", "page", "pfn", "refcount", "mapcount",

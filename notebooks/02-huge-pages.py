@@ -22,27 +22,29 @@
 # one PMD (2M) or PUD (1G) entry.
 #
 # On `after` (Debian 7.2) that mapping counts as one *entire* mapping of the
-# folio:
+# folio (`insert_pmd()` / `insert_pud()` in mm/huge_memory.c):
 #
 # - `refcount` +1,
-# - `entire_mapcount` (raw, -1 = none) from -1 to 0,
-# - `large_mapcount` (all mappings of the folio, raw) from -1 to 0,
-# - each page's own `_mapcount` stays -1: no page is mapped by a PTE,
-# - `nr_pages_mapped` shows the ENTIRELY_MAPPED bit (0x800000 = 8388608).
+# - `entire_mapcount` (raw, -1 = none) from -1 to 0: it counts PMD and PUD
+#   mappings only,
+# - `large_mapcount` (raw) from -1 to 0: it counts every mapping of the folio,
+#   PTE, PMD or PUD (`folio_mapcount()` = `_large_mapcount + 1`),
+# - each page's own `_mapcount` stays -1: it counts PTE mappings of that page
+#   only,
+# - `nr_pages_mapped` (a plain count from 0, not raw) gains the
+#   ENTIRELY_MAPPED bit (0x800000 = 8388608) — only on kernels built with
+#   `CONFIG_PAGE_MAPCOUNT`, as Debian's are; with `CONFIG_NO_PAGE_MAPCOUNT`
+#   the field is not maintained.
 #
+# The [glossary](../docs/glossary.md#mapcount) has the code behind each.
 # On `before` (Debian 6.12) none of these move: see `01-before-vs-after`.
 
 # %%
-from pathlib import Path
-
 from lab import Lab
-from lab.experiment import run_experiment
 from lab.model import UserError
-from lab.plots import plot_counts, plot_page_table
 
-ROOT = Path.cwd() if (Path.cwd() / "scenarios").exists() else Path.cwd().parent
 COLUMNS = ["step", "label", "proc", "page", "pfn", "folio_pfn", "order", "refcount", "mapcount",
-           "large_mapcount", "entire_mapcount", "nr_pages_mapped", "pt_level"]
+           "large_mapcount", "entire_mapcount", "nr_pages_mapped", "pt_level", "step_errno"]
 
 # %% [markdown]
 # ## 2M: head and tail
@@ -64,6 +66,34 @@ lab.timeline[COLUMNS]
 # starts the next. Every page of the first folio shows refcount 2 and
 # `entire_mapcount` 0 as soon as any of its pages faulted.
 #
+# ## A second process: fork copies no PMD
+#
+# `a` forks `b`. fork copies a VMA's entries only when `vma_needs_copy()`
+# says so (an `anon_vma`, or VM_PFNMAP/VM_MIXEDMAP/uffd-wp); a MAP_SHARED
+# device-dax VMA has none, so `b` starts with no PMD, like any shared file
+# mapping. Even where PMDs are copied, `copy_huge_pmd()` skips a
+# non-anonymous destination ("can be re-filled on fault";
+# [glossary](../docs/glossary.md#copy-huge-pmd)). `b` then faults page 0
+# itself: a second entire mapping of the same folio.
+
+# %%
+lab.fork("a", "b", label="a forks b")
+after_fork = lab.current()
+print("processes mapping page 0 after the fork:",
+      sorted(after_fork[after_fork["page"] == 0]["proc"].dropna()))
+lab.touch(m, [0], proc="b", label="b: touch page 0")
+lab.current()[COLUMNS]
+
+# %% [markdown]
+# Two PMDs map the first folio now: refcount 3 (1 at rest + one per
+# mapping), `entire_mapcount` and `large_mapcount` 1 (raw: two mappings),
+# each page's `_mapcount` still -1. `b` exits and takes its mapping with it:
+
+# %%
+lab.exit("b", label="b exits")
+lab.current()[COLUMNS]
+
+# %% [markdown]
 # ## Taking part of a huge mapping away
 #
 # A 2M device-dax mapping cannot be split at a 4K boundary: munmap of one
@@ -77,17 +107,49 @@ except UserError as e:
     print(e)
 
 # %% [markdown]
-# What can take 4K out of a PMD is `MADV_DONTNEED`: zapping part of a huge
-# PMD splits it, and for a device mapping the split clears the *whole* PMD
-# (no PTEs are installed). The first folio loses its reference and its
-# entire mapping; the second keeps its own. Then unmap the second 2M half:
-# a partial munmap at a 2M boundary works and drops the second folio's
-# reference and mapping.
+# Nothing takes just 4K out of a PMD mapping. `MADV_DONTNEED` of 4K inside
+# it zaps the *whole* 2M: `zap_pmd_range()` splits the PMD, and for a
+# device mapping the split clears the PMD and installs no PTEs; on `after`
+# it also drops the folio's entire mapping and its reference
+# ([glossary](../docs/glossary.md#zap)). The second folio keeps its own.
+# Then unmap the second 2M half: a partial munmap at a 2M boundary works and
+# drops the second folio's reference and mapping.
 
 # %%
-lab.madvise(m, "DONTNEED", offset="1M", length="4K", label="zap 4K in folio 1")
+lab.madvise(m, "DONTNEED", offset="1M", length="4K", label="DONTNEED 4K in folio 1")
 lab.munmap(m, offset="2M", length="2M", label="munmap 2nd half")
-lab.timeline[lab.timeline["step"] >= 4][COLUMNS]
+lab.timeline[lab.timeline["label"].isin(["DONTNEED 4K in folio 1", "munmap 2nd half"])][COLUMNS]
+
+# %% [markdown]
+# ## VM_NOHUGEPAGE: the PTE fallback has nothing to map
+#
+# Device-dax sets VM_HUGEPAGE on every VMA (`dax_mmap`), and for DAX the
+# fault path ignores the sysfs THP policy — but VM_NOHUGEPAGE,
+# `PR_SET_THP_DISABLE` and hardware-disabled THP are honoured before that
+# (`__thp_vma_allowable_orders()`). With `MADV_NOHUGEPAGE` no PMD fault is
+# tried; the fault falls back to `__dev_dax_pte_fault()`, which refuses a
+# 4K fault on a 2M device: SIGBUS
+# ([glossary](../docs/glossary.md#vm-hugepage)). Live, on a new 2M mapping:
+
+# %%
+n = lab.mmap("2M", length="2M", offset="2M", label="mmap the 2nd folio again")
+print("flags before:", lab.vma(n).flag_names)
+lab.madvise(n, "NOHUGEPAGE", label="MADV_NOHUGEPAGE")
+print("flags after: ", lab.vma(n).flag_names)
+try:
+    lab.touch(n, [0], label="touch under VM_NOHUGEPAGE")
+except UserError as e:
+    print(e)
+lab.current()[COLUMNS]
+
+# %% [markdown]
+# The touch died of SIGBUS (the agent reports it as errno 14, EFAULT) and
+# no entry maps the page. `MADV_HUGEPAGE` gives the mapping its PMD back:
+
+# %%
+lab.madvise(n, "HUGEPAGE", label="MADV_HUGEPAGE")
+lab.touch(n, [0], label="touch again")
+lab.current()[COLUMNS]
 
 # %%
 lab.plot()
@@ -96,19 +158,46 @@ lab.plot()
 lab.close()
 
 # %% [markdown]
-# ## 1G: one PUD, an order-18 folio (`scenarios/fault-1g.toml`)
+# ## 1G: one PUD, an order-18 folio
 #
-# The 1G-aligned device is booted on request (it needs a CPU with 1 GiB
-# pages). The scenario write-faults page 1000, a tail far from the head:
-# the PUD maps the whole 1G folio, and head (page 0) and tail (page 1000)
-# both show the folio's counters.
+# The 1G-aligned device is booted on request (`pud=True`: it needs a CPU
+# with 1 GiB pages). Write-fault page 1000, a tail far from the head: the
+# PUD maps the whole 1G folio, so the touched page shows the folio's
+# counters, and process `a`'s RssFile grows by the whole 1 GiB
+# (`add_mm_counter(..., HPAGE_PUD_NR)`; [glossary](../docs/glossary.md#rss-file)).
 
 # %%
-pud = run_experiment(ROOT / "scenarios/fault-1g.toml", ["after"])
-pud.frames["timeline"][COLUMNS]
+big = Lab.boot("after", pud=True)
+g = big.mmap("1G", length="1G")
+big.touch(g, [1000], label="fault page 1000")
+print("RssFile after the fault:", big.rss("a")["RssFile"], "KiB")
+big.current()[COLUMNS]
+
+# %% [markdown]
+# ## Looking changes it: /proc/PID/pagemap zaps the PUD
+#
+# A tool that reads `/proc/PID/pagemap` over this range unmaps it:
+# pagemap's page walk has no PUD callback, so `walk_pud_range()` splits the
+# PUD before descending, and splitting a DAX PUD clears it (on `after` it
+# also drops the mapping's reference and mapcount;
+# [glossary](../docs/glossary.md#pagemap-pud)). The lab's own snapshots
+# never read pagemap on the 1G device for that reason. Here the guest reads
+# it once, the way a tool would:
 
 # %%
-plot_counts(pud.frames["timeline"], pud.frames["complaints"])
+entries = big.read_pagemap(g, [1000])
+print("pagemap says present:", entries[0]["present"])
+print("RssFile after reading pagemap:", big.rss("a")["RssFile"], "KiB")
+big.current()[COLUMNS]
+
+# %% [markdown]
+# The PUD is gone (no entry, `pt_level` null), the folio is back at
+# refcount 1 and `entire_mapcount` -1, RssFile is back to 0, and pagemap
+# itself reported the page as not present: the observer removed what it
+# came to observe. A later touch would fault it back in.
 
 # %%
-plot_page_table(pud.frames["timeline"])
+big.plot()
+
+# %%
+big.close()

@@ -20,7 +20,9 @@
 # put a write watchpoint on any guest address: under TCG it fires on every
 # write, with no limit of four. The lab arms one on each counter of a
 # watched folio (`_refcount`, `_mapcount`; for a large folio also
-# `_large_mapcount`, `_entire_mapcount`, `_nr_pages_mapped`, `_pincount`),
+# `_large_mapcount`, `_entire_mapcount`, `_pincount`, and `_nr_pages_mapped`
+# where the kernel maintains it: only with `CONFIG_PAGE_MAPCOUNT`,
+# [glossary](../docs/glossary.md#mapcount)),
 # with addresses and widths read from the running kernel's types, and at
 # every hit records the change, the task, the writing function (pc - 1,
 # inlining resolved) and, if asked, the kernel stack unwound by drgn.
@@ -42,26 +44,20 @@ from lab import Lab
 
 COLUMNS = ["kernel", "step", "label", "field", "old", "new", "delta", "writer", "comm"]
 
-
-def fault_fork_pin_munmap(kernel: str) -> Lab:
-    """One 4K page through a fault, a fork, a pin, munmap and unpin, watched
-    with stacks from before the first fault."""
-    lab = Lab.boot(kernel, events=True)
-    m = lab.mmap("4K", length="32K", label="mmap 8 pages")
-    lab.watch(m, 0, stacks=True)
-    lab.touch(m, 0, write=True, label="a: write-fault page 0")
-    lab.fork("a", "b", label="a forks b")
-    lab.touch(m, 0, proc="b", write=True, label="b: write-fault page 0")
-    pin = lab.pin(m, length="4K", label="a: pin page 0 (io_uring)")
-    lab.exit("b", label="b exits")
-    lab.munmap(m, label="a: munmap (pin held)")
-    lab.unpin(pin, label="unpin")
-    return lab
-
-
 events, accounting = {}, {}
 for kernel in ("before", "after"):
-    with fault_fork_pin_munmap(kernel) as lab:
+    # one 4K page through a fault, a fork, a pin, munmap and unpin, watched
+    # with stacks from before the first fault
+    with Lab.boot(kernel, events=True) as lab:
+        m = lab.mmap("4K", length="32K", label="mmap 8 pages")
+        lab.watch(m, 0, stacks=True)
+        lab.touch(m, 0, write=True, label="a: write-fault page 0")
+        lab.fork("a", "b", label="a forks b")
+        lab.touch(m, 0, proc="b", write=True, label="b: write-fault page 0")
+        pin = lab.pin(m, length="4K", label="a: pin page 0 (io_uring)")
+        lab.exit("b", label="b exits")
+        lab.munmap(m, label="a: munmap (pin held)")
+        lab.unpin(pin, label="unpin")
         events[kernel], accounting[kernel] = lab.events, lab.accounting
 events = pd.concat(events.values(), ignore_index=True)
 accounting = pd.concat(accounting.values(), ignore_index=True)
@@ -125,17 +121,15 @@ print("after:", len(after), "changes; before:", len(before), "changes (GUP only)
 #
 # `scenarios/fault-2m.toml` with every watched page's folio watched: on
 # `after`, `insert_pmd` takes the reference and `folio_add_file_rmap_pmd`
-# sets the large folio's `_entire_mapcount` and `_large_mapcount`
-# (and `_nr_pages_mapped` gains ENTIRELY_MAPPED, 0x800000); `before`
-# records nothing.
+# sets the large folio's `_entire_mapcount` and `_large_mapcount` (and, on a
+# kernel with `CONFIG_PAGE_MAPCOUNT` such as Debian's, `_nr_pages_mapped`
+# gains the ENTIRELY_MAPPED bit, 0x800000); `before` records nothing.
 
 # %%
-from pathlib import Path  # noqa: E402
-
 from lab.experiment import run_experiment  # noqa: E402
+from lab.paths import scenario_path  # noqa: E402
 
-ROOT = Path.cwd() if (Path.cwd() / "scenarios").exists() else Path.cwd().parent
-exp = run_experiment(ROOT / "scenarios/fault-2m.toml", ["before", "after"], events="stacks")
+exp = run_experiment(scenario_path("fault-2m"), ["before", "after"], events="stacks")
 pmd = exp.frames["events"]
 assert exp.frames["accounting"]["lost"].eq(0).all()
 assert "insert_pmd" in set(pmd["writer"]) and not (pmd["kernel"] == "before").any()

@@ -152,6 +152,13 @@ def test_notebook_runs(source, tmp_path):
             time.sleep(0.2)
         assert not any(pid_alive(p) for p in _qemu_of(kernel_pid)), \
             "QEMU outlived the notebook's kernel"
+    if source.stem == "02-huge-pages":
+        # VM_NOHUGEPAGE on the 2M device: the PTE fallback SIGBUSes
+        assert "SIGBUS" in text and "VM_NOHUGEPAGE" in text, text
+        # the PUD's RssFile, then the pagemap read zapping it
+        assert "RssFile after the fault: 1048576 KiB" in text, text
+        assert "pagemap says present: False" in text, text
+        assert "RssFile after reading pagemap: 0 KiB" in text, text
     if source.stem == "05-onboarding-tour":
         assert "prediction missed" not in text, text
         assert text.count("prediction held") == len(TOUR_PREDICTIONS), text
