@@ -78,9 +78,13 @@ lab.timeline[COLUMNS]
 
 # %%
 lab.fork("a", "b", label="a forks b")
-after_fork = lab.current()
-print("processes mapping page 0 after the fork:",
-      sorted(after_fork[after_fork["page"] == 0]["proc"].dropna()))
+lab.current()[COLUMNS]
+
+# %% [markdown]
+# `b` has the VMA (a row of its own) but no entry for the folio (`pt_level`
+# null). Now `b` faults page 0:
+
+# %%
 lab.touch(m, [0], proc="b", label="b: touch page 0")
 lab.current()[COLUMNS]
 
@@ -96,9 +100,10 @@ lab.current()[COLUMNS]
 # %% [markdown]
 # ## Taking part of a huge mapping away
 #
-# A 2M device-dax mapping cannot be split at a 4K boundary: munmap of one
-# page fails with EINVAL (`dev_dax_may_split`). The lab records the failed
-# step and raises a `UserError`:
+# A 2M device-dax mapping cannot be split at a 4K boundary: the kernel
+# refuses munmap of one page with EINVAL (`dev_dax_may_split()`). The lab
+# knows the rule and refuses the step before the guest sees it, with a
+# `UserError`:
 
 # %%
 try:
