@@ -107,7 +107,7 @@ TIMELINE: tuple[Column, ...] = (
            member="_entire_mapcount", scope="large", diff=True, hover=True, panel=True,
            report=True, color="#9467bd"),
     Column("nr_pages_mapped", "Int64", "counter",
-           "a large folio's _nr_pages_mapped (starts at 0; absent without "
+           "a large folio's _nr_pages_mapped (starts at 0; maintained only with "
            "CONFIG_PAGE_MAPCOUNT)", member="_nr_pages_mapped", scope="large", hover=True,
            color="#8c564b"),
     Column("pincount", "Int64", "counter", "a large folio's _pincount (starts at 0)",

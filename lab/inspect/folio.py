@@ -60,9 +60,10 @@ def _counter_object(page: Object, folio: Object, order: int, column) -> Object |
     Large-folio counters live in the first tail page and exist only for
     large folios; which exist is probed: ``_large_mapcount`` and
     ``_entire_mapcount`` came with "mm: rmap: add large folio mapcount" era
-    changes, ``_nr_pages_mapped`` went away with CONFIG_NO_PAGE_MAPCOUNT
-    (7.x, "mm: CONFIG_NO_PAGE_MAPCOUNT to prepare for not maintain per-page
-    mapcounts in large folios").
+    changes. ``_nr_pages_mapped`` is still a member in 7.2 but is not
+    maintained under CONFIG_NO_PAGE_MAPCOUNT ("mm: CONFIG_NO_PAGE_MAPCOUNT to
+    prepare for not maintain per-page mapcounts in large folios"): the
+    probe keeps a tree that drops the member readable.
     """
     if column.scope == "page":
         return getattr(page, column.member)
