@@ -92,8 +92,9 @@ def read_run(run_dir: str | Path) -> RunData:
     meta = json.loads((path / "meta.json").read_text())
     text = (meta.get("scenario") or {}).get("text")
     if not text:
-        raise UserError(f"{path}/meta.json has no scenario text; run the scenario again "
-                        "with this version of devdax-lab")
+        raise UserError(f"{path} holds no scenario (a notebook session saved with Lab.save?): "
+                        "a write-up replays a scenario's steps; write them as a scenario file "
+                        "and run it with devdax-lab run FILE --kernel K --out DIR --writeup")
     name = (meta["scenario"].get("name") or "scenario") + ".toml"
     scenario = validate_text(text, name)
     steps = pd.read_parquet(path / "steps.parquet")

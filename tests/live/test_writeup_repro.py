@@ -121,3 +121,18 @@ def test_repro_c_reproduces_the_run(session, name, tmp_path):
     assert after == _recorded(data.timeline, kernel, last, pfns)
     recorded_complaints = data.complaints[data.complaints["kernel"] == kernel]
     assert len(session.vm.complaints) - complaints_before == len(recorded_complaints)
+
+
+def test_run_with_writeup_writes_both_files(tmp_path, capsys):
+    """`devdax-lab run ... --writeup`: the run directory and its write-up."""
+    from lab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", str(ROOT / "scenarios" / "fault-4k.toml"), "--kernel", "after",
+                 "--out", str(out), "--writeup"]) == 0
+    assert f"wrote {out}/repro.c and {out}/report.txt" in capsys.readouterr().out
+    report = (out / "report.txt").read_text()
+    assert report.startswith("Subject: [devdax-lab] fault-4k: ")
+    assert "devdax-lab run" in report and "--kernel after --out DIR" in report
+    subprocess.run(["gcc", *CFLAGS, "-o", str(tmp_path / "repro"), str(out / "repro.c")],
+                   check=True)

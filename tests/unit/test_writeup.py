@@ -325,6 +325,13 @@ def test_read_run_refuses_what_is_not_a_run_directory(tmp_path):
 
     assert main(["writeup", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+    # a notebook session (Lab.save) has frames but no scenario to replay
+    for name in ("steps.parquet", "timeline.parquet"):
+        shutil.copy(WRITEUP / name, tmp_path / name)
+    (tmp_path / "meta.json").write_text(json.dumps(
+        {"scenario": {"name": "notebook session", "text": ""}}))
+    with pytest.raises(UserError, match="holds no scenario.*--writeup"):
+        read_run(tmp_path)
 
 
 def test_report_txt_matches_the_golden_file_and_fits_80_columns(tmp_path):
