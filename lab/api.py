@@ -302,17 +302,22 @@ class Lab:
         return [self._recorder.result] if self._recorder else []
 
     def frame(self, name: str) -> pd.DataFrame:
-        """One of timeline, steps, device, device_pages, complaints (see lab.timeline)."""
+        """One of timeline, steps, device, device_pages, complaints,
+        kernel_messages, signals, processes, events, accounting, call_paths
+        (see lab.timeline)."""
         if self._frames is not None:
             return self._frames.get(name, pd.DataFrame())
         runs = self._runs()
         builders = {"timeline": tl.df_timeline, "steps": tl.df_steps, "device": tl.df_device,
                     "device_pages": tl.df_device_pages, "complaints": tl.df_complaints,
+                    "kernel_messages": tl.df_kernel_messages, "signals": tl.df_signals,
+                    "processes": tl.df_processes,
                     "events": tl.df_events, "accounting": tl.df_accounting,
                     "call_paths": lambda r: tl.df_call_paths(tl.df_events(r))}
         if name not in builders:
             raise UserError(f"no frame {name!r} (have: {', '.join(builders)})")
-        if not runs and name not in ("events", "accounting", "call_paths"):
+        if not runs and name not in ("events", "accounting", "call_paths", "kernel_messages",
+                                     "signals", "processes"):
             # the older builders need at least one run; the event ones give
             # their own empty, typed frame
             return pd.DataFrame(columns=list(tl.TIMELINE_COLUMNS))
@@ -330,6 +335,24 @@ class Lab:
     @property
     def complaints(self) -> pd.DataFrame:
         return self.frame("complaints")
+
+    @property
+    def signals(self) -> pd.DataFrame:
+        """Every signal a guest process received, per step, and every process
+        the kernel killed: `lab.timeline.df_signals`."""
+        return self.frame("signals")
+
+    @property
+    def processes(self) -> pd.DataFrame:
+        """RSS counters of every live process after every step:
+        `lab.timeline.df_processes`."""
+        return self.frame("processes")
+
+    @property
+    def kernel_messages(self) -> pd.DataFrame:
+        """The console's memory-management lines, per step:
+        `lab.timeline.df_kernel_messages`."""
+        return self.frame("kernel_messages")
 
     def current(self) -> pd.DataFrame:
         """The rows of the latest step: the folios, pgmap and page-table state now."""
@@ -353,7 +376,8 @@ class Lab:
         (`lab.experiment.write_experiment`); returns the report's path."""
         from .experiment import Experiment, write_experiment
 
-        names = ["timeline", "steps", "device", "device_pages", "complaints"]
+        names = ["timeline", "steps", "device", "device_pages", "complaints", "kernel_messages",
+                 "signals", "processes"]
         if any(r.accounting for r in self._runs()):
             names += ["events", "accounting", "call_paths"]
         frames = {n: self.frame(n) for n in names}

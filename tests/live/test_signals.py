@@ -93,3 +93,20 @@ def test_a_worker_killed_by_sigkill_shows_as_exited(session):
     late = rec.step(step, strict=False)  # a scenario step: recorded, not raised
     assert late.errno == CHECK_ERRNO and "killed by SIGKILL" in late.error
     assert rec.step(rec.check("touch", {"map": "km", "pages": [1], "write": True})).errno is None
+
+
+def test_rss_counters_agree_with_the_guests_smaps(session):
+    """The page walk behind /proc/PID/smaps counts a mapped page only where
+    vm_normal_page() finds one: on `before` the devmap PTE is special (no
+    page, Rss 0), on `after` the folio is there (Rss 4K). The counter drgn
+    reads moves by the same amount."""
+    rec = Recorder(session, session.vm.device(4096))
+    rec.step(rec.check("mmap", {"proc": "r", "name": "rm", "length": "16K"}))
+    before = next(p for p in rec.result.steps[-1].processes if p.proc == "r")
+    rec.step(rec.check("touch", {"map": "rm", "pages": [2], "write": True}))
+    after = next(p for p in rec.result.steps[-1].processes if p.proc == "r")
+    addr = rec.model.procs["r"].views["rm"].addr
+    (vma,) = [v for v in session.agent.maps("r", smaps=True) if v["start"] == addr]
+    assert (after.file_pages - before.file_pages) * 4096 == vma["rss"]
+    assert vma["rss"] == (4096 if session.kernel.name == "after" else 0)
+    assert (after.anon_pages, after.shmem_pages) == (before.anon_pages, before.shmem_pages)
