@@ -90,14 +90,16 @@ class Lab:
     # -- opening -------------------------------------------------------------
     @classmethod
     def boot(cls, kernel: str = "after", *, pud: bool = False, events: bool = False, say=print,
-             progress=None) -> Lab:
+             progress=None, cold: bool = False) -> Lab:
         """Boot *kernel* (``before``, ``after``...) with a 4K and a 2M device
         (and a 1G one with *pud*) and attach drgn. With *events*, QEMU serves
-        a gdbstub so that :meth:`watch` can record every counter change."""
+        a gdbstub so that :meth:`watch` can record every counter change. The
+        guest starts from its saved post-boot state (made on first use)
+        unless *cold*."""
         from .session import Session
 
         session = Session.boot(kernel, dax=PUD_LAYOUT if pud else DEFAULT_DAX, say=say,
-                               progress=progress, events=events)
+                               progress=progress, events=events, cold=cold)
         return cls(session=session)
 
     @classmethod

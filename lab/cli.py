@@ -77,14 +77,20 @@ def _print_command(spec, label: str | None = None) -> None:
         print(f"# {label}")
     print(shlex.join(vm.launch_command(spec)))
     copies = ""
-    if spec.nvdimm_sources and not spec.nvdimms_in_place:
+    if spec.restore_from is not None:
+        copies = (f"; then QMP: migrate-set-capabilities x-ignore-shared, migrate-incoming "
+                  f"exec:cat {spec.restore_from}/state, cont")
+        if not (spec.restore_from / "manifest.json").exists():
+            copies += (" (the state is saved first, once, by a cold boot of the same line "
+                       "without -incoming and with share=on files in RUN_DIR)")
+    elif spec.nvdimm_sources and not spec.nvdimms_in_place:
         copies = (f"; RUN_DIR/nvdimmN.img are sparse copies of "
                   f"{spec.nvdimm_sources[0].parent}/nvdimmN.img")
     print(f"# RUN_DIR: a private directory made at start ({vm.run_parent()}/{vm.RUN_PREFIX}*)"
           + copies)
 
 
-def _show_scenario_commands(scenario_path: str, names: Sequence[str], watch) -> int:
+def _show_scenario_commands(scenario_path: str, names: Sequence[str], watch, cold: bool) -> int:
     """--show-command of run and compare: each kernel's boot as the run would
     start it (the scenario decides the devices and whether events are on)."""
     from pathlib import Path
@@ -96,7 +102,7 @@ def _show_scenario_commands(scenario_path: str, names: Sequence[str], watch) -> 
 
     scenario = load_scenario(Path(scenario_path))
     for choice in resolve_kernels(names, progress=TextProgress()):
-        spec = Session.plan(choice, progress=TextProgress(), say=_to_stderr,
+        spec = Session.plan(choice, progress=TextProgress(), say=_to_stderr, cold=cold,
                             **boot_options(scenario, watch))
         _print_command(spec, f"{scenario.name} on {choice.spelling}:")
     return 0
@@ -128,7 +134,8 @@ def cmd_boot(args) -> int:
     if args.show_command or args.shell:
         if len(names) != 1:
             raise UserError(f"--shell and --show-command take one kernel, got {args.kernel!r}")
-        spec = launch.boot_spec(names[0], dax=dax, shell=args.shell, progress=TextProgress(),
+        spec = launch.boot_spec(names[0], dax=dax, shell=args.shell, cold=args.cold,
+                                progress=TextProgress(),
                                 say=_to_stderr if args.show_command else print)
         if args.show_command:
             _print_command(spec)
@@ -140,9 +147,10 @@ def cmd_boot(args) -> int:
             return v.interact()
     for name in names:
         t0 = time.monotonic()
-        with launch.boot(name, dax=dax, progress=TextProgress(),
+        with launch.boot(name, dax=dax, progress=TextProgress(), cold=args.cold,
                          ready_timeout=args.timeout) as v:
-            print(f"{name}: Linux {v.release}, ready in {v.time_to_ready:.2f} s "
+            how = "restored" if v.spec.restore_from else "booted"
+            print(f"{name}: Linux {v.release}, {how}, ready in {v.time_to_ready:.2f} s "
                   f"({v.spec.accel}); device-dax namespaces:")
             _print_devices(v)
         print(f"{name}: shut down cleanly ({time.monotonic() - t0:.1f} s in all)")
@@ -187,8 +195,9 @@ def cmd_run(args) -> int:
     from .progress import TextProgress
 
     if args.show_command:
-        return _show_scenario_commands(args.scenario, [args.kernel], args.watch)
-    exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch)
+        return _show_scenario_commands(args.scenario, [args.kernel], args.watch, args.cold)
+    exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch,
+                         cold=args.cold)
     _write_experiment(exp, args.out)
     if args.writeup:
         _writeup(args.out, args.out)
@@ -205,8 +214,9 @@ def cmd_compare(args) -> int:
     if len(names) < 2:
         raise UserError(f"--kernels needs at least two kernels separated by commas, got {args.kernels!r}")
     if args.show_command:
-        return _show_scenario_commands(args.scenario, names, args.watch)
-    exp = run_experiment(Path(args.scenario), names, progress=TextProgress(), events=args.watch)
+        return _show_scenario_commands(args.scenario, names, args.watch, args.cold)
+    exp = run_experiment(Path(args.scenario), names, progress=TextProgress(), events=args.watch,
+                         cold=args.cold)
     _write_experiment(exp, args.out)
     if args.writeup:
         _writeup(args.out, args.out)
@@ -297,6 +307,11 @@ def _add_watch_argument(parser) -> None:
              "events.parquet); 'stacks' adds each writer's kernel stack (about 15x slower a hit)")
 
 
+def _add_cold_argument(parser) -> None:
+    parser.add_argument("--cold", action="store_true",
+                        help="boot the kernel instead of starting from its saved post-boot state")
+
+
 def _add_show_command_argument(parser) -> None:
     parser.add_argument("--show-command", action="store_true",
                         help="print the exact command lines it would start, and start nothing")
@@ -332,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kernel", required=True, help="before, after, or a comma list")
     s.add_argument("--shell", action="store_true", help="interactive guest console (Ctrl-A X quits)")
     s.add_argument("--show-command", action="store_true", help="print the QEMU command line only")
+    _add_cold_argument(s)
     s.add_argument("--pud", action="store_true", help="add a 1G-aligned device (needs 1G pages)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
     s.set_defaults(func=cmd_boot)
@@ -343,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch_argument(s)
     _add_writeup_argument(s)
     _add_show_command_argument(s)
+    _add_cold_argument(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("compare", help="run a scenario on several kernels and report the differences")
@@ -352,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch_argument(s)
     _add_writeup_argument(s)
     _add_show_command_argument(s)
+    _add_cold_argument(s)
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("writeup", help="a run directory as a bug report: repro.c (standalone C "

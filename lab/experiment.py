@@ -116,10 +116,11 @@ def provenance(scenario: Scenario, runs: Sequence[RunResult], choices: Sequence)
 
 def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
                    progress: Callable | None = None, say=print,
-                   events: str | None = None) -> Experiment:
+                   events: str | None = None, cold: bool = False) -> Experiment:
     """Validate *scenario_path* (nothing boots if it is bad), then run it on
     each kernel in turn. *events* ("counts" or "stacks") watches every
-    watched page's folio counters (else only the entries that ask)."""
+    watched page's folio counters (else only the entries that ask). *cold*
+    boots each kernel instead of starting from its saved state."""
     from .session import Session
 
     scenario = load_scenario(scenario_path)
@@ -127,7 +128,7 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
     runs = []
     for choice in choices:
         say(f"devdax-lab: {scenario.name} on {choice.spelling}: booting")
-        with Session.boot(choice, say=say, progress=progress,
+        with Session.boot(choice, say=say, progress=progress, cold=cold,
                           **boot_options(scenario, events)) as session:
             runs.append(run_scenario(session, scenario, progress=progress, events=events))
     frames = frames_of(runs)

@@ -13,14 +13,17 @@ namespaces up by themselves when the modules load.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .cache import atomic_entry, cache_root, hash_inputs
 from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts, VmSpec
 from .plan import BootInputs, KernelChoice, plan, prepare_arg
+from . import warm
 from .vm import LABEL_SIZE, Vm, VmError, VmTimeout, fast_boot, probe_accel
 
 __all__ = ["boot", "boot_inputs", "boot_spec", "nvdimm_key", "prepare_nvdimms", "resolve_kernel",
@@ -96,20 +99,22 @@ def prepare_nvdimms(inputs: BootInputs, *, say=print, timeout: float = 300.0) ->
 
 def boot_spec(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX, events: bool = False,
               shell: bool = False, cmdline_extra: Sequence[str] = (), cpus: int | None = None,
-              say=print, progress=None) -> VmSpec:
+              cold: bool = False, say=print, progress=None) -> VmSpec:
     """The plan of one boot of *kernel* (a name, a PATH, a
     :class:`lab.plan.KernelChoice` or artifacts): resolve it, build its image,
     probe the accelerator, prepare the NVDIMM files (each once, cached), then
-    :func:`lab.plan.plan`. Nothing is started."""
+    :func:`lab.plan.plan`; unless *cold*, started from the saved state of that
+    plan where a restore is possible (:mod:`lab.warm`; made on first use by
+    :func:`start`). Nothing is started."""
     choice = resolve_kernel(kernel, progress=progress)
     inputs = boot_inputs(choice.artifacts, dax, say=say)
-    return plan(inputs, events=events, shell=shell, cmdline_extra=cmdline_extra, cpus=cpus)
+    spec = plan(inputs, events=events, shell=shell, cmdline_extra=cmdline_extra, cpus=cpus)
+    if not cold and warm.can_restore(spec, choice.source):
+        spec = warm.warm_spec(spec)
+    return spec
 
 
-def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
-          console_log: Path | None = None) -> Vm:
-    """Launch *spec* and wait until the guest is ready; the returned
-    :class:`Vm` is running (use it as a context manager)."""
+def _launch_ready(spec: VmSpec, ready_timeout: float, say, console_log: Path | None) -> Vm:
     vm = Vm(spec, say=say, console_log=console_log)
     vm.launch()
     try:
@@ -120,15 +125,44 @@ def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
     return vm
 
 
+def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
+          console_log: Path | None = None) -> Vm:
+    """Launch *spec* and wait until the guest is ready; the returned
+    :class:`Vm` is running (use it as a context manager).
+
+    A spec to restore (``restore_from``) makes its saved state first if
+    there is none (a cold boot, once), restores it and checks the guest is
+    the one saved; if the restore fails, the guest boots cold (one line says
+    why)."""
+    if spec.restore_from is None:
+        return _launch_ready(spec, ready_timeout, say, console_log)
+    manifest = warm.make_state(spec, ready_timeout=ready_timeout, say=say)
+    try:
+        vm = _launch_ready(spec, ready_timeout, say, console_log)
+        try:
+            warm.check_restored(vm, manifest)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+    except VmError as exc:
+        say(f"devdax-lab: warm start from {spec.restore_from} failed "
+            f"({str(exc).splitlines()[0]}); booting cold")
+        if isinstance(exc, warm.WarmStartError):  # not the guest saved: of no use to anyone
+            shutil.rmtree(spec.restore_from, ignore_errors=True)
+        return _launch_ready(replace(spec, restore_from=None), ready_timeout, say, console_log)
+
+
 def boot(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
          ready_timeout: float = 120.0, gdbstub: bool = False, say=print,
          progress=None, cmdline_extra: Sequence[str] = (), console_log: Path | None = None,
-         cpus: int | None = None) -> Vm:
-    """Resolve *kernel*, build its image, boot it and wait until it is ready.
+         cpus: int | None = None, cold: bool = False) -> Vm:
+    """Resolve *kernel*, build its image, boot it (or, unless *cold*, restore
+    its saved post-boot state) and wait until it is ready.
 
     The returned :class:`Vm` is running; use it as a context manager (or call
     ``close()``) so QEMU is always stopped.
     """
     spec = boot_spec(kernel, dax=dax, events=gdbstub, cmdline_extra=cmdline_extra, cpus=cpus,
-                     say=say, progress=progress)
+                     cold=cold, say=say, progress=progress)
     return start(spec, ready_timeout=ready_timeout, say=say, console_log=console_log)

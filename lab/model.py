@@ -154,6 +154,16 @@ class VmSpec:
     # the guest's console on this terminal (QEMU's monitor behind Ctrl-A)
     # instead of captured by the owner
     shell: bool = False
+    # a saved post-boot state (lab.warm) to start from instead of booting:
+    # QEMU maps its RAM and NVDIMM files copy-on-write and waits for the
+    # device state (-incoming defer)
+    restore_from: Path | None = None
+
+    @property
+    def ram_file(self) -> Path:
+        """The file backing guest RAM (shared, so that a saved state can leave
+        it out of the migration stream)."""
+        return self.restore_from / "ram" if self.restore_from is not None else self.run_dir / "ram"
 
     @property
     def needs_1g_pages(self) -> bool:
@@ -162,6 +172,8 @@ class VmSpec:
     @property
     def nvdimm_files(self) -> tuple[Path, ...]:
         """The files QEMU maps as NVDIMMs."""
+        if self.restore_from is not None:
+            return tuple(self.restore_from / f"nvdimm{i}.img" for i in range(len(self.dax)))
         if self.nvdimms_in_place:
             return self.nvdimm_sources
         return tuple(self.run_dir / f"nvdimm{i}.img" for i in range(len(self.nvdimm_sources)))

@@ -43,15 +43,17 @@ class Session:
     @classmethod
     def boot(cls, kernel: str | KernelChoice | KernelArtifacts, *,
              dax: Sequence[DaxSpec] = DEFAULT_DAX, say=print, progress=None,
-             ready_timeout: float = 120.0, events: bool = False) -> Session:
+             ready_timeout: float = 120.0, events: bool = False, cold: bool = False) -> Session:
         """Boot *kernel* (a name, a PATH to a tree built in place, or a
         choice already resolved), wait until its devices are ready and
         attach drgn. With *events*, QEMU also serves a gdbstub for
-        :attr:`watcher` (and the plan gives the guest one CPU)."""
+        :attr:`watcher` (and the plan gives the guest one CPU). Unless
+        *cold*, the guest starts from a saved post-boot state where it can
+        (:mod:`lab.warm`)."""
         from .launch import resolve_kernel
 
         choice = resolve_kernel(kernel, progress=progress)
-        spec = cls.plan(choice, dax=dax, say=say, progress=progress, events=events)
+        spec = cls.plan(choice, dax=dax, say=say, progress=progress, events=events, cold=cold)
         vm = start(spec, say=say, ready_timeout=ready_timeout)
         try:
             prog = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", choice.artifacts)
@@ -62,10 +64,10 @@ class Session:
 
     @staticmethod
     def plan(kernel: str | KernelChoice | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
-             say=print, progress=None, events: bool = False):
+             say=print, progress=None, events: bool = False, cold: bool = False):
         """The VmSpec :meth:`boot` starts, with the same arguments (what
         ``--show-command`` prints)."""
-        return boot_spec(kernel, dax=dax, events=events, say=say, progress=progress)
+        return boot_spec(kernel, dax=dax, events=events, cold=cold, say=say, progress=progress)
 
     def __enter__(self) -> Session:
         return self

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -117,6 +118,10 @@ def qemu_argv(spec: VmSpec) -> list[str]:
     """
     run = spec.run_dir
     console = "mon:stdio" if spec.shell else "stdio"
+    # A restored guest maps the saved RAM and NVDIMM files copy-on-write
+    # (share=off): the saved state never changes, and runs from it at once
+    # do not see each other (lab.warm).
+    share = "off" if spec.restore_from is not None else "on"
     nvdimm_total = sum(d.size for d in spec.dax)
     maxmem = spec.memory + nvdimm_total + GiB
     argv = [
@@ -126,7 +131,7 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory // MiB}M,slots={max(1, len(spec.dax))},maxmem={maxmem // MiB}M",
         "-object", f"memory-backend-file,id=ram0,size={spec.memory // MiB}M,"
-                   f"mem-path={run / 'ram'},share=on",
+                   f"mem-path={spec.ram_file},share={share}",
         "-machine", "pc,nvdimm=on,memory-backend=ram0",
         "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
         "-serial", console, "-monitor", "none",
@@ -143,7 +148,7 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         argv += ["-cpu", "host" if spec.accel == "kvm" else "max,la57=off"]
     for i, (dax, path) in enumerate(zip(spec.dax, spec.nvdimm_files, strict=True)):
         argv += [
-            "-object", f"memory-backend-file,id=nvm{i},share=on,mem-path={path},"
+            "-object", f"memory-backend-file,id=nvm{i},share={share},mem-path={path},"
                        f"size={dax.size // MiB}M,align={BACKEND_ALIGN // MiB}M",
             "-device", f"nvdimm,memdev=nvm{i},id=nv{i},label-size={LABEL_SIZE // 1024}K",
         ]
@@ -157,6 +162,8 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         "-append", kernel_cmdline(spec),
         *spec.extra_args,
     ]
+    if spec.restore_from is not None:
+        argv += ["-incoming", "defer"]
     return argv
 
 
@@ -419,6 +426,8 @@ class Vm:
         self.proc: subprocess.Popen | None = None
         self._stdin_pump: threading.Thread | None = None
         self._ready = threading.Event()
+        self._saved = False  # its state was saved (the guest stays stopped)
+        self.restored_at = 0.0  # a restored guest: when its device state was in
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.complaints: list[tuple[int, Complaint]] = []  # (console line number, complaint)
         self.mm_messages: list[tuple[int, MmMessage]] = []  # memory failure, OOM, page dumps
@@ -456,7 +465,7 @@ class Vm:
         self.argv = qemu_argv(self.spec)
         self.command = launch_command(self.spec)
         try:
-            if not self.spec.nvdimms_in_place:
+            if not self.spec.nvdimms_in_place and self.spec.restore_from is None:
                 for src, dst in zip(self.spec.nvdimm_sources, self.spec.nvdimm_files, strict=True):
                     copy_sparse(src, dst)
             self.started_at = time.monotonic()
@@ -552,10 +561,11 @@ class Vm:
         time.sleep(0.2)  # let the console reader catch the last lines
         return cls(message, argv=self.argv, console_tail=self.console_tail())
 
-    def sync_console(self, timeout: float = 5.0) -> None:
+    def sync_console(self, timeout: float = 5.0) -> str:
         """Return once every kernel message logged so far has reached the
         console reader: a marker goes into the kernel log and is waited for
-        (the console prints records in order)."""
+        (the console prints records in order). Returns the marker's console
+        line (its printk time is the guest's uptime)."""
         assert self.agent
         self._marker += 1
         token = f"devdax-lab: console mark {self._marker}"
@@ -563,8 +573,9 @@ class Vm:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if any(token in line for line in list(self.tail)[-20:]):
-                    return
+                for line in list(self.tail)[-20:]:
+                    if line.endswith(token):  # "mark 1" is not "mark 10"
+                        return line
             self.check_alive()
             if time.monotonic() > deadline:
                 raise self.fail(VmTimeout, f"the guest console fell silent for {timeout:.0f} s")
@@ -602,16 +613,80 @@ class Vm:
                     s.close()
             if time.monotonic() > deadline:
                 raise self.fail(VmTimeout, f"QEMU did not create {path.name} within 10 s")
-            time.sleep(0.02)
+            time.sleep(0.003)
 
     def _connect(self) -> None:
         deadline = time.monotonic() + 10
+        # The agent first: a restored guest's agent then finds its host at
+        # once (connected after `cont`, its reconnect pause costs ~0.24 s).
         self._agent_sock = self._wait_for_socket(self.spec.run_dir / "agent.sock", deadline)
         self.agent = AgentClient(self._agent_sock)
         qmp_sock = self._wait_for_socket(self.spec.run_dir / "qmp.sock", deadline)
         self.qmp = ThreadedQmp(qmp_sock)
         self.qmp.settimeout(10)
         self.qmp.connect(negotiate=True)
+        if self.spec.restore_from is not None:
+            self._restore(self.spec.restore_from / "state")
+
+    def _qmp(self, name: str, **args):
+        """One QMP command's result; an error answer is a VmError."""
+        from qemu.qmp import ExecuteError
+
+        try:
+            return self.qmp.cmd(name, **args)
+        except ExecuteError as exc:
+            raise self.fail(VmError, f"QMP {name} failed: {exc}") from exc
+
+    def _ignore_shared(self) -> None:
+        """Leave the shared RAM and NVDIMM blocks out of the migration stream
+        (QEMU 7.2 has no command-line property for it: QMP on both sides)."""
+        self._qmp("migrate-set-capabilities",
+                  capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+    def _restore(self, state: Path, timeout: float = 30.0) -> None:
+        """Load the saved device state into this QEMU (started with
+        ``-incoming defer``) and let the guest run."""
+        self._ignore_shared()
+        self._qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state))}")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._qmp("query-status")["status"]
+            if status in ("paused", "running"):
+                break
+            if status != "inmigrate":
+                raise self.fail(VmError, f"restoring the saved state {state.parent} ended in "
+                                         f"state {status!r}")
+            migration = self._qmp("query-migrate").get("status")
+            if migration == "failed":
+                raise self.fail(VmError, f"restoring the saved state {state.parent} failed")
+            if time.monotonic() > deadline:
+                raise self.fail(VmTimeout, f"restoring the saved state {state.parent} took over "
+                                           f"{timeout:.0f} s")
+            time.sleep(0.002)
+        self.restored_at = time.monotonic()
+        if status == "paused":  # saved stopped: the state says so
+            self._qmp("cont")
+
+    def save_state(self, state: Path, timeout: float = 60.0) -> float:
+        """Stop the guest for good and write its device state to *state*
+        (RAM and NVDIMMs stay in their shared files: copy them now, while it
+        is stopped). One save per QEMU. Returns the seconds it took."""
+        t0 = time.monotonic()
+        self._qmp("stop")
+        self._saved = True
+        self._ignore_shared()
+        self._qmp("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._qmp("query-migrate")
+            if info.get("status") == "completed":
+                return time.monotonic() - t0
+            if info.get("status") in ("failed", "cancelled"):
+                raise self.fail(VmError, f"saving the guest state failed: "
+                                         f"{info.get('error-desc', info.get('status'))}")
+            if time.monotonic() > deadline:
+                raise self.fail(VmTimeout, f"saving the guest state took over {timeout:.0f} s")
+            time.sleep(0.005)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Wait until the agent answers and every requested namespace exists."""
@@ -685,11 +760,14 @@ class Vm:
             shutil.rmtree(self.spec.run_dir, ignore_errors=True)
 
     def _stop(self, proc: subprocess.Popen, timeout: float) -> None:
+        # A restored guest's memory is a private copy that nobody keeps, and a
+        # saved one is stopped for good: quit at once instead of powering off.
+        gentle = self.spec.restore_from is None and not self._saved
         try:
-            if self.agent:
+            if self.agent and gentle:
                 self.agent.request("poweroff", timeout=2)
-            proc.wait(timeout=timeout / 2)
-            return
+                proc.wait(timeout=timeout / 2)
+                return
         except (AgentError, AgentTimeout, AgentDisconnected, subprocess.TimeoutExpired, OSError):
             pass
         try:
