@@ -72,8 +72,6 @@ def prepare_nvdimms(inputs: BootInputs, *, say=print, timeout: float = 300.0) ->
     namespace each, made once per layout by booting ``inputs.kernel`` with
     ndctl and cached (a file prepared under one kernel works under the
     others). ``inputs.nvdimms`` is ignored."""
-    from .vm import Vm, VmError, VmTimeout
-
     dax = inputs.dax
     final = cache_root() / "nvdimm" / nvdimm_key(dax)
     files = [final / f"nvdimm{i}.img" for i in range(len(dax))]

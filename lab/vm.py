@@ -36,7 +36,7 @@ from pathlib import Path
 from .agent import AgentClient, AgentDisconnected, AgentError, AgentTimeout
 from .console import Complaint, MmMessage, find_complaint, find_mm_message
 from .errors import LabFailure
-from .model import DEFAULT_DAX, DaxSpec, GiB, KernelArtifacts, MiB, UserError, VmSpec, format_size
+from .model import GiB, KernelArtifacts, MiB, UserError, VmSpec, format_size
 from .plan import RUN_DIR
 from .procs import pid_alive
 
