@@ -345,6 +345,11 @@ static int touch_pages(int m, const unsigned long *pages, size_t n, int write)
 }
 """,
     "pin_range": r"""
+#ifndef __NR_io_uring_setup /* C libraries older than Linux 5.1's system calls */
+#define __NR_io_uring_setup 425
+#define __NR_io_uring_register 427
+#endif
+
 /* A long-term pin (FOLL_LONGTERM): register the range as an io_uring fixed
  * buffer.  The ring is never used for I/O. */
 static int pin_range(int pin, char *addr, size_t length)
@@ -522,7 +527,7 @@ def repro_c(run: RunData) -> str:
     cases = []
     for s in sc.steps:
         body = C_STEPS[s.action].code(s, ctx)
-        label = f" ({s.label})" if s.label else ""
+        label = f" ({s.label})" if s.label and s.label != _step_line(s) else ""
         cases.append(f"\tcase {s.index}: {{ /* {_c_comment(_step_line(s))}{_c_comment(label)} */\n"
                      + textwrap.indent(body, "\t\t") + "\n\t\tbreak;\n\t}")
     step_rows = [f'\t{{{s.index}, {ctx.procs[s.proc] if s.proc else -1}, '

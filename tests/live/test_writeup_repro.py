@@ -80,7 +80,7 @@ def test_repro_c_reproduces_the_run(session, name, tmp_path):
     frames = frames_of([run])
     write_experiment(Experiment(scenario, [run], frames, [],
                                 check_invariants(frames["timeline"], frames["steps"]),
-                                provenance(scenario, [run])), run_dir)
+                                provenance(scenario, [run], [session.choice])), run_dir)
     c_file, txt = write_writeup(run_dir, tmp_path / "writeup")
     assert max(len(line) for line in txt.read_text().splitlines()) <= 80
     binary = tmp_path / "repro"
