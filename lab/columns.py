@@ -136,6 +136,11 @@ TIMELINE: tuple[Column, ...] = (
            panel=True, report=True),
     Column("in_pipe", "boolean", "page", "inside a spliced range not yet drained",
            panel=True, report=True),
+    Column("pins", "Int64", "page", "live long-term pins covering this page"),
+    Column("folio_pins", "Int64", "page",
+           "pinned pages of this page's folio, summed over the live pins"),
+    Column("folio_pipe_refs", "Int64", "page",
+           "pages of this page's folio held by live pipes, summed over the pipes"),
 )
 
 COUNTERS: tuple[Column, ...] = tuple(c for c in TIMELINE if c.source == "counter")

@@ -282,6 +282,9 @@ class PageRecord:
     pagemap_pfn: int | None  # the guest's own /proc/PID/pagemap answer
     pinned: bool = False  # inside a long-term pin the scenario holds
     in_pipe: bool = False  # inside a spliced range not yet drained
+    pins: int = 0  # live long-term pins covering this page
+    folio_pins: int = 0  # pinned pages of this page's folio, summed over live pins
+    folio_pipe_refs: int = 0  # pages of this folio held by live pipes, summed over pipes
 
 
 @dataclass(frozen=True)
@@ -390,6 +393,10 @@ class RunResult:
     accounting: list[dict] = field(default_factory=list)
     event_stats: dict = field(default_factory=dict)
     watched_folios: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    # whether a device-dax fault maps the folio on this kernel (None: unknown),
+    # and the insert functions its fault handler calls (lab.inspect.probes)
+    counts_mappings: bool | None = None
+    dax_fault_calls: tuple[str, ...] = ()
 
 
 # -- steps: what a scenario or a notebook asks the guest to do ----------------

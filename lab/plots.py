@@ -209,7 +209,7 @@ def _line_name(map_name: str, pages: Sequence[int]) -> str:
 
 
 def plot_counts(timeline: pd.DataFrame, complaints: pd.DataFrame | None = None,
-                *, height: int = 640) -> go.Figure:
+                *, height: int = 640, violations: pd.DataFrame | None = None) -> go.Figure:
     """Refcount (top row) and raw mapcount (bottom row, -1 = unmapped) of
     each watched folio per step, from :func:`lab.timeline.df_timeline`; one
     column per kernel. One line per folio (watched pages of the same folio
@@ -218,6 +218,8 @@ def plot_counts(timeline: pd.DataFrame, complaints: pd.DataFrame | None = None,
     (dash-dot), which counts a PMD/PUD mapping that the page's own
     ``_mapcount`` does not. Steps where the guest kernel complained (from
     :func:`lab.timeline.df_complaints`) get a red x with the text on hover.
+    The step where each invariant first broke (from
+    :func:`lab.timeline.df_violations`) gets a dashed red line named after it.
     """
     kernels = _kernels(timeline)
     colors = kernel_colors(kernels)
@@ -274,6 +276,11 @@ def plot_counts(timeline: pd.DataFrame, complaints: pd.DataFrame | None = None,
                 hovertemplate="%{hovertext}<extra></extra>",
                 meta={"kind": "complaint", "kernel": kernel}), row=1, col=col)
             legend_done.add("complaint")
+        for step, names in _first_breaks(violations, kernel).items():
+            fig.add_vline(x=step, line={"color": COMPLAINT_COLOR, "dash": "dash", "width": 1.5},
+                          row=1, col=col, annotation_text=f"broken: {', '.join(names)}",
+                          annotation_position="top left",
+                          annotation_font={"color": COMPLAINT_COLOR, "size": 11})
     ticks = step_ticks(timeline)
     fig.update_xaxes(tickvals=ticks[0], ticktext=ticks[1], tickangle=-40, showgrid=True)
     top = pages["refcount"].max() if len(pages) else 0
@@ -293,6 +300,18 @@ def plot_counts(timeline: pd.DataFrame, complaints: pd.DataFrame | None = None,
         height=height, hovermode="closest", legend={"title": {"text": "watched folio"}},
         margin={"t": 110, "b": 110}, template="plotly_white")
     return fig
+
+
+def _first_breaks(violations: pd.DataFrame | None, kernel: str) -> dict[int, list[str]]:
+    """Step -> invariants that first broke there, for one kernel."""
+    if violations is None or violations.empty:
+        return {}
+    v = violations[violations["kernel"] == kernel]
+    first = v.groupby("invariant", sort=False)["step"].min()
+    out: dict[int, list[str]] = {}
+    for name, step in first.items():
+        out.setdefault(int(step), []).append(str(name))
+    return out
 
 
 def pt_kind(row) -> str:

@@ -120,6 +120,23 @@ def _table(frame: pd.DataFrame, *, max_rows: int | None = None) -> str:
                          max_rows=max_rows)
 
 
+def _verdict(violations: Sequence) -> str:
+    """The first violation, at the top of the report: which invariant, where,
+    expected and actual, in one paragraph."""
+    if not violations:
+        return "<p class='ok verdict'>Verdict: every invariant holds on every kernel at every step.</p>"
+    v = violations[0]
+    where = ", ".join(x for x in (
+        f"kernel {v.kernel}", f"step {v.step}" + (f" ({v.action})" if v.action else ""),
+        f"process {v.proc}" if v.proc else "", f"{v.map} page {v.page}" if v.map else "",
+        f"folio {v.folio_pfn:#x}" if v.folio_pfn is not None else "") if x)
+    detail = (f" {_e(v.field)}: expected {_e(v.expected)}, actual {_e(v.actual)}."
+              if v.field else "")
+    more = f" ({len(violations) - 1} more below)" if len(violations) > 1 else ""
+    return (f"<p class='bad verdict'>First violation: <b>{_e(v.invariant)}</b> at "
+            f"{_e(where)}: {_e(v.message)}.{detail}{more}</p>")
+
+
 def _violation_rows(violations: Iterable) -> pd.DataFrame:
     rows = []
     for v in violations:
@@ -129,7 +146,8 @@ def _violation_rows(violations: Iterable) -> pd.DataFrame:
             rows.append(dict(v))
         else:
             rows.append({"message": str(v)})
-    cols = ["invariant", "kernel", "step", "map", "page", "message"]
+    cols = ["invariant", "kernel", "step", "action", "proc", "map", "page", "folio_pfn", "field",
+            "expected", "actual", "message"]
     frame = pd.DataFrame(rows)
     return frame.reindex(columns=[c for c in cols if c in frame.columns] +
                          [c for c in frame.columns if c not in cols])
@@ -225,13 +243,16 @@ _FIGURE_NOTES = {
 
 
 def _figures(timeline, steps, device, device_pages, complaints,
-             events=None) -> list[tuple[str, str, go.Figure]]:
+             events=None, violations=()) -> list[tuple[str, str, go.Figure]]:
     figs = []
     if events is not None and len(events):
         figs.append(("events", "Who changed the counters", plots.plot_events(events, steps)))
     if len(timeline):
-        figs.append(("counts", "Folio refcount and mapcount", plots.plot_counts(timeline,
-                                                                                 complaints)))
+        from .timeline import df_violations
+
+        broken = df_violations(violations) if violations else None
+        figs.append(("counts", "Folio refcount and mapcount",
+                     plots.plot_counts(timeline, complaints, violations=broken)))
         figs.append(("page_table", "Page-table entries", plots.plot_page_table(timeline)))
     if device is not None and len(device):
         figs.append(("device_summary", "The whole device",
@@ -320,7 +341,7 @@ def build_report(
     violations = list(violations)
     complaints = complaints if complaints is not None else pd.DataFrame(
         columns=["kernel", "step", "action", "kind", "text"])
-    parts = [f"<h1>{_e(title)}</h1>",
+    parts = [f"<h1>{_e(title)}</h1>", _verdict(violations),
              _summary(title, meta, timeline, steps, complaints, violations),
              "<h2>Scenario</h2>", f"<pre class='scenario'>{_e(scenario_text)}</pre>"]
 
@@ -353,7 +374,7 @@ def build_report(
     parts.extend(_signals_section(signals, kernel_messages, processes))
     if accounting is not None:
         parts.extend(_events_section(events, accounting, call_paths))
-    figs = _figures(timeline, steps, device, device_pages, complaints, events)
+    figs = _figures(timeline, steps, device, device_pages, complaints, events, violations)
     for i, (key, heading, fig) in enumerate(figs):
         div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config=_PLOTLY_CONFIG,
                           div_id=f"fig-{key}", default_width="100%",

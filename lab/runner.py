@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import inspect
+from .inspect import probes
 from .actions import CHECK_ERRNO, REGISTRY, Guest, check_step
 from .agent import AgentError
 from .guest import GuestModel, StepError, Where
@@ -47,6 +48,9 @@ class Recorder:
         self.result = RunResult(scenario=scenario, kernel=session.kernel.name,
                                 kernel_spelling=session.kernel_spelling, release=session.vm.release, accel=session.vm.spec.accel,
                                 device=device)
+        # does a device-dax fault map the folio here? (from the fault handler's code)
+        self.result.dax_fault_calls = tuple(sorted(probes.dax_fault_inserts(session.prog)))
+        self.result.counts_mappings = probes.counts_device_dax_mappings(session.prog)
         self.result.steps.append(self._snapshot(0, "start", None, "start", "", None, None,
                                                 time.monotonic(), self._console_marks()))
 
@@ -248,6 +252,20 @@ def _processes(prog, pids: dict[str, int]) -> list[ProcessRecord]:
     return out
 
 
+def _held_pfns(guest: GuestModel, first_pfn: int) -> dict[str, dict[int, int]]:
+    """For live pins ("pin") and pipes ("splice"): PFN -> how many hold it
+    (device-dax maps device offset X at the device's start + X)."""
+    out: dict[str, dict[int, int]] = {"pin": {}, "splice": {}}
+    for h in guest.handles.values():
+        if h.released_at is not None or h.guest_id is None:
+            continue
+        base = first_pfn + guest.maps[h.map].offset // PAGE
+        counts = out[h.kind]
+        for page in range(h.first, h.first + h.pages):
+            counts[base + page] = counts.get(base + page, 0) + 1
+    return out
+
+
 def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, *, step: int,
               action: str, proc: str | None, label: str, detail: str, errno: int | None,
               error: str | None, started: float, complaints_from: tuple[int, int],
@@ -281,10 +299,14 @@ def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, 
             # events from here on are counted, and named, for the next step
             accounting.extend(session.armed_watcher.reconcile(next_step=step + 1))
         first = device["start"] // PAGE
+        held = _held_pfns(guest, first)
         bulk = inspect.read_pages(prog, first, device["size"] // PAGE)
         pgmap = inspect.pgmap_state(prog, inspect.find_dev_pagemap(prog, first))
         for (map_name, page), pfn in sorted(watched.items()):
             folio = inspect.folio_state(prog, pfn)
+            in_folio = range(folio.folio_pfn, folio.folio_pfn + (1 << folio.order))
+            counts = {kind: (held[kind].get(pfn, 0), sum(held[kind].get(p, 0) for p in in_folio))
+                      for kind in ("pin", "splice")}
             rows = holders.get((map_name, page)) or [(None, None)]
             for proc_name, vaddr in rows:
                 pte = None
@@ -295,6 +317,8 @@ def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, 
                         pte = None
                 pages.append(PageRecord(map=map_name, page=page, pfn=pfn, folio=folio,
                                         proc=proc_name, vaddr=vaddr, pte=pte, pagemap_pfn=None,
+                                        pins=counts["pin"][0], folio_pins=counts["pin"][1],
+                                        folio_pipe_refs=counts["splice"][1],
                                         pinned=guest.holds("pin", map_name, page),
                                         in_pipe=guest.holds("splice", map_name, page)))
     if device["align"] < PUD_SIZE:

@@ -44,12 +44,14 @@ from .guest import (
     table as _table,
     type_name,
 )
+from . import columns
 from .model import MapSpec, Step, UserError, format_size, parse_size
 
 __all__ = [
     "ACTIONS",
     "DEVICE_SIZES",
     "EVENT_MODES",
+    "ExpectSpec",
     "MADVISE",
     "PAGE_SIZE",
     "MapSpec",
@@ -63,7 +65,14 @@ __all__ = [
     "validate_text",
 ]
 
-_TOP_KEYS = ("name", "title", "description", "device", "watch", "step")
+_TOP_KEYS = ("name", "title", "description", "device", "watch", "step", "expect")
+
+# What an [[expect]] may test, by the object it names (lab/expect.py reads
+# the frames): a watched page's timeline columns, the device's aggregates,
+# a process's memory counters.
+DEVICE_FIELDS = ("pages_changed", "pages_mapped", "refcount_sum_delta", "pgmap_ref")
+PROC_FIELDS = ("file_pages", "anon_pages", "shmem_pages")
+EXPECT_OPS = ("equals", "at_least", "at_most", "delta")
 
 
 class ScenarioError(StepError):
@@ -88,6 +97,42 @@ EVENT_MODES = ("counts", "stacks")
 
 
 @dataclass(frozen=True)
+class ExpectSpec:
+    """One ``[[expect]]``: at step *step* (index), on kernels matching
+    *kernel* (a glob), *field* of the object (``map`` + ``page`` [+ ``proc``],
+    ``device``, or ``proc``) compared by *op* with *value*; a ``delta`` is
+    relative to the previous step, or to step 0 with ``since = "start"``."""
+
+    index: int  # 1-based, in file order
+    step: int
+    kernel: str
+    object: str  # "page", "device" or "proc"
+    field: str
+    op: str
+    value: Any
+    map: str | None = None
+    page: int | None = None
+    proc: str | None = None
+    since: str = "previous"
+    why: str = ""
+
+    @property
+    def target(self) -> str:
+        """The object in words: ``m page 3 (b)``, ``the device``, ``process a``."""
+        if self.object == "page":
+            return f"{self.map} page {self.page}" + (f" ({self.proc})" if self.proc else "")
+        return "the device" if self.object == "device" else f"process {self.proc}"
+
+    @property
+    def wanted(self) -> str:
+        """The comparison in words: ``== 2``, ``>= 1``, ``+1 since step 0``."""
+        if self.op == "delta":
+            since = "the previous step" if self.since == "previous" else "step 0"
+            return f"changed by {self.value:+d} since {since}"
+        return {"equals": "==", "at_least": ">=", "at_most": "<="}[self.op] + f" {self.value}"
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A validated scenario. ``device`` is the alignment in bytes; an empty
     ``watch`` means every page a step touched (:attr:`watch_list`)."""
@@ -101,6 +146,7 @@ class Scenario:
     text: str
     sha256: str
     path: Path | None = None
+    expect: tuple[ExpectSpec, ...] = ()
 
     @property
     def device_size(self) -> int:
@@ -203,6 +249,80 @@ def _watch(file: str, raw: Any, maps: Mapping[str, MapSpec]) -> tuple[WatchSpec,
     return tuple(dict.fromkeys(out))
 
 
+def _expect(file: str, raw: Any, steps: tuple[Step, ...],
+            state: GuestModel) -> tuple[ExpectSpec, ...]:
+    top = Where(file, "", ScenarioError)
+    if not isinstance(raw, list):
+        top.fail("expect", f"must be an array of tables ([[expect]]), not {type_name(raw)}")
+    labels = {s.label: s.index for s in steps if s.label}
+    out = []
+    keys = ("step", "kernel", "map", "page", "proc", "device", "field", *EXPECT_OPS, "since",
+            "why")
+    for i, entry in enumerate(raw, 1):
+        w = Where(file, f"expect {i}", ScenarioError)
+        if not isinstance(entry, dict):
+            w.fail("expect", f"must be a table ([[expect]]), not {type_name(entry)}")
+        check_keys(w, entry, keys, ("step", "field"))
+        step = entry["step"]
+        if isinstance(step, str):
+            if step not in labels and step != "start":
+                known = ", ".join(f'"{x}"' for x in labels) or "none"
+                w.fail("step", f'no step labelled "{step}" (labels: {known}; or "start")')
+            step = 0 if step == "start" else labels[step]
+        elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= len(steps):
+            w.fail("step", f"must be a step number 0-{len(steps)} or a label, not {show(step)}")
+        kernel = w.string("kernel", entry.get("kernel", "*"))
+        ops = [op for op in EXPECT_OPS if op in entry]
+        if len(ops) != 1:
+            w.fail(ops[1] if ops else "equals",
+                   f"give exactly one of {', '.join(EXPECT_OPS)}")
+        op, value = ops[0], entry[ops[0]]
+        if op == "equals":
+            if not isinstance(value, (bool, int, str)):
+                w.fail(op, f"must be an integer, boolean or string, not {type_name(value)}")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            w.fail(op, f"must be an integer, not {type_name(value)} {show(value)}")
+        since = entry.get("since", "previous")
+        if since not in ("previous", "start"):
+            w.fail("since", f'must be "previous" or "start", not {show(since)}')
+        if "since" in entry and op != "delta":
+            w.fail("since", "only a delta is measured since a step")
+        field_name = w.string("field", entry["field"])
+        proc = None if entry.get("proc") is None else w.name("proc", entry["proc"])
+        if proc is not None and proc not in state.procs:
+            known = ", ".join(f'"{p}"' for p in state.procs) or "none"
+            w.fail("proc", f'no process "{proc}" (processes: {known})')
+        if "map" in entry or "page" in entry:
+            if "device" in entry:
+                w.fail("device", "name one object: map and page, device, or proc")
+            map_name = w.name("map", entry.get("map"))
+            if map_name not in state.maps:
+                known = ", ".join(f'"{m}"' for m in state.maps) or "none"
+                w.fail("map", f'no mapping "{map_name}" (mappings: {known})')
+            page = entry.get("page")
+            if isinstance(page, bool) or not isinstance(page, int) or not (
+                    0 <= page < state.maps[map_name].pages):
+                w.fail("page", f'must be a page of "{map_name}" (0-'
+                       f"{state.maps[map_name].pages - 1}), not {show(page)}")
+            obj, fields = "page", columns.names()
+        elif entry.get("device") is True:
+            if proc is not None:
+                w.fail("proc", "name one object: map and page, device, or proc")
+            obj, fields, map_name, page = "device", DEVICE_FIELDS, None, None
+        elif proc is not None:
+            obj, fields, map_name, page = "proc", PROC_FIELDS, None, None
+        else:
+            w.fail("map", "name the object: map and page, device = true, or proc")
+        if field_name not in fields:
+            what = "a page" if obj == "page" else f"the {obj}"
+            w.fail("field", f'"{field_name}" is not a field of {what} '
+                   f"(fields: {', '.join(fields)})")
+        why = w.string("why", entry.get("why", ""))
+        out.append(ExpectSpec(i, step, kernel, obj, field_name, op, value, map_name, page, proc,
+                              since, why))
+    return tuple(out)
+
+
 def validate_text(text: str, name: str = "<string>", *, path: Path | None = None) -> Scenario:
     """Parse and check a scenario. *name* is the file name used in messages
     (its stem is the scenario's name unless the text sets ``name``).
@@ -230,6 +350,7 @@ def validate_text(text: str, name: str = "<string>", *, path: Path | None = None
     state = GuestModel(device)
     steps = tuple(_step(state, name, i, raw) for i, raw in enumerate(raw_steps, 1))
     watch = _watch(name, data["watch"], state.maps) if "watch" in data else ()
+    expect = _expect(name, data["expect"], steps, state) if "expect" in data else ()
     return Scenario(
         name=scen_name,
         title=title,
@@ -240,6 +361,7 @@ def validate_text(text: str, name: str = "<string>", *, path: Path | None = None
         text=text,
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         path=path,
+        expect=expect,
     )
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "df_steps",
     "df_diff",
     "Violation",
+    "VIOLATION_COLUMNS",
+    "df_violations",
     "check_invariants",
     "INVARIANTS",
     "describe_differences",
@@ -86,15 +88,19 @@ def df_timeline(runs: Iterable[RunResult]) -> pd.DataFrame:
 
 def df_steps(runs: Iterable[RunResult]) -> pd.DataFrame:
     """One row per (kernel, step): action, label, detail, errno, error,
-    seconds (action + snapshot), pgmap reference count, complaints."""
+    seconds (action + snapshot), pgmap reference count, complaints, and
+    ``counts_mappings``: whether the kernel's device-dax faults map folios
+    (probed from its code; null when unknown)."""
     rows = []
     for run in runs:
         for st in run.steps:
             rows.append({"kernel": run.kernel, "step": st.step, "action": st.action,
                          "proc": st.proc, "label": st.label, "detail": st.detail,
                          "errno": st.errno, "error": st.error, "seconds": st.seconds,
-                         "pgmap_ref": st.pgmap.ref.count, "complaints": len(st.complaints)})
-    return pd.DataFrame(rows).astype({"errno": "Int64", "pgmap_ref": "Int64"})
+                         "pgmap_ref": st.pgmap.ref.count, "complaints": len(st.complaints),
+                         "counts_mappings": getattr(run, "counts_mappings", None)})
+    return pd.DataFrame(rows).astype({"errno": "Int64", "pgmap_ref": "Int64",
+                                      "counts_mappings": "boolean"})
 
 
 def df_device(runs: Iterable[RunResult], *, window: int = 256) -> pd.DataFrame:
@@ -503,7 +509,9 @@ def _fmt(value) -> str:
 
 @dataclass(frozen=True)
 class Violation:
-    """One invariant broken at one step."""
+    """One invariant broken at one step: where (kernel, step and its action,
+    process, mapping, page, folio), which counter, what the invariant
+    expected and what the kernel had, and one line saying what it means."""
 
     invariant: str
     kernel: str
@@ -511,12 +519,49 @@ class Violation:
     map: str | None
     page: int | None
     message: str
+    action: str | None = None
+    proc: str | None = None
+    folio_pfn: int | None = None
+    field: str | None = None
+    expected: str | None = None
+    actual: str | None = None
+
+
+VIOLATION_COLUMNS = {
+    "invariant": "string", "kernel": "string", "step": "Int64", "action": "string",
+    "proc": "string", "map": "string", "page": "Int64", "folio_pfn": "Int64",
+    "field": "string", "expected": "string", "actual": "string", "message": "string",
+}
+
+
+def df_violations(violations: Iterable[Violation]) -> pd.DataFrame:
+    """One row per violation, in the order found (the first is the first
+    broken step of the first invariant): :data:`VIOLATION_COLUMNS`."""
+    rows = [{c: getattr(v, c) for c in VIOLATION_COLUMNS} for v in violations]
+    return pd.DataFrame(rows, columns=list(VIOLATION_COLUMNS)).astype(VIOLATION_COLUMNS)
+
+
+def _v(invariant: str, r, message: str, *, fld: str | None = None, expected=None,
+       actual=None, proc=None) -> Violation:
+    """A Violation at timeline row *r*."""
+    def opt(key):
+        value = r.get(key) if hasattr(r, "get") else None
+        return None if value is None or pd.isna(value) else value
+
+    page = opt("page")
+    folio = opt("folio_pfn")
+    return Violation(invariant, r["kernel"], int(r["step"]), opt("map"),
+                     None if page is None else int(page), message, action=opt("action"),
+                     proc=proc if proc is not None else opt("proc"),
+                     folio_pfn=None if folio is None else int(folio), field=fld,
+                     expected=None if expected is None else str(expected),
+                     actual=None if actual is None else str(actual))
 
 
 def _inv_back_to_start(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
     """no-leak: once nothing maps, pins or splices a page, its refcount and
     mapcount are back to their values before the first step."""
-    for (kernel, map_name, page), g in pages.groupby(["kernel", "map", "page"]):
+    for (_kernel, _map, _page), g in pages.groupby(["kernel", "map", "page"]):
         g = g.sort_values("step")
         start, last = g.iloc[0], g.iloc[-1]
         released = pd.isna(last["proc"]) and not last["pinned"] and not last["in_pipe"]
@@ -524,9 +569,9 @@ def _inv_back_to_start(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Vi
             continue
         for fld in ("refcount", "mapcount"):
             if last[fld] != start[fld]:
-                yield Violation("no-leak", kernel, int(last["step"]), map_name, int(page),
-                                f"{fld} is {last[fld]} after everything was released, "
-                                f"{start[fld]} before the first step")
+                yield _v("no-leak", last, f"{fld} is {last[fld]} after everything was released, "
+                         f"{start[fld]} before the first step", fld=fld, expected=start[fld],
+                         actual=last[fld])
 
 
 def _inv_floors(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
@@ -534,36 +579,143 @@ def _inv_floors(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation
     for _, r in pages.iterrows():
         for fld in ("mapcount", "entire_mapcount", "large_mapcount"):
             if not pd.isna(r[fld]) and r[fld] < -1:
-                yield Violation("floors", r["kernel"], int(r["step"]), r["map"], int(r["page"]),
-                                f"{fld} is {r[fld]}, below -1 (an underflow)")
+                yield _v("floors", r, f"{fld} is {r[fld]}, below -1 (an underflow)", fld=fld,
+                         expected=">= -1", actual=r[fld])
         if r["refcount"] < 1:
-            yield Violation("floors", r["kernel"], int(r["step"]), r["map"], int(r["page"]),
-                            f"refcount is {r['refcount']}, below 1 on a device page in use")
+            yield _v("floors", r, f"refcount is {r['refcount']}, below 1 on a device page in "
+                     "use", fld="refcount", expected=">= 1", actual=r["refcount"])
 
 
 _LEVEL_SIZE = {"PTE": 1 << 12, "PMD": 1 << 21, "PUD": 1 << 30}
+# include/linux/mm_types.h (CONFIG_PAGE_MAPCOUNT): the bit of _nr_pages_mapped
+# that says the folio is mapped entirely (by a PMD or PUD).
+ENTIRELY_MAPPED = 0x800000
 
 
-def _inv_refcount_covers(timeline: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
-    """refcount >= mappings: a folio's refcount is at least the number of
-    page-table entries that map it. Weak on purpose: MEMORY_DEVICE_GENERIC
-    folios rest at refcount 1 (__init_zone_device_page) and
-    free_zone_device_folio() sets them back to 1, so on a kernel whose
-    mappings take no reference (6.12) a page mapped once passes, and an
-    extra put is "healed" to 1 unseen. Only the exact accounting
-    (lab.events) catches those."""
+def _entries(timeline: pd.DataFrame) -> pd.DataFrame:
+    """The present page-table entries of the timeline: one row per (kernel,
+    step, folio, process, level, entry): pages of one folio under one PMD or
+    PUD share that entry."""
     mapped = timeline[timeline["pt_present"].fillna(False).astype(bool)].copy()
-    # Pages of one folio under one PMD or PUD share that entry: count entries,
-    # not pages.
     span = mapped["pt_level"].map(_LEVEL_SIZE).astype("UInt64")
     mapped["entry"] = mapped["vaddr"] - mapped["vaddr"] % span
-    for (kernel, step, _folio), g in mapped.groupby(["kernel", "step", "folio_pfn"]):
-        n = len(g.drop_duplicates(["proc", "pt_level", "entry"]))
-        ref = int(g["refcount"].iloc[0])
-        if ref < n:
-            r = g.iloc[0]
-            yield Violation("refcount>=mappings", kernel, int(step), r["map"], int(r["page"]),
-                            f"refcount {ref} is below the {n} page-table entries mapping the folio")
+    return mapped.drop_duplicates(["kernel", "step", "folio_pfn", "proc", "pt_level", "entry"])
+
+
+def _counts_mappings(steps: pd.DataFrame) -> dict[str, bool | None]:
+    """Per kernel: does a device-dax fault map the folio (probed from the
+    fault handler's code, `lab.inspect.probes`)? None: unknown."""
+    if "counts_mappings" not in steps.columns:
+        return {}
+    out = {}
+    for kernel, g in steps.groupby("kernel"):
+        value = g["counts_mappings"].dropna()
+        out[kernel] = None if value.empty else bool(value.iloc[0])
+    return out
+
+
+def _folios(timeline: pd.DataFrame) -> Iterable[tuple[pd.Series, pd.DataFrame, pd.DataFrame]]:
+    """Per (kernel, step, folio): its first row, all its rows, and the entries mapping it."""
+    entries = _entries(timeline)
+    by_folio = {k: g for k, g in entries.groupby(["kernel", "step", "folio_pfn"])}
+    for key, g in timeline.groupby(["kernel", "step", "folio_pfn"]):
+        yield g.iloc[0], g, by_folio.get(key, entries.iloc[0:0])
+
+
+def _inv_rmap(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation]:
+    """rmap, on a kernel whose device-dax faults map folios: every folio's
+    mapcounts match the page-table entries that map it, in every process.
+    Order 0: ``_mapcount + 1`` = PTEs mapping the page. A large folio:
+    ``_entire_mapcount + 1`` = PMD/PUD entries; ``_large_mapcount + 1`` = all
+    its entries (a PMD or PUD counts once, each PTE once: folio_mapcount());
+    ``_nr_pages_mapped`` has ENTIRELY_MAPPED set exactly while a PMD/PUD maps
+    it. A kernel whose faults insert PFNs is checked by ``flat`` instead."""
+    counts = _counts_mappings(steps)
+    for r, g, entries in _folios(timeline):
+        if counts.get(r["kernel"]) is not True:
+            continue
+        huge = int((entries["pt_level"] != "PTE").sum())
+        ptes = entries[entries["pt_level"] == "PTE"]
+        if r["order"] == 0:
+            for _, row in g.drop_duplicates("pfn").iterrows():
+                n = int((ptes["pfn"] == row["pfn"]).sum())
+                if row["mapcount"] + 1 != n:
+                    yield _v("rmap", row, f"{n} PTE(s) map the page, _mapcount says "
+                             f"{row['mapcount'] + 1}", fld="mapcount", expected=n - 1,
+                             actual=row["mapcount"])
+            continue
+        if not pd.isna(r["entire_mapcount"]) and r["entire_mapcount"] + 1 != huge:
+            yield _v("rmap", r, f"{huge} PMD/PUD entr{'y' if huge == 1 else 'ies'} map the "
+                     f"folio, _entire_mapcount says {r['entire_mapcount'] + 1}",
+                     fld="entire_mapcount", expected=huge - 1, actual=r["entire_mapcount"])
+        if not pd.isna(r["large_mapcount"]):
+            total = huge + len(ptes)
+            # unwatched pages of the folio may be PTE-mapped too: exact only without PTEs
+            wrong = (r["large_mapcount"] + 1 != total) if ptes.empty else (
+                r["large_mapcount"] + 1 < total)
+            if wrong:
+                yield _v("rmap", r, f"{total} entries map the folio, _large_mapcount says "
+                         f"{r['large_mapcount'] + 1}", fld="large_mapcount",
+                         expected=total - 1, actual=r["large_mapcount"])
+        if not pd.isna(r["nr_pages_mapped"]):
+            entirely = bool(int(r["nr_pages_mapped"]) & ENTIRELY_MAPPED)
+            if entirely != (huge > 0):
+                yield _v("rmap", r, f"{huge} PMD/PUD entries map the folio, _nr_pages_mapped "
+                         f"{int(r['nr_pages_mapped']):#x} says {'it is' if entirely else 'not'}"
+                         " entirely mapped", fld="nr_pages_mapped",
+                         expected="ENTIRELY_MAPPED set" if huge else "ENTIRELY_MAPPED clear",
+                         actual=f"{int(r['nr_pages_mapped']):#x}")
+
+
+def _inv_refs(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation]:
+    """refs: a folio's refcount is explained exactly. It is 1 at rest
+    (__init_zone_device_page; free_zone_device_folio() sets it back), plus
+    one per page-table entry on a kernel whose faults map folios, plus what
+    pins hold (GUP_PIN_COUNTING_BIAS per pin of an order-0 folio, one per
+    pinned page of a large folio, whose _pincount counts the same), plus one
+    per page held by a pipe (vmsplice takes page references)."""
+    counts = _counts_mappings(steps)
+    for r, _g, entries in _folios(timeline):
+        if counts.get(r["kernel"]) is None:
+            continue
+        n_entries = len(entries) if counts[r["kernel"]] else 0
+        pins = int(r["folio_pins"]) if not pd.isna(r.get("folio_pins")) else 0
+        pipes = int(r["folio_pipe_refs"]) if not pd.isna(r.get("folio_pipe_refs")) else 0
+        pin_refs = pins * (GUP_PIN_COUNTING_BIAS if r["order"] == 0 else 1)
+        expected = 1 + n_entries + pin_refs + pipes
+        if r["refcount"] != expected:
+            parts = ["1 idle"]
+            if n_entries:
+                parts.append(f"{n_entries} entr{'y' if n_entries == 1 else 'ies'}")
+            if pin_refs:
+                parts.append(f"{pin_refs} for pins")
+            if pipes:
+                parts.append(f"{pipes} for pipes")
+            yield _v("refs", r, f"refcount {r['refcount']}, expected {expected} "
+                     f"({' + '.join(parts)}): {r['refcount'] - expected:+d} unexplained",
+                     fld="refcount", expected=expected, actual=r["refcount"])
+        if r["order"] > 0 and not pd.isna(r["pincount"]) and r["pincount"] != pins:
+            yield _v("refs", r, f"{pins} pinned page(s) of the folio, _pincount says "
+                     f"{r['pincount']}", fld="pincount", expected=pins, actual=r["pincount"])
+
+
+def _inv_flat(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation]:
+    """flat, on a kernel whose device-dax faults insert PFNs (devmap
+    entries, before 6.15): every entry mapping a device page is special or
+    devmap (so vm_normal_page() finds no page behind it) and no mapcount
+    moves: _mapcount, _entire_mapcount and _large_mapcount stay -1."""
+    counts = _counts_mappings(steps)
+    for _, r in timeline.iterrows():
+        if counts.get(r["kernel"]) is not False:
+            continue
+        if r["pt_present"] is True and not (r["pt_special"] is True or r["pt_devmap"] is True):
+            yield _v("flat", r, f"a {r['pt_level']} entry maps the page without the special or "
+                     "devmap bit", fld="pt_devmap", expected="special or devmap",
+                     actual="neither")
+        for fld in ("mapcount", "entire_mapcount", "large_mapcount"):
+            if not pd.isna(r[fld]) and r[fld] != -1:
+                yield _v("flat", r, f"{fld} is {r[fld]} on a kernel whose mappings do not "
+                         "count", fld=fld, expected=-1, actual=r[fld])
 
 
 def _inv_pgmap_stable(_pages: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation]:
@@ -573,16 +725,16 @@ def _inv_pgmap_stable(_pages: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Vio
     6.12 GUP takes one only while it follows a page, and neither kernel
     keeps one for a pin's lifetime (docs/glossary.md)."""
     neutral = pgmap_neutral_actions()
-    for kernel, g in steps.groupby("kernel"):
+    for _kernel, g in steps.groupby("kernel"):
         g = g.sort_values("step")
         base = g.iloc[0]["pgmap_ref"]
         for _, r in g.iterrows():
             if r["action"] not in neutral:
                 break
             if r["pgmap_ref"] != base:
-                yield Violation("pgmap-ref-stable", kernel, int(r["step"]), None, None,
-                                f"dev_pagemap reference count {r['pgmap_ref']} after {r['action']}, "
-                                f"{base} at the start")
+                yield _v("pgmap-ref-stable", r, f"dev_pagemap reference count "
+                         f"{r['pgmap_ref']} after {r['action']}, {base} at the start",
+                         fld="pgmap_ref", expected=base, actual=r["pgmap_ref"])
 
 
 def _inv_pin_visible(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:
@@ -591,29 +743,34 @@ def _inv_pin_visible(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Viol
     order-0 one)."""
     for _, r in pages[pages["pinned"].fillna(False).astype(bool)].iterrows():
         if r["order"] > 0 and not pd.isna(r["pincount"]):
-            shows = r["pincount"] > 0
+            shows, fld = r["pincount"] > 0, "pincount"
         else:
-            shows = r["refcount"] >= GUP_PIN_COUNTING_BIAS
+            shows, fld = r["refcount"] >= GUP_PIN_COUNTING_BIAS, "refcount"
         if not shows:
-            yield Violation("pin-visible", r["kernel"], int(r["step"]), r["map"], int(r["page"]),
-                            f"pinned, but refcount {r['refcount']} and pincount "
-                            f"{_fmt(r['pincount'])} do not show the pin")
+            yield _v("pin-visible", r, f"pinned, but refcount {r['refcount']} and pincount "
+                     f"{_fmt(r['pincount'])} do not show the pin", fld=fld,
+                     expected=f">= {GUP_PIN_COUNTING_BIAS}" if fld == "refcount" else "> 0",
+                     actual=r[fld])
 
 
+# name -> (check, whether it reads every row (True) or one row per page)
 INVARIANTS = {
-    "no-leak": _inv_back_to_start,
-    "floors": _inv_floors,
-    "refcount>=mappings": _inv_refcount_covers,
-    "pgmap-ref-stable": _inv_pgmap_stable,
-    "pin-visible": _inv_pin_visible,
+    "rmap": (_inv_rmap, True),
+    "refs": (_inv_refs, True),
+    "flat": (_inv_flat, True),
+    "no-leak": (_inv_back_to_start, False),
+    "floors": (_inv_floors, False),
+    "pgmap-ref-stable": (_inv_pgmap_stable, False),
+    "pin-visible": (_inv_pin_visible, False),
 }
 
 
 def check_invariants(timeline: pd.DataFrame, steps: pd.DataFrame) -> list[Violation]:
-    """Every violation of every invariant in :data:`INVARIANTS`."""
+    """Every violation of every invariant in :data:`INVARIANTS`, the
+    earliest step first (then in the order of INVARIANTS)."""
     pages = _per_page(timeline)
     out: list[Violation] = []
-    for name, check in INVARIANTS.items():
-        source = timeline if name == "refcount>=mappings" else pages
-        out.extend(check(source, steps))
-    return out
+    for check, every_row in INVARIANTS.values():
+        out.extend(check(timeline if every_row else pages, steps))
+    order = list(INVARIANTS)
+    return sorted(out, key=lambda v: (v.step, order.index(v.invariant)))

@@ -5,10 +5,9 @@ Run from the repository root after `make prepare`:
 
     .venv/bin/python tests/golden/capture_records.py [SCENARIO ...]
 
-Runs scenarios/fork-share.toml and scenarios/fault-2m.toml (or the
-scenarios named; hwpoison-4k's records carry signals, kernel messages and
-the processes' RSS) on `before` and
-`after` (lab.experiment.run_experiment), writes each run's records as JSON
+Runs the scenarios of NAMES (or those named; hwpoison-4k's records carry
+signals, kernel messages and the processes' RSS) on `before` and `after`
+(lab.experiment.run_experiment), writes each run's records as JSON
 (tests/golden/records/SCENARIO.json) and df_timeline of them as parquet
 (tests/golden/records/SCENARIO.timeline.parquet).
 """
@@ -28,10 +27,11 @@ from lab import timeline as tl  # noqa: E402
 from lab.experiment import run_experiment  # noqa: E402
 
 OUT = ROOT / "tests" / "golden" / "records"
+NAMES = ("fork-share", "fault-2m", "pin-longterm", "splice-transient", "partial-munmap-2m")
 
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
-    for name in sys.argv[1:] or ("fork-share", "fault-2m"):
+    for name in sys.argv[1:] or NAMES:
         exp = run_experiment(ROOT / "scenarios" / f"{name}.toml", ["before", "after"],
                              say=lambda *_: None)
         dump(exp.runs, OUT / f"{name}.json")

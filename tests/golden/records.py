@@ -44,8 +44,10 @@ def dump(runs: list[RunResult], path: Path) -> None:
             d = {f.name: _plain(getattr(st, f.name)) for f in dataclasses.fields(st)
                  if f.name not in ("device_refcount", "device_mapcount")}
             steps.append(d)
-        out.append({"kernel": run.kernel, "release": run.release, "accel": run.accel,
-                    "device": run.device, "steps": steps})
+        out.append({"kernel": run.kernel, "kernel_spelling": run.kernel_spelling,
+                    "release": run.release, "accel": run.accel,
+                    "device": run.device, "counts_mappings": run.counts_mappings,
+                    "dax_fault_calls": list(run.dax_fault_calls), "steps": steps})
     path.write_text(json.dumps(out, indent=1) + "\n")
 
 
@@ -79,5 +81,7 @@ def load(path: Path) -> list[RunResult]:
         runs.append(RunResult(scenario=None, kernel=r["kernel"],
                               kernel_spelling=r.get("kernel_spelling", r["kernel"]),
                               release=r["release"],
-                              accel=r["accel"], device=r["device"], steps=steps))
+                              accel=r["accel"], device=r["device"], steps=steps,
+                              counts_mappings=r.get("counts_mappings"),
+                              dax_fault_calls=tuple(r.get("dax_fault_calls", ()))))
     return runs

@@ -1,13 +1,15 @@
 """Each invariant of lab.timeline, on recorded frames that keep it and on the
 same frames changed in one place to break it: the violation names the
-invariant, the kernel, the step and the page.
+invariant, the kernel, the step, the page, the field, expected and actual.
 
-The frames are real runs (tests/golden/timeline/, see tests/golden/README.md);
-only the one value a test changes is not.
+The frames are df_timeline/df_steps of the golden records of real runs
+(tests/golden/records/, see tests/golden/README.md); only the one value a
+test changes is not real.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,71 +17,123 @@ import pytest
 
 from lab import timeline as tl
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "timeline"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+sys.path.insert(0, str(GOLDEN))
+
+from records import load  # noqa: E402
+
+RECORDED = ["fork-share", "fault-2m", "pin-longterm", "splice-transient", "partial-munmap-2m"]
 
 
 def _frames(run: str, kernel: str = "after") -> tuple[pd.DataFrame, pd.DataFrame]:
-    t = pd.read_parquet(GOLDEN / run / "timeline.parquet")
-    s = pd.read_parquet(GOLDEN / run / "steps.parquet")
-    return (t[t["kernel"] == kernel].reset_index(drop=True),
-            s[s["kernel"] == kernel].reset_index(drop=True))
+    runs = [r for r in load(GOLDEN / "records" / f"{run}.json") if r.kernel == kernel]
+    return tl.df_timeline(runs), tl.df_steps(runs)
 
 
 def _violations(timeline, steps, name):
     return [v for v in tl.check_invariants(timeline, steps) if v.invariant == name]
 
 
-@pytest.mark.parametrize("run", ["compare-fork-share", "compare-fault-2m"])
-def test_the_recorded_after_runs_keep_every_invariant(run):
-    assert tl.check_invariants(*_frames(run)) == []
+def _row(t, **where):
+    mask = pd.Series(True, index=t.index)
+    for k, v in where.items():
+        mask &= t[k] == v
+    return t.index[mask.fillna(False)]
 
 
-def test_refcount_ge_mappings_is_broken_on_before_by_fork_share():
-    """The seed change from the other side: on before the two processes'
-    PTEs hold no reference."""
-    t, s = _frames("compare-fork-share", "before")
-    broken = _violations(t, s, "refcount>=mappings")
-    assert broken and {v.step for v in broken} == {4}
+@pytest.mark.parametrize("kernel", ["before", "after"])
+@pytest.mark.parametrize("run", RECORDED)
+def test_every_recorded_run_keeps_every_invariant(run, kernel):
+    t, s = _frames(run, kernel)
+    assert s["counts_mappings"].iloc[0] == (kernel == "after")  # probed from the fault handler
+    assert tl.check_invariants(t, s) == []
+
+
+def test_rmap_order_0():
+    t, s = _frames("fork-share")
+    rows = _row(t, step=4, page=2)  # a and b both map page 2 by PTE
+    assert len(rows) == 2 and set(t.loc[rows, "mapcount"]) == {1}
+    t.loc[rows, "mapcount"] = 0
+    found = _violations(t, s, "rmap")
+    assert len(found) == 1
+    v = found[0]
+    assert (v.kernel, v.step, v.action, v.map, v.page, v.field) == ("after", 4, "touch", "m", 2,
+                                                                  "mapcount")
+    assert (v.expected, v.actual) == ("1", "0")
+    assert v.message == "2 PTE(s) map the page, _mapcount says 1"
+
+
+def test_rmap_large_folio():
+    t, s = _frames("fault-2m")
+    rows = _row(t, step=2, page=0)
+    t.loc[rows, "entire_mapcount"] = 1
+    t.loc[rows, "large_mapcount"] = 1
+    found = {v.field: v for v in _violations(t, s, "rmap")}
+    assert set(found) == {"entire_mapcount", "large_mapcount"}
+    assert found["entire_mapcount"].message == ("1 PMD/PUD entry map the folio, "
+                                                "_entire_mapcount says 2")
+    assert (found["large_mapcount"].expected, found["large_mapcount"].actual) == ("0", "1")
+    t, s = _frames("fault-2m")
+    t.loc[_row(t, step=2, page=0), "nr_pages_mapped"] = 0
+    (v,) = _violations(t, s, "rmap")
+    assert v.field == "nr_pages_mapped" and v.step == 2
+
+
+def test_refs_names_the_unexplained_reference():
+    t, s = _frames("pin-longterm")
+    rows = _row(t, step=3, page=1)  # pinned and mapped: 1 + 1 entry + 1024
+    assert set(t.loc[rows, "refcount"]) == {1026}
+    t.loc[rows, "refcount"] = 1025
+    (v,) = _violations(t, s, "refs")
+    assert (v.step, v.action, v.page, v.field, v.expected, v.actual) == (
+        3, "pin", 1, "refcount", "1026", "1025")
+    assert v.message == ("refcount 1025, expected 1026 (1 idle + 1 entry + 1024 for pins): "
+                         "-1 unexplained")
+
+
+def test_refs_counts_pipes_on_both_kernels():
+    for kernel, entry in (("before", 0), ("after", 1)):
+        t, s = _frames("splice-transient", kernel)
+        rows = _row(t, step=3, page=4)  # spliced into the pipe, still mapped
+        assert set(t.loc[rows, "refcount"]) == {2 + entry}
+        t.loc[rows, "folio_pipe_refs"] = 0
+        (v,) = _violations(t, s, "refs")
+        assert v.kernel == kernel and "+1 unexplained" in v.message
+
+
+def test_flat_on_a_kernel_that_does_not_count():
+    t, s = _frames("fault-2m", "before")
+    rows = _row(t, step=2, page=0)
+    t.loc[rows, "pt_devmap"] = False
+    (v,) = _violations(t, s, "flat")
+    assert (v.kernel, v.step, v.field) == ("before", 2, "pt_devmap")
+    assert "without the special or devmap bit" in v.message
+    t, s = _frames("fork-share", "before")
+    t.loc[_row(t, step=2, page=0), "mapcount"] = 0
+    (v,) = _violations(t, s, "flat")
+    assert (v.field, v.expected, v.actual) == ("mapcount", "-1", "0")
 
 
 def test_no_leak():
-    t, s = _frames("compare-fork-share")
+    t, s = _frames("fork-share")
     last = t["step"].max()
-    row = t.index[(t["step"] == last) & t["proc"].isna()][0]
-    assert _violations(t, s, "no-leak") == []
+    row = _row(t, step=last, page=0)[0]
     t.loc[row, "refcount"] += 1
-    (v,) = _violations(t, s, "no-leak")
-    assert (v.kernel, v.step, v.map, v.page) == ("after", last, t.loc[row, "map"],
-                                                 t.loc[row, "page"])
-    assert "refcount is 2 after everything was released, 1 before" in v.message
+    found = _violations(t, s, "no-leak")
+    assert len(found) == 1 and (found[0].step, found[0].page) == (last, 0)
+    assert "refcount is 2 after everything was released, 1 before" in found[0].message
 
 
 def test_floors():
-    t, s = _frames("compare-fault-2m")
-    row = t.index[t["step"] == 2][0]
+    t, s = _frames("fault-2m")
+    row = _row(t, step=1, page=0)[0]
     t.loc[row, "mapcount"] = -2
-    (v,) = _violations(t, s, "floors")
-    assert (v.step, v.page) == (2, t.loc[row, "page"]) and "below -1" in v.message
-    t.loc[row, "mapcount"] = -1
-    t.loc[row, "refcount"] = 0
-    (v,) = _violations(t, s, "floors")
-    assert "refcount is 0" in v.message
-
-
-def test_refcount_ge_mappings():
-    t, s = _frames("compare-fork-share")
-    # step 4: a and b both map page 2 by PTE; the folio's refcount is 3
-    both = t[(t["step"] == 4) & (t["page"] == 2) & t["pt_present"].fillna(False)]
-    assert len(both) == 2 and set(both["refcount"]) == {3}
-    assert _violations(t, s, "refcount>=mappings") == []
-    t.loc[both.index, "refcount"] = 1
-    (v,) = _violations(t, s, "refcount>=mappings")
-    assert (v.step, v.page) == (4, 2)
-    assert v.message == "refcount 1 is below the 2 page-table entries mapping the folio"
+    found = _violations(t, s, "floors")
+    assert len(found) == 1 and found[0].step == 1 and "below -1" in found[0].message
 
 
 def test_pgmap_ref_stable():
-    t, s = _frames("compare-fault-2m")
+    t, s = _frames("fault-2m")
     touch = s.index[s["action"] == "touch"][0]
     s.loc[touch, "pgmap_ref"] += 1
     (v,) = _violations(t, s, "pgmap-ref-stable")
@@ -87,10 +141,18 @@ def test_pgmap_ref_stable():
 
 
 def test_pin_visible():
-    t, s = _frames("compare-fork-share")
-    row = t.index[(t["step"] == 2) & (t["page"] == 0)][0]
-    t.loc[row, "pinned"] = True
-    (v,) = _violations(t, s, "pin-visible")
-    assert (v.step, v.page) == (2, 0) and "do not show the pin" in v.message
-    t.loc[row, "refcount"] += tl.GUP_PIN_COUNTING_BIAS  # what FOLL_PIN adds to an order-0 folio
-    assert _violations(t, s, "pin-visible") == []
+    t, s = _frames("pin-longterm")
+    rows = _row(t, step=3, page=0)
+    t.loc[rows, "refcount"] -= tl.GUP_PIN_COUNTING_BIAS
+    assert {v.invariant for v in tl.check_invariants(t, s)} == {"refs", "pin-visible"}
+
+
+def test_violations_are_ordered_by_step_and_become_a_frame():
+    t, s = _frames("fork-share")
+    t.loc[_row(t, step=4, page=2), "mapcount"] = 0
+    t.loc[_row(t, step=2, page=0), "refcount"] = 5
+    found = tl.check_invariants(t, s)
+    assert [v.step for v in found] == sorted(v.step for v in found)
+    frame = tl.df_violations(found)
+    assert list(frame.columns) == list(tl.VIOLATION_COLUMNS)
+    assert frame.iloc[0]["step"] == 2 and frame.iloc[0]["invariant"] == "refs"

@@ -19,7 +19,8 @@ sys.path.insert(0, str(GOLDEN))
 from records import load  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["fork-share", "fault-2m"])
+@pytest.mark.parametrize("name", ["fork-share", "fault-2m", "pin-longterm", "splice-transient",
+                                  "partial-munmap-2m"])
 def test_df_timeline_of_golden_records(name):
     runs = load(GOLDEN / "records" / f"{name}.json")
     frame = tl.df_timeline(runs)
@@ -31,7 +32,8 @@ def test_df_timeline_of_golden_records(name):
     assert len(frame) == sum(len(st.pages) for run in runs for st in run.steps)
 
 
-@pytest.mark.parametrize("name", ["fork-share", "fault-2m"])
+@pytest.mark.parametrize("name", ["fork-share", "fault-2m", "pin-longterm", "splice-transient",
+                                  "partial-munmap-2m"])
 def test_each_column_comes_from_its_record_field(name):
     runs = load(GOLDEN / "records" / f"{name}.json")
     frame = tl.df_timeline(runs)
