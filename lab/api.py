@@ -418,8 +418,8 @@ class Lab:
         return {n: cls(n, h.proc, h.map) for n, h in self._recorder.model.handles.items()
                 if h.kind == kind and h.released_at is None and h.guest_id is not None}
 
-    def processes(self) -> list[str]:
-        """Names of the live guest processes."""
+    def live_processes(self) -> list[str]:
+        """Names of the live guest processes (``lab.processes`` is their RSS frame)."""
         return sorted(self._session.agent.procs()) if self._session else []
 
 

@@ -126,13 +126,24 @@ def bench_compare(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
 
     from .experiment import run_experiment
 
-    walls, step_seconds = [], []
+    from . import timeline as tl
+
+    walls, step_seconds, plain_steps, judge = [], [], [], []
     for _ in range(runs):
+        # the same scenario without the reads only the verdicts need (the
+        # kind of kernel, who holds each folio), alternating with a full run
+        plain = run_experiment(Path(scenario), kernel_names, say=lambda *_: None,
+                               verdict_reads=False)
+        st = plain.frames["steps"]
+        plain_steps += list(st[st["step"] > 0]["seconds"])
         t = time.perf_counter()
         exp = run_experiment(Path(scenario), kernel_names, say=lambda *_: None)
         walls.append(time.perf_counter() - t)
         steps = exp.frames["steps"]
         step_seconds += list(steps[steps["step"] > 0]["seconds"])
+        t = time.perf_counter()
+        tl.check_invariants(exp.frames["timeline"], exp.frames["steps"])
+        judge.append(time.perf_counter() - t)
     med = statistics.median(walls)
     print(f"compare {Path(scenario).name} on {','.join(kernel_names)}: {runs} runs")
     print(f"  wall time: median {med:.1f} s (min {min(walls):.1f}, max {max(walls):.1f}); "
@@ -141,6 +152,10 @@ def bench_compare(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
     print(f"  one step (action + snapshot): median {step_med * 1000:.0f} ms over "
           f"{len(step_seconds)} steps (max {max(step_seconds) * 1000:.0f} ms); "
           f"target 100 ms: {step_med / 0.1:.2f}x of target")
+    plain_med = statistics.median(plain_steps)
+    print(f"  one step without the verdict reads: median {plain_med * 1000:.0f} ms; with "
+          f"them {step_med * 1000:.0f} ms ({step_med / plain_med:.2f}x); judging the run "
+          f"(every invariant): median {statistics.median(judge) * 1000:.0f} ms")
     return 0
 
 

@@ -196,12 +196,13 @@ def cmd_run(args) -> int:
 
     if args.show_command:
         return _show_scenario_commands(args.scenario, [args.kernel], args.watch, args.cold)
-    exp = run_experiment(Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch,
-                         cold=args.cold)
+    exp = _maybe_judged(args, lambda: run_experiment(
+        Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch,
+        cold=args.cold))
     _write_experiment(exp, args.out)
     if args.writeup:
         _writeup(args.out, args.out)
-    return 0
+    return _judge(exp) if args.check else 0
 
 
 def cmd_compare(args) -> int:
@@ -215,14 +216,55 @@ def cmd_compare(args) -> int:
         raise UserError(f"--kernels needs at least two kernels separated by commas, got {args.kernels!r}")
     if args.show_command:
         return _show_scenario_commands(args.scenario, names, args.watch, args.cold)
-    exp = run_experiment(Path(args.scenario), names, progress=TextProgress(), events=args.watch,
-                         cold=args.cold)
+    exp = _maybe_judged(args, lambda: run_experiment(
+        Path(args.scenario), names, progress=TextProgress(), events=args.watch,
+        cold=args.cold))
     _write_experiment(exp, args.out)
     if args.writeup:
         _writeup(args.out, args.out)
     for line in exp.differences:
         print(f"  {line}")
+    return _judge(exp) if args.check else 0
+
+
+def _maybe_judged(args, run):
+    """*run*, under verdict rules (a failure of the kernel is 125) with --check."""
+    from .experiment import verdict
+
+    return verdict(run) if getattr(args, "check", False) else run()
+
+
+def _judge(exp) -> int:
+    """The verdict of a finished experiment: 0, or VerdictFailed (1) with the
+    first failure (all of them are in the report and violations/expectations.parquet)."""
+    from .errors import VerdictFailed
+
+    failures = exp.failures
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise VerdictFailed(failures[0] + more)
+    n = 0 if exp.expectations is None else len(exp.expectations)
+    print(f"devdax-lab: verdict: every invariant and {n} expectation(s) hold")
     return 0
+
+
+def cmd_check(args) -> int:
+    """Run a scenario on each kernel and answer with an exit status."""
+    import tempfile
+    from pathlib import Path
+
+    from .experiment import run_experiment
+    from .progress import TextProgress
+
+    names = [k for k in args.kernel.split(",") if k]
+    exp = _maybe_judged(args, lambda: run_experiment(
+        Path(args.scenario), names, progress=TextProgress(), say=lambda *_: None))
+    if args.out:
+        _write_experiment(exp, args.out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="devdax-lab-check-") as tmp:
+            _write_experiment(exp, tmp)
+    return _judge(exp)
 
 
 def cmd_doctor(args) -> int:
@@ -317,6 +359,13 @@ def _add_show_command_argument(parser) -> None:
                         help="print the exact command lines it would start, and start nothing")
 
 
+def _add_check_argument(s) -> None:
+    s.add_argument(
+        "--check", action="store_true",
+        help="exit with the verdict: 0 every expectation and invariant holds, 1 one fails, "
+             "125 the kernel could not be tested (as devdax-lab check)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="devdax-lab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -360,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writeup_argument(s)
     _add_show_command_argument(s)
     _add_cold_argument(s)
+    _add_check_argument(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("compare", help="run a scenario on several kernels and report the differences")
@@ -370,7 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writeup_argument(s)
     _add_show_command_argument(s)
     _add_cold_argument(s)
+    _add_check_argument(s)
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser(
+        "check", help="is this kernel right? run a scenario and exit 0 (every expectation and "
+        "invariant holds), 1 (one fails: the first is printed) or 125 (the kernel could not be "
+        "tested): git bisect run's codes",
+        description="Example: devdax-lab check scenarios/fork-share.toml --kernel after")
+    s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
+    s.add_argument("--kernel", required=True, help="a kernel name or tree; a comma list for several")
+    s.add_argument("--out", help="also write the run directory here")
+    s.set_defaults(func=cmd_check, check=True)
 
     s = sub.add_parser("writeup", help="a run directory as a bug report: repro.c (standalone C "
                        "reproducer) and report.txt (plain text, 80 columns)")

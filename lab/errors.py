@@ -12,17 +12,24 @@ ever reaches the user as a traceback:
   go on with the lines that explain it (a console or log tail).
 - ``KeyboardInterrupt`` (130): interrupted; the CLI says so in one line.
 
+A verdict (``devdax-lab check``, ``run``/``compare --check``) uses ``git
+bisect run``'s codes instead: 0 every expectation and invariant holds, 1 one
+fails (:class:`VerdictFailed`), 125 the kernel could not be tested
+(:class:`Untestable`: a build, boot or agent failure).
+
 Domain errors keep their own names and modules (``VmError`` in ``lab.vm``,
 ``KernelError`` in ``lab.kernels`` ...) and derive from one of these two.
 """
 
 from __future__ import annotations
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "LabError", "LabFailure", "UserError"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_UNTESTABLE", "EXIT_USAGE", "LabError",
+           "LabFailure", "Untestable", "UserError", "VerdictFailed"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_UNTESTABLE = 125  # git bisect run: skip this commit
 
 
 class LabError(Exception):
@@ -44,3 +51,17 @@ class LabFailure(LabError):
     Subclasses carry what was run and the lines that explain the failure."""
 
     exit_status = EXIT_FAILURE
+
+
+class VerdictFailed(LabError):
+    """An expectation or invariant does not hold: exit 1, the first failure
+    in one line."""
+
+    exit_status = EXIT_FAILURE
+
+
+class Untestable(LabError):
+    """A verdict could not be reached: the kernel did not build or boot, or
+    the agent failed. Exit 125, so ``git bisect run`` skips the commit."""
+
+    exit_status = EXIT_UNTESTABLE

@@ -17,12 +17,13 @@ from pathlib import Path
 import pandas as pd
 
 from . import timeline as tl
+from .expect import check_expectations
 from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, RunResult, UserError
 from .runner import run_scenario
 from .scenario import Scenario, load_scenario
 
 __all__ = ["Experiment", "run_experiment", "frames_of", "provenance", "write_experiment",
-           "boot_options", "resolve_kernels"]
+           "boot_options", "resolve_kernels", "verdict"]
 
 
 @dataclass
@@ -37,6 +38,21 @@ class Experiment:
     violations: list[tl.Violation]
     meta: dict
     session_title: str = "notebook session"
+    expectations: pd.DataFrame | None = None
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per violation and failed expectation, the earliest
+        step first: the verdict is "holds" when there are none."""
+        from .expect import failed
+
+        lines = [(v.step, f"{v.invariant} at step {v.step} on {v.kernel}: {v.message}"
+                  + (f" ({v.field}: expected {v.expected}, actual {v.actual})" if v.field
+                     else "")) for v in self.violations]
+        if self.expectations is not None:
+            lines += [(int(r["step"]), r["message"])
+                      for _, r in failed(self.expectations).iterrows()]
+        return [text for _, text in sorted(lines, key=lambda x: x[0])]
 
     @property
     def title(self) -> str:
@@ -97,7 +113,11 @@ def provenance(scenario: Scenario, runs: Sequence[RunResult], choices: Sequence)
         k = choice.artifacts
         kernel_meta[run.kernel] = {
             "spelling": choice.spelling, "release": run.release, "packages": dict(k.packages),
-            "source": choice.source, "root": str(k.root) if k.root else None}
+            "source": choice.source, "root": str(k.root) if k.root else None,
+            # does a device-dax fault map the folio? probed from the fault
+            # handler's calls (lab.inspect.probes)
+            "counts_device_dax_mappings": run.counts_mappings,
+            "dax_fault_calls": list(run.dax_fault_calls)}
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "scenario": {"name": scenario.name, "title": scenario.title, "sha256": scenario.sha256,
@@ -116,7 +136,8 @@ def provenance(scenario: Scenario, runs: Sequence[RunResult], choices: Sequence)
 
 def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
                    progress: Callable | None = None, say=print,
-                   events: str | None = None, cold: bool = False) -> Experiment:
+                   events: str | None = None, cold: bool = False,
+                   verdict_reads: bool = True) -> Experiment:
     """Validate *scenario_path* (nothing boots if it is bad), then run it on
     each kernel in turn. *events* ("counts" or "stacks") watches every
     watched page's folio counters (else only the entries that ask). *cold*
@@ -130,12 +151,17 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
         say(f"devdax-lab: {scenario.name} on {choice.spelling}: booting")
         with Session.boot(choice, say=say, progress=progress, cold=cold,
                           **boot_options(scenario, events)) as session:
-            runs.append(run_scenario(session, scenario, progress=progress, events=events))
+            runs.append(run_scenario(session, scenario, progress=progress, events=events,
+                                     verdict_reads=verdict_reads))
     frames = frames_of(runs)
     differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
     violations = tl.check_invariants(frames["timeline"], frames["steps"])
+    frames["violations"] = tl.df_violations(violations)
+    expectations = check_expectations(scenario.expect, frames, [r.kernel for r in runs])
+    if scenario.expect:
+        frames["expectations"] = expectations
     return Experiment(scenario, runs, frames, differences, violations,
-                      provenance(scenario, runs, choices))
+                      provenance(scenario, runs, choices), expectations=expectations)
 
 
 def write_experiment(exp: Experiment, out: str | Path) -> Path:
@@ -157,7 +183,7 @@ def write_experiment(exp: Experiment, out: str | Path) -> Path:
         differences=exp.differences, violations=exp.violations, events=f.get("events"),
         accounting=f.get("accounting"), call_paths=f.get("call_paths"),
         signals=f.get("signals"), kernel_messages=f.get("kernel_messages"),
-        processes=f.get("processes"))
+        processes=f.get("processes"), expectations=exp.expectations)
 
 
 def resolve_kernels(kernel_names: Sequence[str], *, progress: Callable | None = None) -> list:
@@ -176,3 +202,17 @@ def boot_options(scenario: Scenario, events: str | None = None) -> dict:
     events when asked or when a watch entry asks."""
     return {"dax": PUD_LAYOUT if scenario.device >= PUD_DAX.align else DEFAULT_DAX,
             "events": bool(events) or any(w.events for w in scenario.watch_list)}
+
+
+def verdict(run: Callable[[], Experiment]) -> Experiment:
+    """*run* (an experiment) judged with ``git bisect run``'s codes: a
+    kernel that cannot be tested (build, boot, agent: a LabFailure) raises
+    Untestable (125); the experiment is returned, and the caller raises
+    VerdictFailed (1) when :attr:`Experiment.failures` is not empty."""
+    from .errors import LabFailure, Untestable
+
+    try:
+        return run()
+    except LabFailure as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise Untestable(f"the kernel could not be tested: {first}") from exc

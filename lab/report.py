@@ -120,11 +120,20 @@ def _table(frame: pd.DataFrame, *, max_rows: int | None = None) -> str:
                          max_rows=max_rows)
 
 
-def _verdict(violations: Sequence) -> str:
-    """The first violation, at the top of the report: which invariant, where,
-    expected and actual, in one paragraph."""
-    if not violations:
-        return "<p class='ok verdict'>Verdict: every invariant holds on every kernel at every step.</p>"
+def _verdict(violations: Sequence, expectations: pd.DataFrame | None = None) -> str:
+    """The first violation (or failed expectation), at the top of the
+    report: which invariant, where, expected and actual, in one paragraph."""
+    failed = (expectations[~expectations["passed"].fillna(False).astype(bool)]
+              if expectations is not None and len(expectations) else None)
+    first_failed = failed.iloc[0] if failed is not None and len(failed) else None
+    if not violations and first_failed is None:
+        held = f" and all {len(expectations)} expectations" if expectations is not None and len(
+            expectations) else ""
+        return (f"<p class='ok verdict'>Verdict: every invariant{held} holds on every kernel "
+                "at every step.</p>")
+    if first_failed is not None and (not violations or first_failed["step"] < violations[0].step):
+        return (f"<p class='bad verdict'>First failure: {_e(first_failed['message'])}"
+                + (f" — {_e(first_failed['why'])}" if first_failed["why"] else "") + "</p>")
     v = violations[0]
     where = ", ".join(x for x in (
         f"kernel {v.kernel}", f"step {v.step}" + (f" ({v.action})" if v.action else ""),
@@ -333,6 +342,7 @@ def build_report(
     signals: pd.DataFrame | None = None,
     kernel_messages: pd.DataFrame | None = None,
     processes: pd.DataFrame | None = None,
+    expectations: pd.DataFrame | None = None,
 ) -> Path:
     """Write ``report.html`` into *out_dir* (one file, plotly.js inline
     once, opens offline) and return its path."""
@@ -341,7 +351,7 @@ def build_report(
     violations = list(violations)
     complaints = complaints if complaints is not None else pd.DataFrame(
         columns=["kernel", "step", "action", "kind", "text"])
-    parts = [f"<h1>{_e(title)}</h1>", _verdict(violations),
+    parts = [f"<h1>{_e(title)}</h1>", _verdict(violations, expectations),
              _summary(title, meta, timeline, steps, complaints, violations),
              "<h2>Scenario</h2>", f"<pre class='scenario'>{_e(scenario_text)}</pre>"]
 
@@ -361,6 +371,13 @@ def build_report(
                      + _table(_violation_rows(violations)))
     else:
         parts.append("<p class='ok'>All invariants hold on every kernel at every step.</p>")
+
+    if expectations is not None and len(expectations):
+        parts.append("<h2>Expectations</h2>")
+        n_bad = int((~expectations["passed"].fillna(False).astype(bool)).sum())
+        parts.append(f"<p class='{'bad' if n_bad else 'ok'}'>{len(expectations) - n_bad} of "
+                     f"{len(expectations)} hold.</p>" + _table(expectations.drop(
+                         columns=["message"])))
 
     parts.append("<h2>Kernel complaints</h2>")
     if len(complaints):

@@ -40,17 +40,22 @@ class Recorder:
     """
 
     def __init__(self, session: Session, device: dict, scenario: Scenario | None = None,
-                 watched: dict[tuple[str, int], int] | None = None):
+                 watched: dict[tuple[str, int], int] | None = None, *,
+                 verdict_reads: bool = True):
         self.session = session
         self.device = device
+        # what the exact invariants need beyond the state itself (the kind
+        # of kernel, who holds each folio); off only to measure their cost
+        self.verdict_reads = verdict_reads
         self.model = GuestModel(device["align"], device["size"])
         self.watched = dict(watched or {})
         self.result = RunResult(scenario=scenario, kernel=session.kernel.name,
                                 kernel_spelling=session.kernel_spelling, release=session.vm.release, accel=session.vm.spec.accel,
                                 device=device)
         # does a device-dax fault map the folio here? (from the fault handler's code)
-        self.result.dax_fault_calls = tuple(sorted(probes.dax_fault_inserts(session.prog)))
-        self.result.counts_mappings = probes.counts_device_dax_mappings(session.prog)
+        if verdict_reads:
+            self.result.dax_fault_calls = tuple(sorted(probes.dax_fault_inserts(session.prog)))
+            self.result.counts_mappings = probes.counts_device_dax_mappings(session.prog)
         self.result.steps.append(self._snapshot(0, "start", None, "start", "", None, None,
                                                 time.monotonic(), self._console_marks()))
 
@@ -147,14 +152,15 @@ class Recorder:
         record = _snapshot(self.session, self.device, self.model, self.watched, step=index,
                            action=action, proc=proc, label=label, detail=detail, errno=errno_,
                            error=error, started=started, complaints_from=complaints_from,
-                           accounting=self.result.accounting)
+                           accounting=self.result.accounting,
+                           verdict_reads=self.verdict_reads)
         self._sync_events()
         return record
 
 
 def run_scenario(session: Session, scenario: Scenario, *,
                  progress: Callable[[str, int, int | None], None] | None = None,
-                 events: str | None = None) -> RunResult:
+                 events: str | None = None, verdict_reads: bool = True) -> RunResult:
     """Run every step of *scenario* in *session*'s guest, snapshot after each.
 
     An agent error on a step (an advice the kernel refuses, a fault) is
@@ -168,7 +174,7 @@ def run_scenario(session: Session, scenario: Scenario, *,
     first_pfn = device["start"] // PAGE
     watched = {(w.map, w.page): first_pfn + scenario.device_page(w.map, w.page)
                for w in scenario.watch_list}
-    recorder = Recorder(session, device, scenario, watched)
+    recorder = Recorder(session, device, scenario, watched, verdict_reads=verdict_reads)
     for w in scenario.watch_list:
         mode = events or w.events
         if mode:
@@ -269,7 +275,7 @@ def _held_pfns(guest: GuestModel, first_pfn: int) -> dict[str, dict[int, int]]:
 def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, *, step: int,
               action: str, proc: str | None, label: str, detail: str, errno: int | None,
               error: str | None, started: float, complaints_from: tuple[int, int],
-              accounting: list | None = None) -> StepRecord:
+              accounting: list | None = None, verdict_reads: bool = True) -> StepRecord:
     prog = session.prog
     agent = session.agent
     # Signals come with each worker's answers; a live worker is asked for
@@ -293,13 +299,13 @@ def _snapshot(session: Session, device: dict, guest: GuestModel, watched: dict, 
     pages: list[PageRecord] = []
     with session.stopped():
         rss_started = time.monotonic()
-        processes = _processes(prog, pids)
+        processes = _processes(prog, pids) if verdict_reads else []
         rss_seconds = time.monotonic() - rss_started
         if session.armed_watcher is not None and accounting is not None:
             # events from here on are counted, and named, for the next step
             accounting.extend(session.armed_watcher.reconcile(next_step=step + 1))
         first = device["start"] // PAGE
-        held = _held_pfns(guest, first)
+        held = _held_pfns(guest, first) if verdict_reads else {"pin": {}, "splice": {}}
         bulk = inspect.read_pages(prog, first, device["size"] // PAGE)
         pgmap = inspect.pgmap_state(prog, inspect.find_dev_pagemap(prog, first))
         for (map_name, page), pfn in sorted(watched.items()):

@@ -624,7 +624,16 @@ class Vm:
         qmp_sock = self._wait_for_socket(self.spec.run_dir / "qmp.sock", deadline)
         self.qmp = ThreadedQmp(qmp_sock)
         self.qmp.settimeout(10)
-        self.qmp.connect(negotiate=True)
+        from qemu.qmp import QMPError
+
+        try:
+            self.qmp.connect(negotiate=True)
+        except (OSError, QMPError) as exc:  # QEMU gave up at once (a kernel it cannot load)
+            time.sleep(0.2)  # let it exit
+            status = self.proc.poll()
+            why = f"exited with status {status}" if status is not None else "did not answer"
+            raise self.fail(VmError, f"QEMU {why} before its QMP monitor answered "
+                            f"({type(exc).__name__}: {exc})") from exc
         if self.spec.restore_from is not None:
             self._restore(self.spec.restore_from / "state")
 

@@ -222,7 +222,7 @@ class LabPanel:
 
     def _update_choices(self) -> None:
         lab = self.lab
-        choices = {"proc": lab.processes(), "map": list(lab.mappings), "pin": list(self.pins),
+        choices = {"proc": lab.live_processes(), "map": list(lab.mappings), "pin": list(self.pins),
                    "splice": list(self.pipes)}
         for action, widgets in self.fields.items():
             for f in REGISTRY[action].fields:

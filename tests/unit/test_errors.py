@@ -22,6 +22,7 @@ from lab.inspect import InspectError
 from lab.jupyter import JupyterStartError
 from lab.kernels import CommandError, KernelError
 from lab.guest import StepError
+from lab.pytest_plugin import ScenarioFailed
 from lab.scenario import ScenarioError
 from lab.vm import GuestCrashed, VmError, VmTimeout
 from lab.warm import WarmStartError
@@ -34,6 +35,9 @@ CASES = [
     (StepError('lab.unpin(): pin: no pin "nope" (pins so far: none)'), 2, 1),
     (errors.LabError("a lab error of no particular kind"), 1, 1),
     (errors.LabFailure("something the lab ran failed"), 1, 1),
+    (errors.VerdictFailed("rmap at step 4 on after: 2 PTE(s) map the page, _mapcount says 1"), 1, 1),
+    (ScenarioFailed(["rmap at step 4 on after: 2 PTE(s) map the page, _mapcount says 1"]), 1, 1),
+    (errors.Untestable("the kernel could not be tested: QEMU exited with status 1"), 125, 1),
     (VmError("QEMU exited with status 1"), 1, 1),
     (VmError("QEMU exited with status 1", console_tail=["[ 0.1] a", "[ 0.2] b"]), 1, 4),
     (GuestCrashed("the guest kernel crashed: Oops"), 1, 1),
