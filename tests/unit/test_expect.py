@@ -63,12 +63,15 @@ def test_bad_expectations_are_one_line_before_boot(expect, message):
 
 def test_the_shipped_expectations_hold_on_the_recorded_runs():
     for name in ("fork-share", "fault-2m", "pin-longterm", "splice-transient",
-                 "partial-munmap-2m"):
+                 "partial-munmap-2m", "hwpoison-4k"):
         scenario = load_scenario(ROOT / "scenarios" / f"{name}.toml")
         assert scenario.expect, f"{name} has no expectations"
         kernels = {e.kernel for e in scenario.expect}
         assert {"before", "after"} <= kernels | {"*"} and kernels - {"*"}, name
-        result = check_expectations(scenario.expect, _frames(name), ["before", "after"])
+        runs = load(GOLDEN / "records" / f"{name}.json")
+        frames = {"timeline": tl.df_timeline(runs), "steps": tl.df_steps(runs),
+                  "processes": tl.df_processes(runs)}
+        result = check_expectations(scenario.expect, frames, ["before", "after"])
         assert len(failed(result)) == 0, failed(result)["message"].tolist()
 
 
@@ -90,3 +93,11 @@ def test_delta_since_previous_and_start():
     assert result["passed"].all(), result["message"].tolist()
     assert list(result["wanted"]) == ["changed by +1 since the previous step",
                                       "changed by +0 since step 0", "changed by +0 since step 0"]
+
+
+def test_every_shipped_scenario_states_expectations_for_both_kernels():
+    for path in sorted((ROOT / "scenarios").glob("*.toml")):
+        scenario = load_scenario(path)
+        kernels = {e.kernel for e in scenario.expect}
+        assert "after" in kernels and "before" in kernels, path.name
+        assert all(e.why for e in scenario.expect), f"{path.name}: an expectation says no why"
