@@ -24,10 +24,19 @@ class RssState:
 
 
 def mm_rss(prog: drgn.Program, pid: int) -> RssState:
-    """The RSS counters of process *pid* (drgn's ``task_rss``: a sum of the
-    per-CPU counters since v6.2, "mm: convert mm's rss stats into
-    percpu_counter"; it is exact while the guest is stopped).
+    """The RSS counters of process *pid*: ``mm->rss_stat[MM_FILEPAGES]``,
+    ``[MM_ANONPAGES]``, ``[MM_SHMEMPAGES]`` of its ``struct mm_struct``.
 
+    drgn's ``task_rss`` probes the layout: since v6.2 (f1a7941243c1, "mm:
+    convert mm's rss stats into percpu_counter") ``rss_stat`` is an array of
+    ``struct percpu_counter``, summed over the CPUs as
+    ``percpu_counter_sum()`` does, as /proc/PID/status does with
+    ``get_mm_counter_sum()`` (both 6.12 and 7.2 have this form; exact while
+    the guest is stopped); before, a struct of atomics plus per-thread
+    caches, which it adds up too.
+
+    :param pid: the process's PID in the guest
+    :return: the counters in pages
     :raises InspectError: if there is no such process or it has no mm.
     """
     task = find_task(prog, pid)
