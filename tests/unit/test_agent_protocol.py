@@ -1,13 +1,16 @@
-"""Pure encode/decode helpers of the guest agent protocol (no VM, no agent)."""
+"""Pure encode/decode helpers of the guest agent protocol, and the client
+against canned answers (no VM, no agent)."""
 
 from __future__ import annotations
 
 import errno
 import json
+import socket
 
 import pytest
 
 from lab.agent import (
+    AgentClient,
     AgentDisconnected,
     AgentError,
     AgentTimeout,
@@ -135,3 +138,29 @@ def test_linebuffer_byte_at_a_time():
     data = b"ab\ncd\n"
     lines = [line for i in range(len(data)) for line in buf.feed(data[i:i + 1])]
     assert lines == [b"ab", b"cd"]
+
+
+def test_signals_in_answers_are_kept_for_take_signals():
+    """A worker's answer carries the signals it received (an error answer
+    too); the client moves them out of the results into take_signals(),
+    tagged with the process and command, and a stale answer's are kept."""
+
+    host, guest = socket.socketpair()
+    client = AgentClient(host)
+    sigbus = {"signal": 7, "code": 4, "addr": 4096, "addr_lsb": 12, "sender": 0}
+    guest.sendall(b'{"id":99,"ok":true,"signals":[{"signal":10,"code":0,"addr":0,'
+                  b'"addr_lsb":0,"sender":1}]}\n'
+                  b'{"id":1,"ok":true,"signals":[' + json.dumps(sigbus).encode() + b"]}\n"
+                  b'{"id":2,"ok":false,"errno":14,"error":"touch: SIGBUS","signals":['
+                  + json.dumps(sigbus).encode() + b'],"signals_lost":2}\n')
+    assert client.request("madvise", proc="a", addr=4096, length=4096, advice=100) == {}
+    with pytest.raises(AgentError) as info:
+        client.request("touch", proc="a", addrs=[4096], write=True)
+    assert info.value.errno == 14
+    taken = client.take_signals()
+    assert [(s["proc"], s["cmd"], s["signal"]) for s in taken] == [
+        (None, "?", 10), ("a", "madvise", 7), ("a", "touch", 7)]
+    assert {k: taken[1][k] for k in sigbus} == sigbus
+    assert client.take_signals() == []
+    host.close()
+    guest.close()
