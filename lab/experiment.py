@@ -155,7 +155,8 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
                                      verdict_reads=verdict_reads))
     frames = frames_of(runs)
     differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
-    violations = tl.check_invariants(frames["timeline"], frames["steps"])
+    violations = tl.check_invariants(frames["timeline"], frames["steps"],
+                                     frames.get("processes"), frames.get("kernel_messages"))
     frames["violations"] = tl.df_violations(violations)
     expectations = check_expectations(scenario.expect, frames, [r.kernel for r in runs])
     if scenario.expect:

@@ -374,28 +374,44 @@ def df_diff(timeline: pd.DataFrame, fields: Sequence[str] = DIFF_FIELDS) -> pd.D
 
 
 def describe_differences(diff: pd.DataFrame, kernels: Sequence[str]) -> list[str]:
-    """Plain-language sentences: one per step and set of pages that differ
-    the same way, each saying what the differing fields are consistent with
+    """Plain-language sentences: one per change (a set of pages differing the
+    same way, told once with the steps it spans), each saying what the differing fields are consistent with
     (docs/glossary.md). The refcount series is named only when the pattern
     is its own: refcount and a mapcount up by the same number of mappings on
     one kernel, the mapcount unmapped (-1) on the other."""
     if diff.empty:
         return ["The kernels agree on every watched field at every step."]
-    groups: dict[tuple, list[int]] = {}
+    # one sentence per change: a page differing the same way at several
+    # steps is told once, with the steps it spans; pages that share both
+    # the difference and the steps share the sentence
+    spans: dict[tuple, list[tuple[int, str]]] = {}
     for (step, action, map_name, page), g in diff.groupby(["step", "action", "map", "page"], sort=True):
         signature = tuple((r["field"], *(r[k] for k in kernels)) for _, r in g.iterrows())
-        groups.setdefault((step, action, map_name, signature), []).append(int(page))
+        spans.setdefault((map_name, int(page), signature), []).append((int(step), action))
+    changes: dict[tuple, list[int]] = {}
+    for (map_name, page, signature), steps in spans.items():
+        changes.setdefault((map_name, signature, tuple(steps)), []).append(page)
+    changes = {(m, tuple(sorted(p)), sig): list(steps) for (m, sig, steps), p in changes.items()}
     out = []
-    for (step, action, map_name, signature), pages in groups.items():
+    for (map_name, pages, signature), steps in sorted(changes.items(),
+                                                      key=lambda c: (c[1][0], c[0][1])):
         values = {sig[0]: dict(zip(kernels, sig[1:])) for sig in signature}
         parts = []
         for i, k in enumerate(kernels, start=1):
             parts.append(f"on {k}: " + ", ".join(f"{sig[0]} {sig[i]}" for sig in signature))
         why = "".join(f" {sentence}" for sentence in _explain(values, kernels))
         which = "page" if len(pages) == 1 else "pages"
-        out.append(f"Step {step} ({action}), {map_name} {which} {_pages_list(pages)}: "
+        out.append(f"{_steps_text(steps)}, {map_name} {which} {_pages_list(list(pages))}: "
                    + "; ".join(parts) + "." + why)
     return out
+
+
+def _steps_text(steps: Sequence[tuple[int, str]]) -> str:
+    """``Step 2 (touch)`` or ``Steps 2-3, 5 (touch, fork, exit)``."""
+    if len(steps) == 1:
+        return f"Step {steps[0][0]} ({steps[0][1]})"
+    actions = ", ".join(dict.fromkeys(a for _, a in steps))
+    return f"Steps {_pages_list([s for s, _ in steps])} ({actions})"
 
 
 _REFCOUNT_SERIES = ('"device/dax: properly refcount device dax pages when mapping" (Linux 6.15;'
@@ -753,6 +769,38 @@ def _inv_pin_visible(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Viol
                      actual=r[fld])
 
 
+def _inv_rss(processes: pd.DataFrame | None, steps: pd.DataFrame,
+             kernel_messages: pd.DataFrame | None = None) -> Iterable[Violation]:
+    """rss: a process's device-dax mappings are in the right counter. On a
+    kernel whose faults map folios, MM_FILEPAGES counts every device page
+    mapped (1 a PTE, 512 a PMD, 262144 a PUD: the inserts add the folio's
+    pages to mm_counter_file()), so it is at least what the watched entries
+    map; on one that inserts PFNs, device mappings move no counter, so a
+    process's MM_FILEPAGES stays what it was when it appeared. On any
+    kernel, a "Bad rss-counter state" line (check_mm() at exit) breaks it."""
+    counts = _counts_mappings(steps)
+    if processes is not None and len(processes):
+        first: dict[tuple, int] = {}
+        for _, r in processes.sort_values(["kernel", "step"]).iterrows():
+            if pd.isna(r["file_pages"]) or counts.get(r["kernel"]) is None:
+                continue
+            pages = int(r["device_pte"]) + 512 * int(r["device_pmd"]) + (
+                262144 * int(r["device_pud"]))
+            key = (r["kernel"], r["proc"], r["pid"])
+            base = first.setdefault(key, int(r["file_pages"]))
+            if counts[r["kernel"]] and r["file_pages"] < pages:
+                yield _v("rss", r, f"MM_FILEPAGES is {r['file_pages']} while the watched entries "
+                         f"map {pages} device pages", fld="file_pages", expected=f">= {pages}",
+                         actual=r["file_pages"])
+            elif not counts[r["kernel"]] and r["file_pages"] != base:
+                yield _v("rss", r, f"MM_FILEPAGES moved from {base} to {r['file_pages']} on a "
+                         "kernel whose device-dax mappings are not counted", fld="file_pages",
+                         expected=base, actual=r["file_pages"])
+    if kernel_messages is not None and len(kernel_messages):
+        for _, r in kernel_messages[kernel_messages["kind"] == "rss-counter"].iterrows():
+            yield _v("rss", r, f"the kernel complained at exit: {r['text']}")
+
+
 # name -> (check, whether it reads every row (True) or one row per page)
 INVARIANTS = {
     "rmap": (_inv_rmap, True),
@@ -765,12 +813,16 @@ INVARIANTS = {
 }
 
 
-def check_invariants(timeline: pd.DataFrame, steps: pd.DataFrame) -> list[Violation]:
-    """Every violation of every invariant in :data:`INVARIANTS`, the
+def check_invariants(timeline: pd.DataFrame, steps: pd.DataFrame,
+                     processes: pd.DataFrame | None = None,
+                     kernel_messages: pd.DataFrame | None = None) -> list[Violation]:
+    """Every violation of every invariant in :data:`INVARIANTS` (and of
+    ``rss`` when the run recorded processes or kernel messages), the
     earliest step first (then in the order of INVARIANTS)."""
     pages = _per_page(timeline)
     out: list[Violation] = []
     for check, every_row in INVARIANTS.values():
         out.extend(check(timeline if every_row else pages, steps))
-    order = list(INVARIANTS)
+    out.extend(_inv_rss(processes, steps, kernel_messages))
+    order = [*INVARIANTS, "rss"]
     return sorted(out, key=lambda v: (v.step, order.index(v.invariant)))

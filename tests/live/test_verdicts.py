@@ -25,7 +25,7 @@ def _cli(*args, timeout=900):
 def test_every_shipped_scenario_holds_on_both_kernels_through_the_pytest_plugin(tmp_path):
     junit = tmp_path / "junit.xml"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "lab.pytest_plugin", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",  # the plugin: entry point
          "--devdax-kernel", "before,after", "--devdax-out", str(tmp_path / "runs"),
          f"--junitxml={junit}", "--rootdir", str(tmp_path), "-o", "addopts=",
          *map(str, SCENARIOS)],

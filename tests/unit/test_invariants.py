@@ -156,3 +156,33 @@ def test_violations_are_ordered_by_step_and_become_a_frame():
     frame = tl.df_violations(found)
     assert list(frame.columns) == list(tl.VIOLATION_COLUMNS)
     assert frame.iloc[0]["step"] == 2 and frame.iloc[0]["invariant"] == "refs"
+
+
+def _hwpoison(kernel: str):
+    runs = [r for r in load(GOLDEN / "records" / "hwpoison-4k.json") if r.kernel == kernel]
+    for r in runs:  # captured before the probe existed: what it answers on these kernels
+        r.counts_mappings = kernel == "after"
+    return (tl.df_timeline(runs), tl.df_steps(runs), tl.df_processes(runs),
+            tl.df_kernel_messages(runs))
+
+
+@pytest.mark.parametrize("kernel", ["before", "after"])
+def test_rss_holds_on_the_recorded_memory_failure(kernel):
+    assert tl.check_invariants(*_hwpoison(kernel)) == []
+
+
+def test_rss_broken():
+    t, s, p, k = _hwpoison("after")
+    row = p.index[(p["step"] == 4) & (p["proc"] == "b")][0]
+    p.loc[row, "file_pages"] = 0  # b maps page 1 by a PTE: MM_FILEPAGES must count it
+    (v,) = [v for v in tl.check_invariants(t, s, p, k) if v.invariant == "rss"]
+    assert (v.step, v.proc, v.field, v.expected, v.actual) == (4, "b", "file_pages", ">= 1", "0")
+    t, s, p, k = _hwpoison("before")
+    p.loc[p.index[(p["step"] == 2) & (p["proc"] == "a")], "file_pages"] = 1
+    (v,) = [v for v in tl.check_invariants(t, s, p, k) if v.invariant == "rss"]
+    assert v.step == 2 and "moved from 0 to 1" in v.message
+    k = pd.DataFrame([{"kernel": "before", "step": 7, "action": "exit", "kind": "rss-counter",
+                       "text": "BUG: Bad rss-counter state mm:00000000 type:MM_FILEPAGES val:-1"}])
+    t, s, p, _ = _hwpoison("before")
+    (v,) = [v for v in tl.check_invariants(t, s, p, k) if v.invariant == "rss"]
+    assert v.step == 7 and "Bad rss-counter state" in v.message

@@ -27,3 +27,13 @@ def test_console_script_points_at_cli_main():
     from lab import cli
 
     assert callable(cli.main)
+
+
+def test_the_pytest_plugin_is_an_entry_point():
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"]["pytest11"] == {"devdax_lab": "lab.pytest_plugin"}
+    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="pytest11")}
+    assert installed.get("devdax_lab") == "lab.pytest_plugin"  # make setup reinstalls on change

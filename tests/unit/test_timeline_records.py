@@ -49,3 +49,15 @@ def test_each_column_comes_from_its_record_field(name):
         assert pd.isna(row["pt_level"])
     else:
         assert row["pt_level"] == pr.pte.level and bool(row["pt_young"]) == pr.pte.young
+
+
+def test_each_difference_is_told_once_with_the_steps_it_spans():
+    runs = load(GOLDEN / "records" / "fork-share.json")
+    lines = tl.describe_differences(tl.df_diff(tl.df_timeline(runs)), ["before", "after"])
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("Steps 2-5 (touch, fork, exit), m pages 0-1: on before: "
+                               "refcount 1, mapcount -1")
+    assert lines[2].startswith("Step 4 (touch), m pages 2-3: on before: refcount 1, mapcount -1"
+                               ", pt_special True, pt_devmap True; on after: refcount 3, "
+                               "mapcount 1")
+    assert len(set(lines)) == len(lines)
