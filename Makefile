@@ -1,8 +1,15 @@
 # Two commands on a fresh machine: `make lab` and `make test`. Each target
 # only calls scripts/setup.sh, the CLI or pytest.
 KERNELS ?= before after
-DEVDAX := .venv/bin/devdax-lab
-PYTEST := .venv/bin/python -m pytest
+# Inside an activated conda environment other than base (environment.yml),
+# its python and devdax-lab; else the .venv that setup.sh makes.
+ifneq ($(and $(CONDA_PREFIX),$(filter-out base,$(CONDA_DEFAULT_ENV))),)
+BIN := $(CONDA_PREFIX)/bin
+else
+BIN := .venv/bin
+endif
+DEVDAX := $(BIN)/devdax-lab
+PYTEST := $(BIN)/python -m pytest
 
 .PHONY: lab test setup prepare unit live bench doctor
 

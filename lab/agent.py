@@ -1,4 +1,4 @@
-"""Host side of the guest agent protocol (vm-images/agent/agent.c).
+"""Host side of the guest agent protocol (lab/data/vm-images/agent/agent.c).
 
 The guest agent listens on a virtio-serial port and speaks ONE JSON OBJECT PER
 LINE in each direction: the host writes ``{"id": 7, "cmd": "touch", ...}`` and

@@ -180,7 +180,7 @@ def bench_build(runs: int = 3) -> int:
     shutil.rmtree(obj, ignore_errors=True)
     obj.mkdir(parents=True)
     log.write_text("")
-    print(f"build: {tree.name} with kernel/devdax-lab.config, {os.cpu_count()} cores, "
+    print(f"build: {tree.name} with lab/data/kernel/devdax-lab.config, {os.cpu_count()} cores, "
           f"CC={build._cc()}")
     t = time.monotonic()
     build.configure(tree, obj, log, say=quiet)

@@ -18,7 +18,7 @@ directory):
   across file systems), and patched with ``patch -p1`` after the files each
   patch touches have been made private copies.
 
-The configuration is ``make tinyconfig`` plus ``kernel/devdax-lab.config``
+The configuration is ``make tinyconfig`` plus ``lab/data/kernel/devdax-lab.config``
 merged with the tree's own ``scripts/kconfig/merge_config.sh``; every
 ``CONFIG_X=y`` line of the fragment must survive into the final ``.config``.
 
@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lab.cache import atomic_entry, cache_root, locked, sha256_file
+from lab.data import data_path
 from lab.errors import LabFailure
 from lab.kernels import load_catalog
 from lab.kernels.built import (  # the registry's read side, re-exported
@@ -93,7 +94,7 @@ __all__ = [
     "worktree_paths",
 ]
 
-FRAGMENT_PATH = Path(__file__).resolve().parent.parent / "kernel" / "devdax-lab.config"
+FRAGMENT_PATH = data_path("kernel", "devdax-lab.config")
 ARCH = "x86"
 #: a build of the same tree by another process may take this long (a cold
 #: defconfig build takes about 15 min here)

@@ -25,7 +25,6 @@ DEBIAN_PACKAGES = {
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
     "xz": "xz-utils",
-    "zstd": "zstd",
     "chromium": "chromium",
 }
 
@@ -57,6 +56,17 @@ def _static_libc() -> Check:
     found = any(Path(p).exists() for p in ("/usr/lib/x86_64-linux-gnu/libc.a", "/usr/lib/libc.a"))
     return Check("static libc (for the guest agent)", found, "libc.a present" if found else "libc.a missing",
                  APT_FIX.format(pkg="libc6-dev"))
+
+
+def _data_files() -> Check:
+    from .data import DATA_DIR, data_path
+
+    wanted = [("kernel", "catalog.toml"), ("kernel", "devdax-lab.config"),
+              ("vm-images", "image.toml"), ("vm-images", "init.sh"), ("vm-images", "agent", "agent.c")]
+    missing = ["/".join(parts) for parts in wanted if not data_path(*parts).is_file()]
+    return Check("lab data files", not missing,
+                 str(DATA_DIR) if not missing else f"missing in {DATA_DIR}: {', '.join(missing)}",
+                 "reinstall devdax-lab (pip install .): the package ships them")
 
 
 def _python_modules() -> Iterator[Check]:
@@ -95,5 +105,5 @@ def _accel() -> Check:
 
 
 def run_checks() -> list[Check]:
-    return [*_program_checks(), _static_busybox(), _static_libc(), *_python_modules(),
+    return [*_program_checks(), _static_busybox(), _static_libc(), _data_files(), *_python_modules(),
             *_writable_dirs(), _accel()]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import atomic_entry, cache_root, hash_inputs, sha256_file
+from .data import data_path
 from .errors import LabFailure
 from .model import KernelArtifacts, UserError
 
@@ -33,7 +34,7 @@ __all__ = [
     "build_image",
 ]
 
-IMAGE_DIR = Path(__file__).resolve().parent.parent / "vm-images"
+IMAGE_DIR = data_path("vm-images")
 
 
 class ImageError(LabFailure):

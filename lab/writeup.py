@@ -267,7 +267,7 @@ C_STEPS: Mapping[str, CStep] = {
 }
 
 # Support functions, each the same system calls the guest agent makes for
-# the action (vm-images/agent/agent.c), so the kernel sees the same thing.
+# the action (lab/data/vm-images/agent/agent.c), so the kernel sees the same thing.
 _HELPERS: dict[str, str] = {
     "map_device": r"""
 /* mmap the device at an address aligned as the lab aligns it: reserve

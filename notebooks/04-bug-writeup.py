@@ -26,10 +26,11 @@
 #
 # The sections below are those of the write-up: Summary, Expected vs
 # actual, Steps, Evidence, Reproducer, Environment. Change the parameters in
-# the next cell, or run it with papermill:
+# the next cell (the cell is tagged `parameters`, so papermill's `-p` works
+# too, if you install it). The same files without a notebook:
 #
-#     papermill notebooks/04-bug-writeup.ipynb out.ipynb \
-#         -p scenario scenarios/pin-longterm.toml -p kernels before,after -p out out/pin
+#     devdax-lab compare scenarios/pin-longterm.toml --kernels before,after \
+#         --out out/pin --writeup
 #
 # Relative paths are relative to the repository root.
 

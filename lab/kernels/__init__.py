@@ -9,7 +9,7 @@ binaries with full DWARF, so this package downloads them with apt and keeps
 only what the lab uses: the bzImage, the DWARF vmlinux, the device-dax
 modules (decompressed, in load order) and their debug files.
 
-Nothing is hard-coded about versions: ``kernel/catalog.toml`` gives a regex
+Nothing is hard-coded about versions: ``lab/data/kernel/catalog.toml`` gives a regex
 over package names and templates, and the newest matching ABI in the apt
 index is taken. ``before`` comes through the machine's apt configuration;
 ``after`` through a private apt configuration under the cache (the machine's

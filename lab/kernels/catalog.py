@@ -1,4 +1,4 @@
-"""``kernel/catalog.toml``: the named kernels, which Debian packages hold
+"""``lab/data/kernel/catalog.toml``: the named kernels, which Debian packages hold
 them and where their files are inside (pure: parsing and templates)."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab.data import data_path
 from lab.errors import UserError
 
 __all__ = ["CATALOG_PATH", "ROLES", "AptSource", "CatalogEntry", "load_catalog", "parse_catalog"]
 
 
-CATALOG_PATH = Path(__file__).resolve().parents[2] / "kernel" / "catalog.toml"
+CATALOG_PATH = data_path("kernel", "catalog.toml")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ PATHS = ("vmlinuz", "vmlinux", "modules", "module_debug")
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """One named kernel of ``kernel/catalog.toml``."""
+    """One named kernel of ``lab/data/kernel/catalog.toml``."""
 
     name: str
     description: str
@@ -164,7 +165,7 @@ def parse_catalog(text: str) -> dict[str, CatalogEntry]:
 
 
 def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
-    """:func:`parse_catalog` of ``kernel/catalog.toml`` (or *path*)."""
+    """:func:`parse_catalog` of ``lab/data/kernel/catalog.toml`` (or *path*)."""
     path = path or CATALOG_PATH
     try:
         text = path.read_text()

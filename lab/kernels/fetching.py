@@ -176,7 +176,7 @@ def build_entry(
             raise KernelError(
                 f"{pkg}: {e}; modules were read from {', '.join(entry.module_dirs)} under "
                 f"{entry.path('modules', abi)} (add its directory to module_dirs in "
-                f"kernel/catalog.toml)"
+                f"lab/data/kernel/catalog.toml)"
             ) from e
         for name in order:
             rel, ko = result.modules[name]

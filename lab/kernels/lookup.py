@@ -25,7 +25,7 @@ __all__ = ["KernelStatus", "fetch", "known_kernels", "resolve", "status"]
 
 
 def known_kernels() -> list[str]:
-    """The names in ``kernel/catalog.toml``, in file order, then the kernels
+    """The names in ``lab/data/kernel/catalog.toml``, in file order, then the kernels
     built by ``devdax-lab kernel build`` (:mod:`lab.build`), sorted."""
     catalog = list(load_catalog())
     return catalog + [n for n in built_names() if n not in catalog]

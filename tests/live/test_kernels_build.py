@@ -1,4 +1,4 @@
-"""A kernel built from source with kernel/devdax-lab.config: Debian's
+"""A kernel built from source with lab/data/kernel/devdax-lab.config: Debian's
 linux-source-6.12 (installed by scripts/setup.sh, unpacked once into the
 cache) built with `devdax-lab kernel build`, booted, and run through
 fault-4k next to the prebuilt `before` (Debian's 6.12 binary): the same

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from lab.agent import AgentClient, AgentDisconnected, AgentError, AgentTimeout
+from lab.data import data_path
 
-AGENT_SRC = Path(__file__).resolve().parents[2] / "vm-images" / "agent" / "agent.c"
+AGENT_SRC = data_path("vm-images", "agent", "agent.c")
 PAGE = _mmap.PAGESIZE
 MiB = 1 << 20
 DEV_SIZE = 16 * MiB
