@@ -286,6 +286,19 @@ class Lab:
         with self._session.stopped():
             return vma_state(self._session.prog, pid, m.addr)
 
+    def folio_mapping(self, target: Mapping | int, page: int = 0) -> dict:
+        """``folio->mapping`` (hex address, None when unset) and
+        ``folio->index`` of the folio holding page *page* of mapping *target*
+        (or PFN *target*), read with drgn while the guest is stopped."""
+        from .inspect.mapping import folio_mapping
+
+        self._need_live()
+        pfn, _where = self._pfn_of(target, page)
+        with self._session.stopped():
+            fm = folio_mapping(self._session.prog, pfn)
+        return {"mapping": f"{fm.mapping:#x}" if fm.mapping else None, "anon": fm.anon,
+                "index": fm.index}
+
     def read_pagemap(self, m: Mapping, pages: int | Sequence[int | str] = (0,), *,
                      proc: str | None = None, label: str | None = None) -> list[dict]:
         """Read /proc/PID/pagemap for *pages* of *m* in the guest, the way a

@@ -140,6 +140,11 @@ def _pgmap_ref(lab, _tour) -> Any:
     return lab.steps.iloc[-1]["pgmap_ref"]
 
 
+def _mapping_kept(lab, _tour) -> bool:
+    pfn = _page_row(lab, 0, "a")["pfn"]
+    return lab.folio_mapping(int(pfn))["mapping"] is not None
+
+
 def _rss_file_change(lab, tour: Tour) -> int:
     return lab.rss("a")["RssFile"] - tour.marked_rss_file(lab)
 
@@ -216,8 +221,15 @@ _QUESTIONS = [
              "refcount-at-rest"),
     Question("mapcount_unmapped", "And the raw _mapcount?", _field("mapcount"),
              ("No mapping left: -1.",
-              ("folio->mapping and ->index stay set: dax_set_mapping() wrote them at fault time and"
-              " nothing clears them for GENERIC.")), "mapping-index"),
+              "The zap's folio_remove_rmap_pte() took back what folio_add_file_rmap_pte() added."),
+             "mapcount"),
+    Question("mapping_kept",
+             "Is the folio's ->mapping still set after the last unmap (True or False)?",
+             _mapping_kept,
+             (("dax_set_mapping() set ->mapping and ->index at the first fault, and nothing"
+               " clears them for a GENERIC folio."),
+              "7.2's free_zone_device_folio() leaves ->mapping alone for FS_DAX and GENERIC."),
+             "mapping-index"),
     Question("before_refcount", "On before (6.12), page 0's refcount after the same write fault?",
              _field("refcount"),
              (("__dev_dax_pte_fault() on 6.12 calls vmf_insert_mixed() with a PFN_DEV|PFN_MAP pfn:"

@@ -103,7 +103,8 @@ tour.ask(lab, "refcount_pinned", "pgmap_ref_pinned")
 # ## Step 5: tear it all down
 #
 # Unpin, let `b` exit, then unmap in `a`: predict page 0's refcount after
-# each, and its raw mapcount at the end.
+# each, its raw mapcount at the end, and whether the folio still names the
+# file it was mapped from (`folio->mapping`, read with drgn).
 
 # %%
 lab.unpin(pin)
@@ -115,7 +116,7 @@ tour.ask(lab, "refcount_b_exited")
 
 # %%
 lab.munmap(m)
-tour.ask(lab, "refcount_unmapped", "mapcount_unmapped")
+tour.ask(lab, "refcount_unmapped", "mapcount_unmapped", "mapping_kept")
 
 # %% [markdown]
 # The whole walk, per step (refcount on top, raw mapcount below):

@@ -125,6 +125,7 @@ TOUR_PREDICTIONS = {
     "refcount_two_mappings": 3, "mapcount_two_mappings": 1, "refcount_pinned": 3 + 1024,
     "pgmap_ref_pinned": device_pages("4K") + 1, "refcount_unpinned": 3,
     "refcount_b_exited": 2, "refcount_unmapped": 1, "mapcount_unmapped": -1,
+    "mapping_kept": True,
     "before_refcount": 1, "before_mapcount": -1, "before_pt_devmap": True,
     "before_pt_special": True, "before_rss_file_change": 0,
 }
