@@ -14,12 +14,17 @@ __all__ = ["device_pages", "repo_root", "scenario_path"]
 
 
 def repo_root() -> Path:
-    """The checkout this package runs from (it holds scenarios/ and
-    notebooks/): the package is installed editable, so it is lab/'s parent."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "scenarios").is_dir():
-        raise UserError(f"{root} has no scenarios/: run from a devdax-lab checkout")
-    return root
+    """The devdax-lab checkout (the directory holding scenarios/ and
+    notebooks/): lab/'s parent for an editable install, else the working
+    directory or the nearest of its parents (a notebook runs from the
+    checkout or from its notebooks/)."""
+    here = Path(__file__).resolve().parent.parent
+    cwd = Path.cwd().resolve()
+    for root in (here, cwd, *cwd.parents):
+        if (root / "scenarios").is_dir() and (root / "notebooks").is_dir():
+            return root
+    raise UserError(f"no devdax-lab checkout (scenarios/ and notebooks/) at {here} or above "
+                    f"{cwd}: run from a checkout")
 
 
 def scenario_path(name: str) -> Path:

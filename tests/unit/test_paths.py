@@ -19,6 +19,20 @@ def test_repo_root_is_this_checkout():
     assert repo_root() == ROOT
 
 
+def test_repo_root_from_the_working_directory(monkeypatch, tmp_path):
+    """An installed (not editable) package: the checkout is found from the
+    notebook's working directory; nowhere, a one-line UserError."""
+    import lab.paths as paths
+
+    fake = tmp_path / "site-packages" / "lab" / "paths.py"
+    monkeypatch.setattr(paths, "__file__", str(fake))
+    monkeypatch.chdir(ROOT / "notebooks")
+    assert repo_root() == ROOT
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no devdax-lab checkout"):
+        repo_root()
+
+
 def test_scenario_path_with_and_without_suffix():
     assert scenario_path("fault-4k") == scenario_path("fault-4k.toml") == \
         ROOT / "scenarios" / "fault-4k.toml"
