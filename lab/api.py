@@ -384,7 +384,14 @@ class Lab:
         """The ipywidgets control panel (lab.widgets)."""
         from .widgets import LabPanel
 
-        return LabPanel(self).widget
+        return LabPanel(self, boot=type(self).boot).widget
+
+    @classmethod
+    def boot_panel(cls, kernel: str = "after"):
+        """A panel with no kernel booted yet: pick one and click Boot."""
+        from .widgets import LabPanel
+
+        return LabPanel(None, kernel=kernel, boot=cls.boot)
 
     def save(self, directory: str | Path) -> Path:
         """Write the frames, meta.json and report.html like `devdax-lab run`

@@ -8,8 +8,8 @@ own. Every button calls one :class:`~lab.api.Lab` method; the chart is
     lab = Lab.boot("after")
     lab.panel()                      # a panel over a live Lab
 
-    from lab.widgets import LabPanel
-    LabPanel.boot_panel("after")     # from nothing: pick a kernel, click Boot
+    from lab import Lab
+    Lab.boot_panel("after")          # from nothing: pick a kernel, click Boot
 
 Stable CSS classes (for browser tests): ``devdax-panel`` (the whole panel),
 ``devdax-kernel``, ``devdax-boot``, ``devdax-status``, ``devdax-action``,
@@ -28,7 +28,6 @@ import plotly.graph_objects as go
 
 from . import columns
 from .actions import REGISTRY, Field
-from .api import Lab
 from .guest import MADVISE
 from .model import UserError
 
@@ -61,11 +60,15 @@ class LabPanel:
     """Controls, a live refcount/mapcount chart and a state table over *lab*.
 
     With no Lab (or one that is not live), the panel starts with a kernel
-    picker and a Boot button; booting replaces ``self.lab``.
+    picker and a Boot button; booting (with *boot*, `Lab.boot` when the
+    panel comes from `Lab.boot_panel`) replaces ``self.lab``. The panel
+    imports nothing of the notebook API: it is handed a Lab, or a way to
+    boot one.
     """
 
-    def __init__(self, lab: Lab | None = None, *, kernel: str = "after"):
+    def __init__(self, lab=None, *, kernel: str = "after", boot=None):
         self.lab = lab
+        self._boot = boot
         self.last_error: str = ""
 
         # -- boot -------------------------------------------------------------
@@ -111,11 +114,6 @@ class LabPanel:
                                        self.chart, self.table]), "devdax-panel")
         self._refresh()
 
-    @classmethod
-    def boot_panel(cls, kernel: str = "after") -> LabPanel:
-        """A panel with no Lab yet: pick a kernel and click Boot."""
-        return cls(None, kernel=kernel)
-
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
@@ -126,7 +124,10 @@ class LabPanel:
         self._set_status(f"booting {kernel}… (about 4 s under TCG)")
         self._set_error("")
         try:
-            self.lab = Lab.boot(kernel, pud=self.pud.value, say=self._set_status)
+            if self._boot is None:
+                raise UserError("this panel cannot boot a kernel: open it with "
+                                "Lab.boot_panel() or lab.panel()")
+            self.lab = self._boot(kernel, pud=self.pud.value, say=self._set_status)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line in the panel
             self._set_error(_one_line(exc))
         finally:

@@ -198,9 +198,9 @@ def test_bug_writeup_with_parameters(tmp_path):
 def test_panel_steps_and_errors_headless():
     """The panel without a browser: boot from the panel, steps from its
     widgets, a mistake as one line and the panel still usable after it."""
-    from lab.widgets import LabPanel
+    from lab import Lab
 
-    panel = LabPanel.boot_panel("after")
+    panel = Lab.boot_panel("after")
     assert panel.controls.layout.display == "none"
     panel.run_button.click()  # nothing booted: one line, no exception
     assert "boot" in panel.last_error

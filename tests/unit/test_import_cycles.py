@@ -24,12 +24,8 @@ import pytest
 LAB = Path(__file__).resolve().parents[2] / "lab"
 
 #: cycles through deferred imports that are known, as sets of modules
-DEFERRED_CYCLES = {
-    # Lab.panel() opens the ipywidgets panel, which is built on Lab; the
-    # panel's import is deferred into panel(). (The notebook API rewrite of
-    # issue 12 is to remove it.)
-    frozenset({"lab.api", "lab.widgets"}),
-}
+# none: every cycle, deferred or not, is a failure
+DEFERRED_CYCLES: set[frozenset[str]] = set()
 
 
 def _module_name(path: Path, root: Path) -> str:
