@@ -1,11 +1,13 @@
-"""``struct folio`` state of one PFN, on kernels from 6.12 to 7.x."""
+"""``struct folio`` state of one PFN, on kernels from 6.12 to 7.x, read with
+`lab.drgn_helpers` (the member probes live there); the counters read are the
+ones `lab.columns.COUNTERS` declares."""
 
 from __future__ import annotations
 
 from types import MappingProxyType
 
 import drgn
-from drgn import Object, cast
+from drgn import Object
 from drgn.helpers.linux.mm import (
     compound_head,
     compound_order,
@@ -17,40 +19,15 @@ from drgn.helpers.linux.mm import (
 )
 
 from ..columns import COUNTERS
+from ..drgn_helpers import has_member, page_folio, page_pgmap
 from ..model import FolioState
 from .attach import InspectError
 
 __all__ = ["folio_state", "folio_counters", "page_pgmap", "has_member"]
 
 
-def has_member(prog: drgn.Program, type_name: str, member: str) -> bool:
-    """Whether *type_name* has *member* (cached in ``prog.cache``)."""
-    key = ("devdax-lab.has_member", type_name, member)
-    try:
-        return prog.cache[key]
-    except KeyError:
-        pass
-    try:
-        prog.type(type_name).member(member)
-        found = True
-    except LookupError:
-        found = False
-    prog.cache[key] = found
-    return found
-
-
 def _atomic(obj: Object) -> int:
     return obj.counter.value_()
-
-
-def page_pgmap(page: Object) -> Object:
-    """The ``struct dev_pagemap *`` of a ZONE_DEVICE *page* (``struct page *``)."""
-    prog = page.prog_
-    # The pgmap moved from struct page to struct folio in Linux 6.15
-    # ("mm: move pgmap to folio", part of the ZONE_DEVICE refcount series).
-    if has_member(prog, "struct page", "pgmap"):
-        return page.pgmap
-    return cast("struct folio *", compound_head(page)).pgmap
 
 
 def _counter_object(page: Object, folio: Object, order: int, column) -> Object | None:
@@ -58,9 +35,9 @@ def _counter_object(page: Object, folio: Object, order: int, column) -> Object |
     where this folio has no such counter.
 
     Large-folio counters live in the first tail page and exist only for
-    large folios; which exist is probed: ``_large_mapcount`` and
-    ``_entire_mapcount`` came with "mm: rmap: add large folio mapcount" era
-    changes. ``_nr_pages_mapped`` is still a member in 7.2 but is not
+    large folios; which exist is probed (`lab.drgn_helpers.has_member`):
+    ``_large_mapcount`` came with "mm: track mapcount of large folios in
+    single value" (05c5323b2a34, 6.11). ``_nr_pages_mapped`` is still a member in 7.2 but is not
     maintained under CONFIG_NO_PAGE_MAPCOUNT ("mm: CONFIG_NO_PAGE_MAPCOUNT to
     prepare for not maintain per-page mapcounts in large folios"): the
     probe keeps a tree that drops the member readable.
@@ -92,7 +69,7 @@ def folio_state(prog: drgn.Program, pfn: int, *, zone_device_only: bool = True) 
         raise InspectError(f"PFN {pfn:#x} has no struct page (outside every memory section)") from exc
     pgmap = pgmap_obj.value_() if pgmap_obj else None
     head = compound_head(page)
-    folio = cast("struct folio *", head)
+    folio = page_folio(page)
     order = compound_order(head).value_()
     counters = {}
     for column in COUNTERS:
@@ -126,7 +103,7 @@ def folio_counters(prog: drgn.Program, pfn: int) -> tuple[int, int, list[tuple[s
     if not find_dev_pagemap(prog, pfn):
         raise InspectError(f"PFN {pfn:#x} is not on any device-dax namespace (no dev_pagemap covers it)")
     head = compound_head(pfn_to_page(prog, pfn))
-    folio = cast("struct folio *", head)
+    folio = page_folio(head)
     order = compound_order(head).value_()
     out = []
     # the head page's own counters: a watch follows the folio, not one page

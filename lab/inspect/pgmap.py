@@ -4,56 +4,30 @@ from __future__ import annotations
 
 import drgn
 from drgn import Object
-from drgn.helpers.linux.cpumask import for_each_possible_cpu
-from drgn.helpers.linux.percpu import per_cpu_ptr
-from drgn.helpers.linux.xarray import xa_load
 
+from .. import drgn_helpers as helpers
 from ..model import PercpuRefState, PgmapState
 from .attach import InspectError
 
 __all__ = ["find_dev_pagemap", "pgmap_state", "percpu_ref_state"]
 
-# include/linux/percpu-refcount.h: __PERCPU_REF_ATOMIC = 1 << 0,
-# __PERCPU_REF_DEAD = 1 << 1 (flag bits in the low bits of percpu_count_ptr).
-_PERCPU_REF_ATOMIC = 1
-_PERCPU_REF_DEAD = 2
-
 
 def find_dev_pagemap(prog: drgn.Program, pfn: int) -> Object:
-    """The ``struct dev_pagemap *`` covering *pfn*, or a NULL pointer.
+    """The ``struct dev_pagemap *`` covering *pfn*, or a NULL pointer
+    (`lab.drgn_helpers.find_dev_pagemap`).
 
-    Looks the PFN up in ``pgmap_array`` as get_dev_pagemap() does.
+    :raises InspectError: on a kernel without ZONE_DEVICE / ``pgmap_array``.
     """
-    entry = xa_load(prog["pgmap_array"].address_of_(), pfn)
-    return drgn.cast("struct dev_pagemap *", entry)
+    try:
+        return helpers.find_dev_pagemap(prog, pfn)
+    except helpers.UnsupportedKernelError as exc:
+        raise InspectError(str(exc)) from exc
 
 
 def percpu_ref_state(ref: Object) -> PercpuRefState:
-    """Sum a ``struct percpu_ref`` as percpu_ref_read()/percpu_ref_is_zero() would.
-
-    In per-CPU mode the count is the atomic part plus every possible CPU's
-    counter, minus PERCPU_COUNT_BIAS (1 << (BITS_PER_LONG - 1)) which the
-    atomic part carries while per-CPU counting is on. Only the sum means
-    anything: gets and puts may land on different CPUs.
-    """
-    prog = ref.prog_
-    ptr = ref.percpu_count_ptr.value_()
-    atomic = ref.data.count.counter.value_()
-    if ptr & _PERCPU_REF_DEAD:
-        mode = "dead"
-    elif ptr & _PERCPU_REF_ATOMIC:
-        mode = "atomic"
-    else:
-        mode = "percpu"
-    if mode != "percpu":
-        return PercpuRefState(count=atomic, mode=mode)
-    bits = 8 * prog.type("unsigned long").size
-    counters = Object(prog, "unsigned long *", ptr & ~3)
-    total = sum(per_cpu_ptr(counters, cpu)[0].value_() for cpu in for_each_possible_cpu(prog))
-    count = (atomic + total - (1 << (bits - 1))) % (1 << bits)
-    if count >= 1 << (bits - 1):
-        count -= 1 << bits  # a negative count is a bug worth seeing as such
-    return PercpuRefState(count=count, mode=mode)
+    """The summed count and mode of a ``struct percpu_ref``
+    (`lab.drgn_helpers.percpu_ref_sum`)."""
+    return PercpuRefState(count=helpers.percpu_ref_sum(ref), mode=helpers.percpu_ref_mode(ref))
 
 
 def pgmap_state(prog: drgn.Program, pgmap: Object | int) -> PgmapState:

@@ -4,56 +4,25 @@ from __future__ import annotations
 
 import drgn
 from drgn import Object
-from drgn.helpers.linux.mm import phys_to_virt, vma_find
+from drgn.helpers.linux.mm import vma_find
 from drgn.helpers.linux.pid import find_task
 
+from .. import drgn_helpers as helpers
 from ..model import PteState, VmaState
 from .attach import InspectError
 
 __all__ = ["pte_state", "vma_state", "devmap_supported", "walk", "decode_entry", "X86_BITS"]
 
-# arch/x86/include/asm/pgtable_types.h. These are macros, absent from DWARF:
-# they are the x86-64 page-table format itself, not a kernel version detail.
-X86_BITS = {
-    "present": 0,   # _PAGE_BIT_PRESENT
-    "write": 1,     # _PAGE_BIT_RW
-    "young": 5,     # _PAGE_BIT_ACCESSED
-    "dirty": 6,     # _PAGE_BIT_DIRTY
-    "huge": 7,      # _PAGE_BIT_PSE (in a PMD or PUD)
-    "special": 9,   # _PAGE_BIT_SPECIAL = _PAGE_BIT_SOFTW1
-    "devmap": 57,   # _PAGE_BIT_DEVMAP = _PAGE_BIT_SOFTW4, where the kernel has it
-}
+# The x86-64 entry format and the devmap probe are `lab.drgn_helpers`'.
+X86_BITS = {name: bit for name, bit in helpers.X86_PTE_BITS.items()
+            if name in ("present", "write", "young", "dirty", "huge", "special", "devmap")}
+devmap_supported = helpers.pte_devmap_supported
 _PFN_MASK = ((1 << 52) - 1) & ~0xFFF  # PTE_PFN_MASK with 52 physical bits
-_LEVELS = ("PGD", "P4D", "PUD", "PMD", "PTE")
-_SHIFTS = {"PGD": 39, "P4D": 39, "PUD": 30, "PMD": 21, "PTE": 12}
-
-# Functions that exist only in kernels with a devmap page-table bit
-# (ARCH_HAS_PTE_DEVMAP; removed in Linux 6.17 by "mm: remove devmap related
-# functions and page table bits"): the GUP-fast devmap leaf walkers (renamed
-# from __gup_device_huge in 6.10) and follow_devmap_pmd (until 6.13).
-_DEVMAP_SYMBOLS = ("gup_fast_devmap_leaf", "__gup_device_huge", "follow_devmap_pmd")
-
-
-def devmap_supported(prog: drgn.Program) -> bool:
-    """Whether this kernel's page tables have a devmap bit."""
-    key = "devdax-lab.devmap"
-    if key not in prog.cache:
-        found = False
-        for name in _DEVMAP_SYMBOLS:
-            try:
-                prog.symbol(name)
-                found = True
-                break
-            except LookupError:
-                pass
-        prog.cache[key] = found
-    return prog.cache[key]
 
 
 def decode_entry(level: str, raw: int, devmap: bool) -> PteState:
     """Decode one x86-64 page-table entry found at *level*."""
-    bit = {name: bool(raw >> b & 1) for name, b in X86_BITS.items()}
-    leaf_huge = level in ("PMD", "PUD") and bit["huge"]
+    bit = helpers.decode_pte_bits(raw)
     return PteState(
         level=level,
         raw=raw,
@@ -61,7 +30,7 @@ def decode_entry(level: str, raw: int, devmap: bool) -> PteState:
         write=bit["write"],
         dirty=bit["dirty"],
         young=bit["young"],
-        huge=leaf_huge,
+        huge=level in ("PMD", "PUD") and bit["huge"],
         special=bit["special"],
         devmap=bit["devmap"] if devmap else None,
         pfn=((raw & _PFN_MASK) >> 12) if bit["present"] else None,
@@ -78,22 +47,15 @@ def _mm_of(prog: drgn.Program, pid: int) -> Object:
 
 
 def walk(prog: drgn.Program, mm: Object, address: int) -> tuple[str, int] | None:
-    """The (level, raw entry) that maps *address* in *mm*, or None if unmapped."""
-    try:
-        five_level = bool(prog["__pgtable_l5_enabled"].value_())
-    except KeyError:
-        five_level = False
-    levels = _LEVELS if five_level else ("PGD", "PUD", "PMD", "PTE")
-    table = mm.pgd.value_()
-    for level in levels:
-        shift = 48 if (level == "PGD" and five_level) else _SHIFTS[level]
-        index = (address >> shift) & 511
-        raw = prog.read_u64(table + 8 * index)
-        if not raw & 1:
-            return (level, raw) if level in ("PUD", "PMD", "PTE") and raw else None
-        if level == "PTE" or (level in ("PUD", "PMD") and raw >> X86_BITS["huge"] & 1):
-            return level, raw
-        table = phys_to_virt(prog, raw & _PFN_MASK).value_()
+    """The (level, raw entry) that maps *address* in *mm*, or None if
+    unmapped: the last entry of `lab.drgn_helpers.page_table_walk`, a leaf,
+    or a non-present but non-empty lower-level entry (a swap or migration
+    entry)."""
+    last = helpers.page_table_walk(mm, address)[-1]
+    if last.leaf:
+        return last.level, last.raw
+    if last.level in ("PUD", "PMD", "PTE") and last.raw and not last.bits["present"]:
+        return last.level, last.raw
     return None
 
 

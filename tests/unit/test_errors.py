@@ -16,6 +16,7 @@ from lab import cli, errors
 from lab.agent import AgentDisconnected, AgentError, AgentTimeout
 from lab.build import BuildError
 from lab.cache import CacheLocked
+from lab.drgn_helpers import UnsupportedKernelError
 from lab.events import EventsError, RspError, RspRefused, RspTimeout
 from lab.image import ImageError
 from lab.inspect import InspectError
@@ -52,6 +53,8 @@ CASES = [
     (AgentTimeout("pin", 30.0), 1, 1),
     (AgentDisconnected("the agent closed the connection"), 1, 1),
     (BuildError("`make bzImage` failed (exit status 2)", Path("/x/build.log"), ["a.c:1: error"]), 1, 3),
+    (UnsupportedKernelError("this kernel has no pgmap_array (built without CONFIG_ZONE_DEVICE)"),
+     1, 1),
     (InspectError("vmlinux build ID differs from the running kernel's"), 1, 1),
     (RspError("gdbstub connection lost"), 1, 1),
     (RspTimeout("the gdbstub did not answer in time"), 1, 1),

@@ -1,0 +1,104 @@
+"""Live: the drgn helpers and the plugin's commands, run by drgn itself (a
+subprocess with the plugin enabled) against the lab's guest on both kernels,
+agree with the lab's readers on a fork-shared device-dax folio."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lab import inspect
+from lab.inspect.attach import debug_files_for
+from lab.model import MiB
+
+pytestmark = pytest.mark.live
+
+PLUGIN_ENV = {"DRGN_PLUGINS": "devdax_lab=lab.drgn_helpers.plugin"}
+_RUN = ("import sys\nfrom drgn.commands import run_command\n"
+        "for c in sys.argv[1:]:\n    print('=== ' + c, flush=True)\n    run_command(prog, c)\n")
+
+
+def run_drgn(target: list[str], kernel, *commands: str) -> dict[str, str]:
+    """Run *commands* in `drgn` (the CLI, as a user would start it) on
+    *target* (``--qemu SOCK`` or ``-c VMCORE``); {command: output}."""
+    symbols = [a for p in debug_files_for(kernel) for a in ("-s", str(p))]
+    argv = [sys.executable, "-m", "drgn", "-q", *target, "--no-default-symbols", *symbols,
+            "-e", _RUN, *commands]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **PLUGIN_ENV})
+    assert out.returncode == 0, out.stderr
+    assert "error" not in out.stdout.lower(), out.stdout
+    parts = re.split(r"^=== (.*)\n", out.stdout, flags=re.M)[1:]
+    return dict(zip(parts[::2], parts[1::2]))
+
+
+def fields(text: str) -> dict[str, str]:
+    """``name value ...`` lines of the folio command by name."""
+    return {line.split()[0]: line.split()[1] for line in text.splitlines() if line.strip()}
+
+
+def fork_share(session, proc="fs", child="fsc"):
+    """A 2M device folio mapped by a process and its fork child (both
+    touched): (pfn, address, {proc: pid})."""
+    agent = session.agent
+    dev = session.vm.device("2M")
+    addr = agent.mmap(proc, dev["name"], 4 * MiB, align=2 * MiB)
+    agent.touch(proc, [addr + 4096], write=True)
+    agent.fork(proc, child)
+    agent.touch(child, [addr + 4096], write=True)
+    pfn = agent.pagemap(proc, [addr + 4096])[0]["pfn"]
+    return pfn, addr + 4096, {p: session.pid(p) for p in (proc, child)}
+
+
+def check_against_readers(session, out: dict[str, str], state, pgmap, ptes, pfn, pids, addr):
+    folio = fields(out[f"folio {pfn:#x}"])
+    assert int(folio["PFN"], 0) == pfn
+    assert int(folio["refcount"]) == state.refcount
+    assert int(folio["_mapcount"]) == state.mapcount
+    assert int(folio["entire_mapcount"]) == state.entire_mapcount + 1
+    assert int(folio["large_mapcount"]) == state.large_mapcount + 1
+    assert int(folio["pincount"]) == state.pincount
+    assert int(folio["pgmap"], 0) == pgmap.address
+    text = out[f"pgmap {pfn:#x}"]
+    assert f"ref {pgmap.ref.count}  ({pgmap.ref.mode})" in text
+    assert f"vmemmap_shift {pgmap.vmemmap_shift}" in text
+    for proc, pid in pids.items():
+        leaf = [line for line in out[f"pte {pid} {addr:#x}"].splitlines() if "leaf" in line]
+        assert len(leaf) == 1 and leaf[0].split()[0] == ptes[proc].level
+        assert int(leaf[0].split()[2], 0) == ptes[proc].raw
+    # the devdax listing: the 2M device, its folio count, and our folio
+    # listed exactly when the kernel counts it as busy
+    device = out["devdax"].split(f"pgmap {pgmap.address:#x}")[1].split("\n\n")[0]
+    idle = int(re.search(r"idle refcount (-?\d+)", device).group(1))
+    dev = session.vm.device("2M")  # the namespace's own account (sysfs)
+    assert f"data from PFN {dev['start'] >> 12:#x}  folios {dev['size'] // (2 * MiB)}  " in device
+    busy = state.large_mapcount >= 0 or state.pincount > 0 or state.refcount != idle
+    listed = f"PFN {state.folio_pfn:#x}  refcount {state.refcount}  " in device
+    assert listed == busy, device
+
+
+def test_plugin_commands_agree_with_the_readers(session):
+    pfn, addr, pids = fork_share(session)
+    try:
+        with session.stopped():
+            state = inspect.folio_state(session.prog, pfn)
+            pgmap = inspect.pgmap_state(session.prog, inspect.find_dev_pagemap(session.prog, pfn))
+            ptes = {p: inspect.pte_state(session.prog, pid, addr) for p, pid in pids.items()}
+            session.detach()  # QEMU serves one client per QMP socket: drgn's turn
+            try:
+                out = run_drgn(["--qemu", str(session.vm.spec.run_dir / "drgn-qmp.sock")],
+                               session.kernel, f"folio {pfn:#x}", f"pgmap {pfn:#x}",
+                               *(f"pte {pid} {addr:#x}" for pid in pids.values()), "devdax")
+            finally:
+                session.attach()
+        # both processes map it: two entries whatever the kernel counts
+        assert state.order == 9
+        assert len({ptes[p].pfn for p in pids}) == 1
+        check_against_readers(session, out, state, pgmap, ptes, pfn, pids, addr)
+    finally:
+        for proc in reversed(list(pids)):
+            session.agent.exit(proc)
