@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import drgn
-from drgn import cast
-from drgn.helpers.linux.mm import compound_head, pfn_to_page
+from drgn.helpers.linux.mm import pfn_to_page
+
+from ..drgn_helpers import page_folio
 
 __all__ = ["FolioMapping", "folio_mapping"]
 
@@ -33,7 +34,7 @@ def folio_mapping(prog: drgn.Program, pfn: int) -> FolioMapping:
 
     :param pfn: a page frame number whose ``struct page`` exists.
     """
-    folio = cast("struct folio *", compound_head(pfn_to_page(prog, pfn)))
+    folio = page_folio(pfn_to_page(prog, pfn))
     raw = folio.mapping.value_()
     return FolioMapping(mapping=raw & ~PAGE_MAPPING_ANON, anon=bool(raw & PAGE_MAPPING_ANON),
                         index=folio.index.value_())
