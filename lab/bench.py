@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
-__all__ = ["MARK", "boot_phases", "main"]
+__all__ = ["MARK", "boot_phases", "main", "restore_phases"]
 
 MARK = re.compile(r"^devdax-lab: (?P<what>.*?) \(uptime (?P<uptime>\d+\.\d+)\)$")
 
@@ -49,22 +49,85 @@ def boot_phases(marks: Sequence[tuple[float, str]], ready: float) -> dict[str, f
     }
 
 
-def bench_boot(kernel_names: Sequence[str], runs: int) -> int:
-    from . import launch, vm
+def restore_phases(v) -> dict[str, float]:
+    """Split a warm start into phases from the Vm's timestamps.
 
-    print(f"boot: QEMU start to device-dax ready, {runs} runs per kernel "
-          f"(accelerator: {vm.probe_accel(say=lambda *_: None)})")
+    :return: seconds spent in: QEMU starting until its sockets answer (it
+        loads the kernel file named by -kernel even when restoring), loading
+        the saved device state (migrate-incoming until paused, then cont), the
+        agent's first answer, the device-dax namespaces listed."""
+    return {
+        "QEMU start": v.connected_at - v.started_at,
+        "device state in": v.restored_at - v.connected_at,
+        "agent answers": v.answered_at - v.restored_at,
+        "namespaces": v.ready_at - v.answered_at,
+    }
+
+
+def bench_boot(kernel_names: Sequence[str], runs: int) -> int:
+    """Cold boot and warm start (restore of the saved post-boot state) of
+    each kernel, alternating in one run, QEMU start to ready; where the time
+    goes in each; and a notebook's Lab.boot of the kernel (warm: restore +
+    drgn attach)."""
+    import dataclasses
+    import os
+
+    from . import launch, vm, warm
+    from .api import Lab
+
+    quiet = lambda *_: None  # noqa: E731
+    print(f"boot: QEMU start to device-dax ready, cold boot vs warm start, {runs} runs each "
+          f"in turns (accelerator: {vm.probe_accel(say=quiet)}; load average "
+          f"{os.getloadavg()[0]:.1f})")
     for name in kernel_names:
-        times, phases = [], []
+        spec = launch.boot_spec(name, say=quiet)
+        if spec.restore_from is None:
+            print(f"  {name}: no warm start possible (a tree by path); skipped")
+            continue
+        made = warm.make_state(spec, say=quiet)
+        cold_spec = dataclasses.replace(spec, restore_from=None)
+        cold, hot, cold_phases, hot_phases, checks = [], [], [], [], []
         for _ in range(runs):
-            with launch.boot(name, say=lambda *_: None) as v:
-                times.append(v.time_to_ready)
-                phases.append(boot_phases(v.marks, v.time_to_ready))
-        med = statistics.median(times)
-        print(f"  {name:<7} median {med:.2f} s  (min {min(times):.2f}, max {max(times):.2f}; "
-              f"target 3.00 s: {med / 3.0:.2f}x of target)")
-        for phase in phases[0]:
-            print(f"      {phase:<18} {statistics.median(p[phase] for p in phases):.2f} s")
+            with launch.start(cold_spec, say=quiet) as v:
+                cold.append(v.time_to_ready)
+                cold_phases.append(boot_phases(v.marks, v.time_to_ready))
+            t = time.monotonic()
+            with launch.start(spec, say=quiet) as v:
+                assert v.spec.restore_from is not None, "the warm start fell back to a cold boot"
+                started = time.monotonic() - t
+                hot.append(v.time_to_ready)
+                hot_phases.append(restore_phases(v))
+                checks.append(started - (v.ready_at - t))
+        labs, attaches = [], []
+        for _ in range(runs):
+            t = time.monotonic()
+            with Lab.boot(name, say=quiet) as lab:
+                labs.append(time.monotonic() - t)
+                session = lab._session
+                session.detach()
+                t = time.monotonic()
+                session.attach()  # drgn alone, on a guest that is ready
+                attaches.append(time.monotonic() - t)
+        mc, mh = statistics.median(cold), statistics.median(hot)
+        print(f"  {name:<7} cold median {mc:.2f} s (min {min(cold):.2f}, max {max(cold):.2f})   "
+              f"warm median {mh:.3f} s (min {min(hot):.3f}, max {max(hot):.3f})   "
+              f"{mc / mh:.0f}x faster (targets: warm <= 0.25 s: {mh / 0.25:.2f}x of it; >= 10x)")
+        rows = [(k, statistics.median(p[k] for p in cold_phases)) for k in cold_phases[0]]
+        hrows = [(k, statistics.median(p[k] for p in hot_phases)) for k in hot_phases[0]]
+        hrows.append(("check (release, devices, clock)", statistics.median(checks)))
+        print(f"      {'cold boot':<34}{'warm start':<34}")
+        for i in range(max(len(rows), len(hrows))):
+            left = f"{rows[i][0]:<20} {rows[i][1]:6.2f} s" if i < len(rows) else ""
+            right = f"{hrows[i][0]:<32} {hrows[i][1] * 1000:5.0f} ms" if i < len(hrows) else ""
+            print(f"      {left:<34}{right}")
+        print(f"      saved state: made once in {made['made_in_seconds']:.1f} s (its cold boot "
+              f"{made['boot_seconds']:.1f} s, save {made['save_seconds'] * 1000:.0f} ms, copying "
+              f"RAM and NVDIMM files {made['copy_seconds'] * 1000:.0f} ms), "
+              f"{made['state_bytes'] // 1024} KiB of device state")
+        lm = statistics.median(labs)
+        print(f"      Lab.boot({name!r}) warm: median {lm:.2f} s (min {min(labs):.2f}; target "
+              f"0.5 s: {lm / 0.5:.2f}x of it); drgn attaching alone (debug info load) "
+              f"{statistics.median(attaches):.2f} s, overlapped with the restore")
     return 0
 
 
@@ -120,7 +183,8 @@ def bench_snapshot(kernel_name: str, runs: int) -> int:
 
 
 def bench_compare(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
-    """Wall time of a whole compare (boots included, kernels cached) and the
+    """Wall time of a whole compare (kernels cached, saved states made), cold
+    boots and warm starts in turns, where a warm compare's time goes, and the
     latency of one step (agent action + snapshot + console sync)."""
     from pathlib import Path
 
@@ -128,26 +192,36 @@ def bench_compare(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
 
     from . import timeline as tl
 
-    walls, step_seconds, plain_steps, judge = [], [], [], []
+    run_experiment(Path(scenario), kernel_names, say=lambda *_: None)  # saved states made
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    step_seconds, steps_total, plain_steps, judge = [], [], [], []
     for _ in range(runs):
         # the same scenario without the reads only the verdicts need (the
-        # kind of kernel, who holds each folio), alternating with a full run
+        # kind of kernel, who holds each folio), alternating with full runs
         plain = run_experiment(Path(scenario), kernel_names, say=lambda *_: None,
                                verdict_reads=False)
         st = plain.frames["steps"]
         plain_steps += list(st[st["step"] > 0]["seconds"])
-        t = time.perf_counter()
-        exp = run_experiment(Path(scenario), kernel_names, say=lambda *_: None)
-        walls.append(time.perf_counter() - t)
-        steps = exp.frames["steps"]
-        step_seconds += list(steps[steps["step"] > 0]["seconds"])
+        for cold in (True, False):
+            t = time.perf_counter()
+            exp = run_experiment(Path(scenario), kernel_names, say=lambda *_: None, cold=cold)
+            walls[cold].append(time.perf_counter() - t)
+            steps = exp.frames["steps"]
+            if not cold:
+                step_seconds += list(steps[steps["step"] > 0]["seconds"])
+                steps_total.append(float(steps["seconds"].sum()))
         t = time.perf_counter()
         tl.check_invariants(exp.frames["timeline"], exp.frames["steps"])
         judge.append(time.perf_counter() - t)
-    med = statistics.median(walls)
-    print(f"compare {Path(scenario).name} on {','.join(kernel_names)}: {runs} runs")
-    print(f"  wall time: median {med:.1f} s (min {min(walls):.1f}, max {max(walls):.1f}); "
-          f"target 20 s: {med / 20:.2f}x of target")
+    print(f"compare {Path(scenario).name} on {','.join(kernel_names)}: {runs} runs each, "
+          f"cold and warm in turns")
+    for cold, label, target in ((True, "cold boots ", 20.0), (False, "warm starts", 2.0)):
+        med = statistics.median(walls[cold])
+        print(f"  wall time, {label}: median {med:.2f} s (min {min(walls[cold]):.2f}, max "
+              f"{max(walls[cold]):.2f}); target {target:g} s: {med / target:.2f}x of target")
+    print(f"  of a warm compare, the steps and their snapshots: median "
+          f"{statistics.median(steps_total):.2f} s; the rest is per kernel: restore, drgn "
+          f"attach (debug info), close; and frames, diff and invariants")
     step_med = statistics.median(step_seconds)
     print(f"  one step (action + snapshot): median {step_med * 1000:.0f} ms over "
           f"{len(step_seconds)} steps (max {max(step_seconds) * 1000:.0f} ms); "

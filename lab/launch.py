@@ -12,6 +12,7 @@ namespaces up by themselves when the modules load.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import subprocess
@@ -112,43 +113,56 @@ def boot_spec(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX, events: bool = Fa
     return spec
 
 
-def _launch_ready(spec: VmSpec, ready_timeout: float, say, console_log: Path | None) -> Vm:
+def _launch_ready(spec: VmSpec, ready_timeout: float, say, console_log: Path | None,
+                  alongside, manifest: dict | None) -> Vm:
     vm = Vm(spec, say=say, console_log=console_log)
     vm.launch()
     try:
-        vm.wait_ready(ready_timeout)
+        pool = future = None
+        if alongside is not None and spec.restore_from is not None:
+            # A restored kernel is all there once its state is in: drgn loads
+            # its debug info while the agent is asked (a booting one must
+            # first load the modules drgn reads vmcoreinfo through).
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="devdax-alongside")
+            future = pool.submit(alongside, vm)
+        try:
+            vm.wait_ready(ready_timeout)
+            if manifest is not None:
+                warm.check_restored(vm, manifest)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        if future is not None:
+            future.result()
+        elif alongside is not None:
+            alongside(vm)
+        return vm
     except BaseException:
         vm.close()
         raise
-    return vm
 
 
 def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
-          console_log: Path | None = None) -> Vm:
+          console_log: Path | None = None, alongside=None) -> Vm:
     """Launch *spec* and wait until the guest is ready; the returned
     :class:`Vm` is running (use it as a context manager).
 
     A spec to restore (``restore_from``) makes its saved state first if
     there is none (a cold boot, once), restores it and checks the guest is
     the one saved; if the restore fails, the guest boots cold (one line says
-    why)."""
-    if spec.restore_from is None:
-        return _launch_ready(spec, ready_timeout, say, console_log)
-    manifest = warm.make_state(spec, ready_timeout=ready_timeout, say=say)
-    try:
-        vm = _launch_ready(spec, ready_timeout, say, console_log)
+    why). *alongside(vm)* (drgn attaching) runs before this returns: for a
+    restored guest in a thread while the guest is made ready, else after."""
+    if spec.restore_from is not None:
+        manifest = warm.make_state(spec, ready_timeout=ready_timeout, say=say)
         try:
-            warm.check_restored(vm, manifest)
-        except BaseException:
-            vm.close()
-            raise
-        return vm
-    except VmError as exc:
-        say(f"devdax-lab: warm start from {spec.restore_from} failed "
-            f"({str(exc).splitlines()[0]}); booting cold")
-        if isinstance(exc, warm.WarmStartError):  # not the guest saved: of no use to anyone
-            shutil.rmtree(spec.restore_from, ignore_errors=True)
-        return _launch_ready(replace(spec, restore_from=None), ready_timeout, say, console_log)
+            return _launch_ready(spec, ready_timeout, say, console_log, alongside, manifest)
+        except VmError as exc:
+            say(f"devdax-lab: warm start from {spec.restore_from} failed "
+                f"({str(exc).splitlines()[0]}); booting cold")
+            if isinstance(exc, warm.WarmStartError):  # not the guest saved: of no use to anyone
+                shutil.rmtree(spec.restore_from, ignore_errors=True)
+            spec = replace(spec, restore_from=None)
+    return _launch_ready(spec, ready_timeout, say, console_log, alongside, None)
 
 
 def boot(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,

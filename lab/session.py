@@ -54,13 +54,13 @@ class Session:
 
         choice = resolve_kernel(kernel, progress=progress)
         spec = cls.plan(choice, dax=dax, say=say, progress=progress, events=events, cold=cold)
-        vm = start(spec, say=say, ready_timeout=ready_timeout)
-        try:
-            prog = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", choice.artifacts)
-        except BaseException:
-            vm.close()
-            raise
-        return cls(vm, choice, prog)
+        attached = {}
+
+        def attach(vm: Vm) -> None:
+            attached["prog"] = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", choice.artifacts)
+
+        vm = start(spec, say=say, ready_timeout=ready_timeout, alongside=attach)
+        return cls(vm, choice, attached.pop("prog"))
 
     @staticmethod
     def plan(kernel: str | KernelChoice | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,

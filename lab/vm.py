@@ -156,8 +156,13 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         argv += ["-gdb", f"unix:{run / 'gdb.sock'},server=on,wait=off"]
     if spec.firmware:
         argv += ["-bios", str(spec.firmware)]
+    kernel = spec.boot_file or spec.kernel.vmlinuz
+    if spec.restore_from is not None:
+        # QEMU reads the whole -kernel file at start even to restore (for
+        # fw_cfg); the state keeps a copy without debug sections (lab.warm)
+        kernel = spec.restore_from / "kernel"
     argv += [
-        "-kernel", str(spec.boot_file or spec.kernel.vmlinuz),
+        "-kernel", str(kernel),
         "-initrd", str(spec.initrd),
         "-append", kernel_cmdline(spec),
         *spec.extra_args,
@@ -428,6 +433,9 @@ class Vm:
         self._ready = threading.Event()
         self._saved = False  # its state was saved (the guest stays stopped)
         self.restored_at = 0.0  # a restored guest: when its device state was in
+        # when QEMU's sockets answered and when the agent first did (bench boot)
+        self.connected_at = 0.0
+        self.answered_at = 0.0
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.complaints: list[tuple[int, Complaint]] = []  # (console line number, complaint)
         self.mm_messages: list[tuple[int, MmMessage]] = []  # memory failure, OOM, page dumps
@@ -634,6 +642,7 @@ class Vm:
             why = f"exited with status {status}" if status is not None else "did not answer"
             raise self.fail(VmError, f"QEMU {why} before its QMP monitor answered "
                             f"({type(exc).__name__}: {exc})") from exc
+        self.connected_at = time.monotonic()
         if self.spec.restore_from is not None:
             self._restore(self.spec.restore_from / "state")
 
@@ -706,6 +715,7 @@ class Vm:
             try:
                 info = self.agent.request("ping", timeout=0.5)
                 self.release = info["release"]
+                self.answered_at = time.monotonic()
                 break
             except AgentTimeout:
                 pass

@@ -43,7 +43,9 @@ def test_a_restore_maps_the_saved_files_copy_on_write_and_waits_for_the_state(sp
     cold = vm.qemu_argv(spec)
     assert "-incoming" not in cold and all("share=on" in o for o in _pairs(cold, "-object"))
     # the rest of the line is the cold boot's: what the state was saved from
-    strip = lambda a: [x for x in a if "mem-path" not in x and x not in ("-incoming", "defer")]  # noqa: E731
+    assert _pairs(argv, "-kernel") == [f"{entry}/kernel"]  # the copy without debug sections
+    strip = lambda a: [x for x in a if "mem-path" not in x and "vmlinux" not in x  # noqa: E731
+                       and not x.endswith("/kernel") and x not in ("-incoming", "defer")]
     assert strip(argv) == strip(cold)
 
 
