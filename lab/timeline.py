@@ -630,12 +630,25 @@ def _counts_mappings(steps: pd.DataFrame) -> dict[str, bool | None]:
     return out
 
 
-def _folios(timeline: pd.DataFrame) -> Iterable[tuple[pd.Series, pd.DataFrame, pd.DataFrame]]:
-    """Per (kernel, step, folio): its first row, all its rows, and the entries mapping it."""
-    entries = _entries(timeline)
-    by_folio = {k: g for k, g in entries.groupby(["kernel", "step", "folio_pfn"])}
-    for key, g in timeline.groupby(["kernel", "step", "folio_pfn"]):
-        yield g.iloc[0], g, by_folio.get(key, entries.iloc[0:0])
+class _Counted:
+    """The entries of a timeline counted once (per kernel, step and PFN or
+    folio), and one row per folio and per page to check against them."""
+
+    def __init__(self, timeline: pd.DataFrame):
+        entries = _entries(timeline)
+        ptes = entries[entries["pt_level"] == "PTE"]
+        huge = entries[entries["pt_level"] != "PTE"]
+        key = ["kernel", "step"]
+        self.ptes_by_pfn = ptes.groupby([*key, "pfn"]).size().to_dict()
+        self.ptes_by_folio = ptes.groupby([*key, "folio_pfn"]).size().to_dict()
+        self.huge_by_folio = huge.groupby([*key, "folio_pfn"]).size().to_dict()
+        self.folios = timeline.drop_duplicates([*key, "folio_pfn"])
+        self.pages = timeline.drop_duplicates([*key, "pfn"])
+
+    def folio(self, r) -> tuple[int, int]:
+        """(PMD/PUD entries, PTE entries) mapping the folio of row *r*."""
+        k = (r["kernel"], r["step"], r["folio_pfn"])
+        return self.huge_by_folio.get(k, 0), self.ptes_by_folio.get(k, 0)
 
 
 def _inv_rmap(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation]:
@@ -647,27 +660,27 @@ def _inv_rmap(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation
     ``_nr_pages_mapped`` has ENTIRELY_MAPPED set exactly while a PMD/PUD maps
     it. A kernel whose faults insert PFNs is checked by ``flat`` instead."""
     counts = _counts_mappings(steps)
-    for r, g, entries in _folios(timeline):
-        if counts.get(r["kernel"]) is not True:
-            continue
-        huge = int((entries["pt_level"] != "PTE").sum())
-        ptes = entries[entries["pt_level"] == "PTE"]
-        if r["order"] == 0:
-            for _, row in g.drop_duplicates("pfn").iterrows():
-                n = int((ptes["pfn"] == row["pfn"]).sum())
-                if row["mapcount"] + 1 != n:
-                    yield _v("rmap", row, f"{n} PTE(s) map the page, _mapcount says "
-                             f"{row['mapcount'] + 1}", fld="mapcount", expected=n - 1,
-                             actual=row["mapcount"])
-            continue
+    counting = [k for k, v in counts.items() if v is True]
+    if not counting:
+        return
+    timeline = timeline[timeline["kernel"].isin(counting)]
+    c = _Counted(timeline)
+    for _, row in c.pages[c.pages["order"] == 0].iterrows():
+        n = c.ptes_by_pfn.get((row["kernel"], row["step"], row["pfn"]), 0)
+        if row["mapcount"] + 1 != n:
+            yield _v("rmap", row, f"{n} PTE(s) map the page, _mapcount says "
+                     f"{row['mapcount'] + 1}", fld="mapcount", expected=n - 1,
+                     actual=row["mapcount"])
+    for _, r in c.folios[c.folios["order"] > 0].iterrows():
+        huge, ptes = c.folio(r)
         if not pd.isna(r["entire_mapcount"]) and r["entire_mapcount"] + 1 != huge:
             yield _v("rmap", r, f"{huge} PMD/PUD entr{'y' if huge == 1 else 'ies'} map the "
                      f"folio, _entire_mapcount says {r['entire_mapcount'] + 1}",
                      fld="entire_mapcount", expected=huge - 1, actual=r["entire_mapcount"])
         if not pd.isna(r["large_mapcount"]):
-            total = huge + len(ptes)
+            total = huge + ptes
             # unwatched pages of the folio may be PTE-mapped too: exact only without PTEs
-            wrong = (r["large_mapcount"] + 1 != total) if ptes.empty else (
+            wrong = (r["large_mapcount"] + 1 != total) if not ptes else (
                 r["large_mapcount"] + 1 < total)
             if wrong:
                 yield _v("rmap", r, f"{total} entries map the folio, _large_mapcount says "
@@ -691,10 +704,13 @@ def _inv_refs(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation
     pinned page of a large folio, whose _pincount counts the same), plus one
     per page held by a pipe (vmsplice takes page references)."""
     counts = _counts_mappings(steps)
-    for r, _g, entries in _folios(timeline):
-        if counts.get(r["kernel"]) is None:
-            continue
-        n_entries = len(entries) if counts[r["kernel"]] else 0
+    known = [k for k, v in counts.items() if v is not None]
+    if not known:
+        return
+    c = _Counted(timeline[timeline["kernel"].isin(known)])
+    for _, r in c.folios.iterrows():
+        huge, ptes = c.folio(r)
+        n_entries = huge + ptes if counts[r["kernel"]] else 0
         pins = int(r["folio_pins"]) if not pd.isna(r.get("folio_pins")) else 0
         pipes = int(r["folio_pipe_refs"]) if not pd.isna(r.get("folio_pipe_refs")) else 0
         pin_refs = pins * (GUP_PIN_COUNTING_BIAS if r["order"] == 0 else 1)
