@@ -16,7 +16,6 @@ generators are pure functions of the :class:`RunData` it returns.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import textwrap
@@ -56,7 +55,10 @@ class RunData:
     null on success), ``timeline`` the timeline frame, ``complaints`` the
     kernel's complaints per step, ``events`` the watched counters' changes
     (None when the run watched nothing), ``violations`` the invariant
-    violations (``violations.parquet``, else computed from the timeline).
+    violations (``violations.parquet``, else computed from the timeline:
+    `lab.timeline.VIOLATION_COLUMNS`), ``expectations`` the scenario's
+    ``[[expect]]`` judged (``expectations.parquet``, else judged here;
+    `lab.expect.EXPECTATION_COLUMNS`).
     """
 
     path: Path
@@ -68,6 +70,9 @@ class RunData:
     events: pd.DataFrame | None
     violations: pd.DataFrame
     device: str
+    expectations: pd.DataFrame | None = None
+    signals: pd.DataFrame | None = None
+    kernel_messages: pd.DataFrame | None = None
 
     @property
     def kernels(self) -> list[str]:
@@ -103,20 +108,32 @@ def read_run(run_dir: str | Path) -> RunData:
                   if (path / "complaints.parquet").is_file()
                   else pd.DataFrame(columns=["kernel", "step", "action", "kind", "text"]))
     events = pd.read_parquet(path / "events.parquet") if (path / "events.parquet").is_file() else None
+    from . import timeline as tl
+
     if (path / "violations.parquet").is_file():
         violations = pd.read_parquet(path / "violations.parquet")
     else:
-        from .timeline import check_invariants
+        violations = tl.df_violations(tl.check_invariants(timeline, steps))
+    expectations = None
+    if (path / "expectations.parquet").is_file():
+        expectations = pd.read_parquet(path / "expectations.parquet")
+    elif scenario.expect:
+        from .expect import check_expectations
 
-        violations = pd.DataFrame(
-            [dataclasses.asdict(v) for v in check_invariants(timeline, steps)],
-            columns=["invariant", "kernel", "step", "map", "page", "message"])
+        frames = {"timeline": timeline, "steps": steps}
+        for name in ("device", "processes"):
+            if (path / f"{name}.parquet").is_file():
+                frames[name] = pd.read_parquet(path / f"{name}.parquet")
+        expectations = check_expectations(scenario.expect, frames, list(dict.fromkeys(steps["kernel"])))
     device = "dax0.0"
     if (path / "device.parquet").is_file():
         dev = pd.read_parquet(path / "device.parquet", columns=["device"])
         if len(dev):
             device = str(dev["device"].iloc[0])
-    return RunData(path, meta, scenario, steps, timeline, complaints, events, violations, device)
+    optional = {name: pd.read_parquet(path / f"{name}.parquet")
+                for name in ("signals", "kernel_messages") if (path / f"{name}.parquet").is_file()}
+    return RunData(path, meta, scenario, steps, timeline, complaints, events, violations, device,
+                   expectations, **optional)
 
 
 # -- repro.c ---------------------------------------------------------------------
@@ -309,27 +326,12 @@ static int map_device(int m, size_t length, off_t offset, int prot, int flags)
 }
 """,
     "touch_pages": r"""
-static sigjmp_buf fault_jmp;
-static volatile sig_atomic_t fault_armed;
-
-static void on_fault(int sig)
-{
-	if (!fault_armed) {
-		signal(sig, SIG_DFL);
-		return;
-	}
-	fault_armed = 0;
-	siglongjmp(fault_jmp, 1);
-}
-
 /* One byte store (write) or load per page: one fault each.  A SIGBUS or
- * SIGSEGV is reported as EFAULT, as the lab's agent does. */
+ * SIGSEGV is reported as EFAULT, as the lab's agent does (on_signal). */
 static int touch_pages(int m, const unsigned long *pages, size_t n, int write)
 {
 	static unsigned seq;
 	unsigned char val = (unsigned char)(1 + seq++ % 255);
-	signal(SIGBUS, on_fault);
-	signal(SIGSEGV, on_fault);
 	if (sigsetjmp(fault_jmp, 1))
 		return EFAULT;
 	fault_armed = 1;
@@ -459,6 +461,28 @@ def _expectations(run: RunData) -> tuple[list[str], list[list[int]]]:
     return releases, table
 
 
+# Signals repro.c tells apart (the C macro names, as signals.parquet spells them).
+_SIGNALS = ("SIGBUS", "SIGSEGV")
+
+
+def _expected_signals(run: RunData) -> list[list[str]]:
+    """Per kernel, the signal (a C constant, "0" for none) some process got
+    during each step of the run (signals.parquet; "-1", not compared, when
+    the run directory has none)."""
+    table = []
+    if run.signals is None:
+        return [["-1"] * len(run.scenario.steps) for _ in run.kernels]
+    for kernel in run.kernels:
+        got: dict[int, str] = {}
+        if run.signals is not None and len(run.signals):
+            sig = run.signals[run.signals["kernel"] == kernel]
+            for r in sig.to_dict("records"):
+                if r["signal"] in _SIGNALS:
+                    got.setdefault(int(r["step"]), r["signal"])
+        table.append([got.get(s.index, "0") for s in run.scenario.steps])
+    return table
+
+
 def _step_line(step) -> str:
     """What a step does, in words (also the label the lab showed)."""
     a = step.args
@@ -534,6 +558,7 @@ def repro_c(run: RunData) -> str:
                  f'{ctx.procs[s.args["child"]] if s.action == "fork" else -1}, '
                  f'{_c_str(s.action)}, {_c_str(_step_line(s))}}},' for s in sc.steps]
     expect_rows = ["\t{" + ", ".join(map(str, row)) + "}," for row in expect]
+    expect_sig_rows = ["\t{" + ", ".join(row) + "}," for row in _expected_signals(run)]
     desc = "\n".join(f" * {line}".rstrip() for line in
                      (sc.description or "").strip().splitlines())
     kernels_doc = "\n".join(f" *   {k}: Linux {r}" for k, r in zip(run.kernels, releases))
@@ -560,6 +585,7 @@ def repro_c(run: RunData) -> str:
         globals="\n".join(globals_), decls="\n".join(decls),
         proc_names=proc_names, forked=forked_flags, releases=release_names,
         expect="\n".join(expect_rows), steps="\n".join(step_rows), errnames=errnames,
+        expect_sig="\n".join(expect_sig_rows),
         helpers="".join(_HELPERS[h] for h in helpers), cases="\n".join(cases))
 
 
@@ -615,6 +641,11 @@ static const char *const releases[NKERNELS] = {{{releases}}};
 static const int expected[NKERNELS][NSTEPS] = {{
 {expect}
 }};
+/* the signal a process of the scenario received during each step (0: none;
+ * -1: the run did not record signals) */
+static const int expected_sig[NKERNELS][NSTEPS] = {{
+{expect_sig}
+}};
 static const struct {{
 	int index, proc, child; /* proc -1: this program does it itself */
 	const char *action, *what;
@@ -631,7 +662,48 @@ static double pause_seconds;
 struct result {{
 	int step, err;
 	long long value;
+	int sig, code, lsb; /* the last signal the step brought (sig 0: none) */
 }};
+
+/* A fault in a touch ends the touch (EFAULT).  Any other SIGBUS/SIGSEGV is
+ * recorded and the process goes on, as the lab's agent does: the SIGBUS
+ * memory_failure() sends the caller of madvise(MADV_HWPOISON) arrives as the
+ * system call returns, with nothing to retry.  A real fault outside a touch
+ * comes back at once; the third time at one address the default (death)
+ * is restored. */
+static sigjmp_buf fault_jmp;
+static volatile sig_atomic_t fault_armed, sig_no, sig_code, sig_lsb, repeats;
+static void *volatile last_addr;
+
+static void on_signal(int sig, siginfo_t *si, void *uc)
+{{
+	(void)uc;
+	sig_no = sig;
+	sig_code = si->si_code;
+	sig_lsb = sig == SIGBUS && (si->si_code == BUS_MCEERR_AR || si->si_code == BUS_MCEERR_AO)
+		  ? si->si_addr_lsb : 0;
+	if (fault_armed) {{
+		fault_armed = 0;
+		siglongjmp(fault_jmp, 1);
+	}}
+	if (si->si_code <= 0)
+		return;
+	if (si->si_addr == last_addr) {{
+		if (++repeats >= 3)
+			signal(sig, SIG_DFL);
+	}} else {{
+		last_addr = si->si_addr;
+		repeats = 1;
+	}}
+}}
+
+static const char *signame(int sig, int code)
+{{
+	if (sig == SIGBUS)
+		return code == BUS_MCEERR_AR ? "SIGBUS (BUS_MCEERR_AR)"
+		       : code == BUS_MCEERR_AO ? "SIGBUS (BUS_MCEERR_AO)" : "SIGBUS";
+	return sig == SIGSEGV ? "SIGSEGV" : "a signal";
+}}
 
 #define E(name) {{name, #name}}
 static const struct {{
@@ -653,7 +725,7 @@ static void become(int proc) __attribute__((noreturn));
 
 static struct result run_step(int step)
 {{
-	struct result r = {{step, 0, 0}};
+	struct result r = {{step, 0, 0, 0, 0, 0}};
 	switch (step) {{
 {cases}
 	}}
@@ -664,6 +736,12 @@ static struct result run_step(int step)
 static void become(int proc)
 {{
 	me = proc;
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_sigaction = on_signal;
+	sa.sa_flags = SA_SIGINFO;
+	sigaction(SIGBUS, &sa, NULL);
+	sigaction(SIGSEGV, &sa, NULL);
 	for (;;) {{
 		int step;
 		ssize_t n = read(ctl[me][0], &step, sizeof step);
@@ -671,7 +749,11 @@ static void become(int proc)
 			continue;
 		if (n != (ssize_t)sizeof step || step == 0)
 			_exit(0);
+		sig_no = 0;
 		struct result r = run_step(step);
+		r.sig = sig_no;
+		r.code = sig_code;
+		r.lsb = sig_lsb;
 		if (write(res[1], &r, sizeof r) != (ssize_t)sizeof r)
 			_exit(3);
 		if (exit_after_reply)
@@ -782,17 +864,23 @@ int main(int argc, char **argv)
 			if (steps[i].child >= 0 && r.err == 0)
 				pids[steps[i].child] = (pid_t)r.value;
 		}}
-		int want = expected[k][i];
-		const char *verdict = r.err == want ? "as in the lab" : "DIFFERENT from the lab";
-		mismatches += r.err != want;
+		int want = expected[k][i], want_sig = expected_sig[k][i];
+		int same = r.err == want && (want_sig < 0 || r.sig == want_sig);
+		mismatches += !same;
 		if (r.err)
-			printf("step %d (%s) %s: %s (errno %d: %s); %s", steps[i].index, steps[i].action,
-			       steps[i].what, errname(r.err), r.err, strerror(r.err), verdict);
+			printf("step %d (%s) %s: %s (errno %d: %s)", steps[i].index, steps[i].action,
+			       steps[i].what, errname(r.err), r.err, strerror(r.err));
 		else
-			printf("step %d (%s) %s: ok; %s", steps[i].index, steps[i].action, steps[i].what,
-			       verdict);
+			printf("step %d (%s) %s: ok", steps[i].index, steps[i].action, steps[i].what);
+		if (r.sig)
+			printf(", %s", signame(r.sig, r.code));
+		if (r.sig && r.lsb)
+			printf(" addr_lsb %d", r.lsb);
+		printf("; %s", same ? "as in the lab" : "DIFFERENT from the lab");
 		if (r.err != want)
 			printf(" (the lab got %s)", want ? errname(want) : "success");
+		if (want_sig >= 0 && r.sig != want_sig)
+			printf(" (the lab's process got %s)", want_sig ? signame(want_sig, 0) : "no signal");
 		printf("\n");
 		if (pause_seconds > 0)
 			pause_after(steps[i].index);
@@ -854,34 +942,71 @@ def _short_kernel(run: RunData, kernel: str) -> str:
     return f"{kernel} ({run.release(kernel)})"
 
 
+def _failures(run: RunData) -> list[tuple[int, int, str, str]]:
+    """Every violation and failed expectation as (step, kernel order, short
+    name, paragraph), the earliest first."""
+    from .timeline import INVARIANTS
+
+    order = {k: i for i, k in enumerate(run.kernels)}
+    steps = {s.index: s for s in run.scenario.steps}
+
+    def at(step: int) -> str:
+        st = steps.get(step)
+        return f"step {step}" + (f" ({st.action}: {_step_line(st)})" if st else " (start)")
+
+    def given(v) -> str | None:
+        return None if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)
+
+    out = []
+    for r in run.violations.to_dict("records"):
+        kernel, step = r["kernel"], int(r["step"])
+        where = ""
+        if given(r.get("map")) and given(r.get("page")) is not None:
+            where = f" for page {int(r['page'])} of mapping {r['map']}"
+        entry = INVARIANTS.get(r["invariant"])
+        check = entry[0] if isinstance(entry, tuple) else entry
+        rule = " ".join(((check.__doc__ or "") if check else "").split(".")[0].split())
+        text = (f"On {_short_kernel(run, kernel)}, invariant {r['invariant']} is broken at "
+                f"{at(step)}{where}. ")
+        if given(r.get("field")) and given(r.get("expected")) is not None:
+            text += (f"Expected: {r['field']} {r['expected']}; actual: {r['actual']}. "
+                     f"{r['message']}.")
+        else:
+            text += (f"Expected: {rule.split(':', 1)[-1].strip() or r['invariant']}. "
+                     f"Actual: {r['message']}.")
+        out.append((step, order.get(kernel, 99), r["invariant"], text))
+    if run.expectations is not None and len(run.expectations):
+        from .expect import failed
+
+        for r in failed(run.expectations).to_dict("records"):
+            kernel, step = r["kernel"], int(r["step"])
+            why = f" {r['why']}" if given(r.get("why")) else ""
+            text = (f"On {_short_kernel(run, kernel)}, expectation {r['expect']} of the "
+                    f"scenario fails at {at(step)}. Expected: {r['object']} {r['field']} "
+                    f"{r['wanted']}; actual: {r['actual']}.{why}")
+            out.append((step, order.get(kernel, 99), f"expect {r['expect']}", text))
+    return sorted(out, key=lambda f: (f[0], f[1]))
+
+
 def _verdict(run: RunData) -> list[str]:
     from .timeline import INVARIANTS
 
-    v = run.violations
-    if v.empty:
-        return _wrap("No violation: every invariant the lab checks "
-                     f"({', '.join(INVARIANTS)}) held at every step on "
+    failures = _failures(run)
+    checked = "every invariant the lab checks (" + ", ".join(INVARIANTS) + ")"
+    if run.expectations is not None and len(run.expectations):
+        checked += f" and the scenario's {run.expectations['expect'].nunique()} expectation(s)"
+    if not failures:
+        return _wrap(f"No violation: {checked} held at every step on "
                      f"{' and '.join(_short_kernel(run, k) for k in run.kernels)}.")
-    first = _first_violation(run)
-    step = next((s for s in run.scenario.steps if s.index == int(first["step"])), None)
-    doc = (INVARIANTS.get(first["invariant"]).__doc__ or "").split(".")[0]
-    expected = " ".join(doc.split(":", 1)[-1].split()) if doc else first["invariant"]
-    where = ""
-    if isinstance(first["map"], str) and not pd.isna(first["page"]):
-        where = f" for page {int(first['page'])} of mapping {first['map']}"
-    what = f"step {int(first['step'])}"
-    if step is not None:
-        what += f" ({step.action}: {_step_line(step)})"
-    text = (f"On {_short_kernel(run, first['kernel'])}, invariant {first['invariant']} "
-            f"is broken at {what}{where}. Expected: {expected}. Actual: {first['message']}.")
-    others = len(v) - 1
-    if others:
-        kinds = sorted(set(v["invariant"]))
-        text += (f" {others} more violation(s) in this run ({', '.join(kinds)}), "
+    text = failures[0][3]
+    if len(failures) > 1:
+        names = sorted({f[2] for f in failures[1:]})
+        text += (f" {len(failures) - 1} more failure(s) in this run ({', '.join(names)}), "
                  "listed in report.html.")
-    clean = [k for k in run.kernels if k not in set(v["kernel"])]
+    failing = {f[1] for f in failures}
+    clean = [k for i, k in enumerate(run.kernels) if i not in failing]
     if clean:
-        text += f" No violation on {', '.join(_short_kernel(run, k) for k in clean)}."
+        text += f" Everything held on {', '.join(_short_kernel(run, k) for k in clean)}."
     return _wrap(text)
 
 
@@ -963,12 +1088,19 @@ def _counter_table(run: RunData) -> list[str]:
 
 
 def _messages(run: RunData) -> list[str]:
-    c = run.complaints
-    if c is None or c.empty:
-        return _wrap("None: the guest kernel printed no WARNING, BUG, Oops, panic or "
-                     "\"Bad page\" line during the run.")
+    """The kernel's complaints (WARNING, BUG, Oops, "Bad page") and
+    memory-management lines (kernel_messages.parquet) per step, trimmed."""
+    frames = [f for f in (run.complaints, run.kernel_messages) if f is not None and len(f)]
+    if not frames:
+        return _wrap("None: the guest kernel printed no WARNING, BUG, Oops, panic, \"Bad "
+                     "page\" or memory-management line during the run.")
+    c = pd.concat([f[["kernel", "step", "action", "text"]] for f in frames], ignore_index=True)
+    c = c.drop_duplicates(["kernel", "step", "text"])
+    order = {k: i for i, k in enumerate(run.kernels)}
+    c = c.assign(_k=c["kernel"].map(order), _s=c["step"].astype(int)).sort_values(
+        ["_k", "_s"], kind="stable")
     out = []
-    for (kernel, step), g in c.groupby(["kernel", "step"], sort=False):
+    for (kernel, step), g in c.groupby(["kernel", "_s"], sort=False):
         out.append(f"{_short_kernel(run, kernel)}, step {step} ({g['action'].iloc[0]}):")
         for line in trim_kernel_messages(g["text"]):
             out += _wrap(line, "    ", "  ")
@@ -1043,22 +1175,16 @@ def _how(run: RunData) -> list[str]:
     return out
 
 
-def _first_violation(run: RunData):
-    """The earliest violation (by step, then kernel order), or None."""
-    v = run.violations
-    if v.empty:
-        return None
-    order = {k: i for i, k in enumerate(run.kernels)}
-    return v.assign(_k=v["kernel"].map(order)).sort_values(["step", "_k"], kind="stable").iloc[0]
-
-
 def _header(run: RunData) -> list[str]:
     sc, meta = run.scenario, run.meta
-    first = _first_violation(run)
-    subject = (f"[devdax-lab] {sc.name}: {first['invariant']} broken on "
-               f"{run.release(first['kernel'])}" if first is not None
-               else f"[devdax-lab] {sc.name}: no violation on "
-               + ", ".join(run.release(k) for k in run.kernels))
+    failures = _failures(run)
+    if failures:
+        step, k, name, _ = failures[0]
+        subject = f"[devdax-lab] {sc.name}: {name} fails at step {step} on " + (
+            run.release(run.kernels[k]) if k < len(run.kernels) else "?")
+    else:
+        subject = (f"[devdax-lab] {sc.name}: no violation on "
+                   + ", ".join(run.release(k) for k in run.kernels))
     lines = _wrap(f"Subject: {subject}", "  ")
     lines += ["", *_wrap(f"Scenario: {sc.name}: {sc.title}", "          ")]
     for k in run.kernels:

@@ -76,11 +76,15 @@ show("Verdict")
 # %% [markdown]
 # ## Expected vs actual
 #
-# Each invariant the lab checks is an expectation; a violation says what was
+# The scenario's own expectations (`[[expect]]`: wanted, actual, why) and
+# the invariants the lab checks on every run; a violation says what was
 # expected and what the kernel did, at which step. The differences between
 # the kernels follow.
 
 # %%
+if exp.expectations is not None:
+    display(exp.expectations[["expect", "kernel", "step", "object", "field", "wanted",  # noqa: F821
+                              "actual", "passed", "why"]])
 display(exp.violations_frame)  # noqa: F821
 
 # %%

@@ -192,7 +192,7 @@ def test_bug_writeup_with_parameters(tmp_path):
                     "Environment"):
         assert any(c.cell_type == "markdown" and c.source.startswith(f"## {heading}")
                    for c in nb.cells), heading
-    assert "Subject: [devdax-lab] fork-share" in text and "refcount>=mappings" in text
+    assert "Subject: [devdax-lab] fork-share" in text and "every invariant the lab checks" in text
 
 
 def test_panel_steps_and_errors_headless():

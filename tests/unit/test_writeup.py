@@ -5,6 +5,7 @@ generator."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import shutil
@@ -283,12 +284,27 @@ def test_repro_runs_and_checks_each_step_against_the_lab(tmp_path):
     assert lines[1] == "step 1 (mmap) a: m = mmap 64K at device offset 0: ok; as in the lab"
     assert lines[3] == "step 3 (fork) a forks b: ok; as in the lab"
     assert lines[6].startswith("step 6 (touch) a: write m page 0: EFAULT (errno 14: ")
-    assert lines[6].endswith("; as in the lab")
+    assert lines[6].endswith(", SIGSEGV; as in the lab")  # the run recorded no signals
     assert lines[7] == "step 7 (splice) b: splice m pages 0-1 as s: ok; as in the lab"
     assert lines[12] == "step 12 (mremap) a: mremap m 64K -> 128K MAYMOVE: ok; as in the lab"
     assert lines[13] == "step 13 (touch) a: read m page 31: ok; as in the lab"  # the new end
     assert lines[-1] == "repro: 14 of 14 steps as in the lab run"
     assert device.read_bytes()[2 * 4096] != 0  # b's store reached the "device"
+
+    # with the run's signals: the touch of the read-only page was a SIGSEGV
+    # in the lab too; a run that recorded none makes it a difference
+    run = _run_data(FILE_SCENARIO, {6: errno.EFAULT})
+    signals = pd.DataFrame([{"kernel": k, "step": 6, "proc": "a", "signal": "SIGSEGV"}
+                            for k in ("before", "after")])
+    for frame, status in ((signals, 0), (signals.iloc[:0], 1)):
+        binary = _compile(repro_c(dataclasses.replace(run, signals=frame)), tmp_path, "sig")
+        res = subprocess.run([str(binary), str(device)], capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert res.returncode == status, res.stdout
+        line = res.stdout.splitlines()[6]
+        assert line.startswith("step 6 (touch) a: write m page 0: EFAULT (errno 14: ")
+        assert line.endswith(", SIGSEGV; as in the lab" if status == 0 else
+                             ", SIGSEGV; DIFFERENT from the lab (the lab's process got no signal)")
 
     wrong = _compile(repro_c(_run_data(FILE_SCENARIO, {2: errno.EINVAL})), tmp_path, "wrong")
     res = subprocess.run([str(wrong), str(device)], capture_output=True, text=True, timeout=60, check=False)
@@ -332,6 +348,40 @@ def test_read_run_refuses_what_is_not_a_run_directory(tmp_path):
         {"scenario": {"name": "notebook session", "text": ""}}))
     with pytest.raises(UserError, match="holds no scenario.*--writeup"):
         read_run(tmp_path)
+
+
+def test_verdict_names_the_earliest_failure_expected_and_actual():
+    """A violation at step 4 and a failed expectation at step 2 (made up on
+    a recorded run): the subject and verdict name the expectation first."""
+    from lab.expect import EXPECTATION_COLUMNS
+    from lab.timeline import Violation, df_violations
+
+    run = read_run(WRITEUP)
+    violations = df_violations([Violation(
+        "refs", "after", 4, "m", 2, "one reference too many", action="touch", proc="b",
+        folio_pfn=1053186, field="refcount", expected="2", actual="3")])
+    expectations = pd.DataFrame([
+        {"expect": 1, "kernel": "before", "step": 2, "action": "touch", "object": "m page 0",
+         "field": "refcount", "wanted": "== 2", "actual": "1", "passed": False,
+         "why": "the mapping takes a reference.", "message": "expect 1 FAILS"},
+        {"expect": 2, "kernel": "after", "step": 2, "action": "touch", "object": "m page 0",
+         "field": "refcount", "wanted": "== 2", "actual": "2", "passed": True,
+         "why": "", "message": "expect 2 holds"},
+    ]).astype(EXPECTATION_COLUMNS)
+    text = report_txt(dataclasses.replace(run, violations=violations, expectations=expectations))
+    assert text.startswith("Subject: [devdax-lab] fork-share: expect 1 fails at step 2 on\n"
+                           "  6.12.117+deb12-amd64\n")
+    verdict = " ".join(text.split("Verdict\n-------\n", 1)[1].split("\n\n", 1)[0].split())
+    assert verdict == (
+        "On before (6.12.117+deb12-amd64), expectation 1 of the scenario fails at step 2 "
+        "(touch: a: write m pages 0-3). Expected: m page 0 refcount == 2; actual: 1. the "
+        "mapping takes a reference. 1 more failure(s) in this run (refs), listed in "
+        "report.html.")
+    assert max(len(line) for line in text.splitlines()) <= 80
+    only_violation = report_txt(dataclasses.replace(run, violations=violations))
+    assert "invariant refs is broken at step 4 (touch: b: write m pages 2-3, 6) for page 2 of " \
+        "mapping m. Expected: refcount 2; actual: 3. one reference too many. Everything " \
+        "held on before" in " ".join(only_violation.split())
 
 
 def test_report_txt_matches_the_golden_file_and_fits_80_columns(tmp_path):
