@@ -328,9 +328,14 @@ class Lab:
                     "kernel_messages": tl.df_kernel_messages, "signals": tl.df_signals,
                     "processes": tl.df_processes,
                     "events": tl.df_events, "accounting": tl.df_accounting,
-                    "call_paths": lambda r: tl.df_call_paths(tl.df_events(r))}
+                    "call_paths": lambda r: tl.df_call_paths(tl.df_events(r)),
+                    "violations": lambda r: tl.df_violations(tl.check_invariants(
+                        tl.df_timeline(r), tl.df_steps(r), tl.df_processes(r),
+                        tl.df_kernel_messages(r)))}
         if name not in builders:
             raise UserError(f"no frame {name!r} (have: {', '.join(builders)})")
+        if not runs and name == "violations":
+            return tl.df_violations([])
         if not runs and name not in ("events", "accounting", "call_paths", "kernel_messages",
                                      "signals", "processes"):
             # the older builders need at least one run; the event ones give
@@ -356,6 +361,12 @@ class Lab:
         """Every signal a guest process received, per step, and every process
         the kernel killed: `lab.timeline.df_signals`."""
         return self.frame("signals")
+
+    @property
+    def violations(self) -> pd.DataFrame:
+        """Every invariant broken so far, earliest step first
+        (`lab.timeline.df_violations`): empty while the kernel's accounting holds."""
+        return self.frame("violations")
 
     @property
     def processes(self) -> pd.DataFrame:

@@ -302,3 +302,22 @@ def test_kernel_colors_of_a_generator_name_every_kernel():
     colors = plots.kernel_colors(k for k in ["obj", "before", "mine"])
     assert set(colors) == {"obj", "before", "mine"}
     assert colors["before"] == plots.KERNEL_COLORS["before"]
+
+
+def test_plot_counts_marks_where_each_invariant_first_broke():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "golden"))
+    from records import load
+
+    from lab import timeline as tl
+
+    runs = load(Path(__file__).resolve().parents[1] / "golden" / "records" / "fork-share.json")
+    t, s = tl.df_timeline(runs), tl.df_steps(runs)
+    t.loc[(t["kernel"] == "after") & (t["step"] == 4) & (t["page"] == 2), "mapcount"] = 0
+    broken = tl.df_violations(tl.check_invariants(t, s))
+    fig = plots.plot_counts(t, violations=broken)
+    marks = [a.text for a in fig.layout.annotations if a.text.startswith("broken:")]
+    assert marks == ["broken: rmap"]
+    assert [sh.x0 for sh in fig.layout.shapes] == [4]
+    assert not [a for a in plots.plot_counts(t).layout.annotations if a.text.startswith("broken:")]
