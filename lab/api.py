@@ -95,11 +95,14 @@ class Lab:
         (and a 1G one with *pud*) and attach drgn. With *events*, QEMU serves
         a gdbstub so that :meth:`watch` can record every counter change. The
         guest starts from its saved post-boot state (made on first use)
-        unless *cold*."""
+        unless *cold*. Downloads, builds and the boot itself show as
+        progress bars (a widget in a notebook) unless *progress* is given
+        (``lab.progress.silent`` for none)."""
+        from .progress import bars
         from .session import Session
 
         session = Session.boot(kernel, dax=PUD_LAYOUT if pud else DEFAULT_DAX, say=say,
-                               progress=progress, events=events, cold=cold)
+                               progress=progress or bars(), events=events, cold=cold)
         return cls(session=session)
 
     @classmethod

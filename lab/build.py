@@ -65,6 +65,7 @@ from lab.kernels.built import (  # the registry's read side, re-exported
     tree_artifacts,
 )
 from lab.model import KernelArtifacts, UserError
+from lab.progress import Progress
 
 __all__ = [
     "FRAGMENT_PATH",
@@ -420,10 +421,13 @@ def _tail(log: Path, n: int = 25) -> list[str]:
 
 
 def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = print,
-         interval: float = 5.0, env: dict[str, str] | None = None) -> float:
+         interval: float = 5.0, env: dict[str, str] | None = None,
+         progress: Progress | None = None, stage: str = "", expected: int | None = None) -> float:
     """Run make for *targets* (output appended to *log*, ccache set up by
     :func:`ccache_env`, then *env*), printing a line every *interval*
-    seconds: elapsed time, objects compiled, the last step.
+    seconds: elapsed time, objects compiled, the last step. With *progress*,
+    the objects compiled are reported to it instead, as *stage*, out of
+    *expected* (see :func:`expected_objects`).
     Returns the elapsed seconds.
 
     :raises BuildError: make failed (with the tail of the log)."""
@@ -443,8 +447,10 @@ def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = 
                 if s := make_step(line):
                     step = f"{s[0]} {s[1]}"
                     count += s[0] == "CC"
+                    if progress and s[0] == "CC":
+                        progress(stage, count, max(expected or 0, count) or None, unit="obj")
                 now = time.monotonic()
-                if now - last >= interval:
+                if not progress and now - last >= interval:
                     last = now
                     say(f"  [{_mmss(now - started)}] {count} objects compiled; {step}")
             rc = proc.wait()
@@ -453,10 +459,26 @@ def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = 
             proc.wait()
             raise
     elapsed = time.monotonic() - started
+    if progress and rc == 0:
+        progress(stage, count, count, unit="obj")
     if rc != 0:
         raise BuildError(f"`make {' '.join(targets)}` failed (exit status {rc}) after "
                          f"{_mmss(elapsed)}:", log, _tail(log))
     return elapsed
+
+
+def count_objects(lines: Iterable[str]) -> int:
+    """Objects compiled (make's ``CC`` lines) in a build log."""
+    return sum(1 for line in lines if (s := make_step(line)) and s[0] == "CC")
+
+
+def expected_objects(manifests: Iterable[dict], fragment_sha256: str) -> int | None:
+    """How many objects a build with this config fragment compiles: the most
+    recent registered build with the same fragment says (its ``objects``),
+    None if there is none. The bar of a first build has no total."""
+    same = [m for m in manifests
+            if m.get("fragment_sha256") == fragment_sha256 and m.get("objects")]
+    return max(same, key=lambda m: m.get("built_at", ""))["objects"] if same else None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -638,7 +660,8 @@ def _prepare_source(tree: Path, identity: str, patches: Sequence[Path],
 
 
 def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str | None = None,
-                 *, fragment: Path = FRAGMENT_PATH, say: Say = print) -> KernelArtifacts:
+                 *, fragment: Path = FRAGMENT_PATH, say: Say = print,
+                 progress: Progress | None = None) -> KernelArtifacts:
     """Build *tree* with *patches* and the lab's configuration and register
     it as *name*; a registered kernel of the same inputs is returned at once.
 
@@ -690,7 +713,12 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
         say(f"building {name} with {os.cpu_count()} jobs (CC={_cc()}); log: {log}")
         stats_log = work / "ccache-stats.log"
         stats_log.unlink(missing_ok=True)
-        make(src, obj, ["bzImage"], log, say=say, env={"CCACHE_STATSLOG": str(stats_log)})
+        expected = expected_objects(
+            filter(None, (read_manifest(built_dir(n)) for n in built_names())),
+            inputs.fragment_sha256)
+        make(src, obj, ["bzImage"], log, say=say, env={"CCACHE_STATSLOG": str(stats_log)},
+             progress=progress, stage=f"build {name}", expected=expected)
+        objects = count_objects(_read_lines(log))
         elapsed = time.monotonic() - started
         hits, misses = ccache_hits(_read_lines(stats_log))
         if hits + misses:
@@ -714,6 +742,7 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
                 "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "build_seconds": round(elapsed, 1),
                 "ccache": {"hits": hits, "misses": misses},
+                "objects": objects,  # the total of the next build's progress bar
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"{name}: built {release} in {_mmss(elapsed)}; registered at {entry}")

@@ -33,18 +33,19 @@ def cmd_kernels(args) -> int:
 
 def cmd_fetch(args) -> int:
     from . import kernels
-    from .progress import TextProgress
+    from .progress import bars
 
     for name in args.names:
-        k = kernels.fetch(name, progress=TextProgress(), force=args.force)
+        k = kernels.fetch(name, progress=bars(), force=args.force)
         print(f"{name}: {k.release} cached at {k.root}")
     return 0
 
 
 def cmd_kernel_build(args) -> int:
     from . import build
+    from .progress import bars
 
-    k = build.build_kernel(args.tree, args.patch, args.name,
+    k = build.build_kernel(args.tree, args.patch, args.name, progress=bars(),
                            say=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"{k.name}: {k.release} at {k.root} (use --kernel {k.name})")
     return 0
@@ -53,10 +54,10 @@ def cmd_kernel_build(args) -> int:
 def cmd_prepare(args) -> int:
     """Fetch kernels, build their images and the prepared NVDIMM files."""
     from .launch import boot_inputs, resolve_kernel
-    from .progress import TextProgress
+    from .progress import bars
 
     for name in args.names:
-        k = resolve_kernel(name, progress=TextProgress()).artifacts
+        k = resolve_kernel(name, progress=bars()).artifacts
         inputs = boot_inputs(k, _dax_layout(args))
         print(f"{name}: {k.release} ready (image {inputs.initrd.stat().st_size // 1024} KiB)")
     return 0
@@ -96,13 +97,13 @@ def _show_scenario_commands(scenario_path: str, names: Sequence[str], watch, col
     from pathlib import Path
 
     from .experiment import boot_options, resolve_kernels
-    from .progress import TextProgress
+    from .progress import bars
     from .scenario import load_scenario
     from .session import Session
 
     scenario = load_scenario(Path(scenario_path))
-    for choice in resolve_kernels(names, progress=TextProgress()):
-        spec = Session.plan(choice, progress=TextProgress(), say=_to_stderr, cold=cold,
+    for choice in resolve_kernels(names, progress=bars()):
+        spec = Session.plan(choice, progress=bars(), say=_to_stderr, cold=cold,
                             **boot_options(scenario, watch))
         _print_command(spec, f"{scenario.name} on {choice.spelling}:")
     return 0
@@ -127,7 +128,7 @@ def _size(n: int) -> str:
 
 def cmd_boot(args) -> int:
     from . import launch, vm
-    from .progress import TextProgress
+    from .progress import bars
 
     dax = _dax_layout(args)
     names = [k for k in args.kernel.split(",") if k]
@@ -135,7 +136,7 @@ def cmd_boot(args) -> int:
         if len(names) != 1:
             raise UserError(f"--shell and --show-command take one kernel, got {args.kernel!r}")
         spec = launch.boot_spec(names[0], dax=dax, shell=args.shell, cold=args.cold,
-                                progress=TextProgress(),
+                                progress=bars(),
                                 say=_to_stderr if args.show_command else print)
         if args.show_command:
             _print_command(spec)
@@ -147,7 +148,7 @@ def cmd_boot(args) -> int:
             return v.interact()
     for name in names:
         t0 = time.monotonic()
-        with launch.boot(name, dax=dax, progress=TextProgress(), cold=args.cold,
+        with launch.boot(name, dax=dax, progress=bars(), cold=args.cold,
                          ready_timeout=args.timeout) as v:
             how = "restored" if v.spec.restore_from else "booted"
             print(f"{name}: Linux {v.release}, {how}, ready in {v.time_to_ready:.2f} s "
@@ -192,12 +193,12 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from .experiment import run_experiment
-    from .progress import TextProgress
+    from .progress import bars
 
     if args.show_command:
         return _show_scenario_commands(args.scenario, [args.kernel], args.watch, args.cold)
     exp = _maybe_judged(args, lambda: run_experiment(
-        Path(args.scenario), [args.kernel], progress=TextProgress(), events=args.watch,
+        Path(args.scenario), [args.kernel], progress=bars(), events=args.watch,
         cold=args.cold))
     _write_experiment(exp, args.out)
     if args.writeup:
@@ -209,7 +210,7 @@ def cmd_compare(args) -> int:
     from pathlib import Path
 
     from .experiment import run_experiment
-    from .progress import TextProgress
+    from .progress import bars
 
     names = [k for k in args.kernels.split(",") if k]
     if len(names) < 2:
@@ -217,7 +218,7 @@ def cmd_compare(args) -> int:
     if args.show_command:
         return _show_scenario_commands(args.scenario, names, args.watch, args.cold)
     exp = _maybe_judged(args, lambda: run_experiment(
-        Path(args.scenario), names, progress=TextProgress(), events=args.watch,
+        Path(args.scenario), names, progress=bars(), events=args.watch,
         cold=args.cold))
     _write_experiment(exp, args.out)
     if args.writeup:
@@ -254,11 +255,11 @@ def cmd_check(args) -> int:
     from pathlib import Path
 
     from .experiment import run_experiment
-    from .progress import TextProgress
+    from .progress import bars
 
     names = [k for k in args.kernel.split(",") if k]
     exp = _maybe_judged(args, lambda: run_experiment(
-        Path(args.scenario), names, progress=TextProgress(), say=lambda *_: None))
+        Path(args.scenario), names, progress=bars(), say=lambda *_: None))
     if args.out:
         _write_experiment(exp, args.out)
     else:
@@ -366,45 +367,138 @@ def _add_check_argument(s) -> None:
              "125 the kernel could not be tested (as devdax-lab check)")
 
 
+DESCRIPTION = """\
+devdax-lab boots real Debian kernels (and kernels you build from your own
+tree) in QEMU with emulated NVDIMMs exposed as device-dax, drives a small
+agent in the guest through a scenario of mmap, fault, fork, pin and munmap
+steps, and reads struct folio, struct dev_pagemap and the page tables with
+drgn from the host after every step. Runs are written as data
+(timeline.parquet/.csv), an offline report.html and, on request, a bug
+write-up (repro.c, report.txt); compare runs a scenario on several kernels
+and lists where they differ.
+
+The first run downloads the kernels (devdax-lab kernels lists them); everything
+is cached under $DEVDAX_LAB_CACHE (default ~/.cache/devdax-lab)."""
+
+EPILOG = """\
+examples:
+  devdax-lab doctor                       # what is missing, and how to fix it
+  devdax-lab boot --kernel after          # boot a kernel, list its device-dax devices
+  devdax-lab compare scenarios/fork-share.toml --out out/fork-share
+  devdax-lab notebook                     # JupyterLab with the quickstart notebook
+
+devdax-lab COMMAND --help describes each command."""
+
+
+def _command(sub, name: str, summary: str, description: str, examples: Sequence[str]):
+    """A subcommand with a one-line summary (in the list of commands), a
+    description and examples (in its own --help)."""
+    return sub.add_parser(
+        name, help=summary, description=description,
+        epilog="example" + ("s" if len(examples) > 1 else "") + ":\n"
+        + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("devdax-lab")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="devdax-lab", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="devdax-lab", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="say more: debug logging, and the traceback behind an error")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="no progress bars (results and errors are still printed)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("kernels", help="list the known kernels and their cache state (offline)")
+    s = _command(
+        sub, "kernels", "list the known kernels and their cache state (offline)",
+        "List the kernels of the catalog (lab/data/kernel/catalog.toml) and those built\n"
+        "with devdax-lab kernel build: name, cache state, release and description.\n"
+        "Reads only the cache: no network.",
+        ["devdax-lab kernels"])
     s.set_defaults(func=cmd_kernels)
 
-    s = sub.add_parser("fetch", help="download and cache kernels (image, modules, debug info)")
-    s.add_argument("names", nargs="+", metavar="NAME")
+    s = _command(
+        sub, "fetch", "download and cache kernels (image, modules, debug info)",
+        "Download a catalog kernel's Debian packages (image, modules, debug info:\n"
+        "about 1.2 GB each), keep what the lab needs (about 0.4 GB) in the cache and\n"
+        "verify it. A kernel already cached is checked, not downloaded again.",
+        ["devdax-lab fetch before after", "devdax-lab fetch after --force"])
+    s.add_argument("names", nargs="+", metavar="NAME", help="catalog kernel names (see kernels)")
     s.add_argument("--force", action="store_true", help="fetch again even if cached")
     s.set_defaults(func=cmd_fetch)
 
-    s = sub.add_parser("kernel", help="kernels of your own: build a (patched) tree")
+    s = _command(
+        sub, "kernel", "kernels of your own: build a (patched) tree",
+        "Kernels of your own. kernel build builds a Linux tree, optionally with\n"
+        "patches applied to a private copy, with the lab's configuration and\n"
+        "registers it under a name that --kernel accepts everywhere.",
+        ["devdax-lab kernel build --tree ~/src/linux --patch fix.patch --name fixed"])
     ksub = s.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
-    s = ksub.add_parser("build", help="build a kernel tree with the lab's config and register it")
+    s = _command(
+        ksub, "build", "build a kernel tree with the lab's config and register it",
+        "Build a kernel tree with make tinyconfig plus lab/data/kernel/devdax-lab.config\n"
+        "(out of tree, ccache when installed) and register it. The tree is never\n"
+        "modified: patches are applied to a private copy. The same tree, patches and\n"
+        "config are built once.",
+        ["devdax-lab kernel build --tree ~/src/linux",
+         "devdax-lab kernel build --tree ~/src/linux --patch 0001-fix.patch --name fixed",
+         "devdax-lab compare scenarios/fork-share.toml --kernels after,fixed --out out/fix"])
     s.add_argument("--tree", required=True, help="a Linux source tree (git or not); never modified")
     s.add_argument("--patch", action="append", default=[], metavar="FILE",
                    help="a patch to apply first (git am, or patch -p1); repeatable")
     s.add_argument("--name", help="name for --kernel (default: the tree's name, + hash if patched)")
     s.set_defaults(func=cmd_kernel_build)
 
-    s = sub.add_parser("prepare", help="fetch kernels, build guest images and NVDIMM files")
-    s.add_argument("names", nargs="+", metavar="NAME")
+    s = _command(
+        sub, "prepare", "fetch kernels, build guest images and NVDIMM files",
+        "Everything a boot needs, made ahead of time: the kernel (fetched if it is\n"
+        "a catalog kernel), its guest initramfs with the agent, and the prepared\n"
+        "NVDIMM files. make lab runs it for before and after.",
+        ["devdax-lab prepare before after", "devdax-lab prepare after --pud"])
+    s.add_argument("names", nargs="+", metavar="NAME",
+                   help="kernel names (catalog or built) or paths to built trees")
     s.add_argument("--pud", action="store_true", help="also prepare the 1G-aligned device")
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("boot", help="boot a kernel, print its devices and time to ready")
+    s = _command(
+        sub, "boot", "boot a kernel, print its devices and time to ready",
+        "Boot each kernel (from its saved post-boot state when there is one), print\n"
+        "its release, time to ready and device-dax namespaces, and shut it down.\n"
+        "--shell gives the guest console instead; --show-command prints the QEMU\n"
+        "command line and starts nothing.",
+        ["devdax-lab boot --kernel before,after", "devdax-lab boot --kernel after --shell",
+         "devdax-lab boot --kernel after --show-command"])
     s.add_argument("--kernel", required=True, help="before, after, or a comma list")
     s.add_argument("--shell", action="store_true", help="interactive guest console (Ctrl-A X quits)")
     s.add_argument("--show-command", action="store_true", help="print the QEMU command line only")
     _add_cold_argument(s)
     s.add_argument("--pud", action="store_true", help="add a 1G-aligned device (needs 1G pages)")
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for ready")
+    s.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the guest to be ready (default 120)")
     s.set_defaults(func=cmd_boot)
 
-    s = sub.add_parser("run", help="run a scenario on one kernel: timeline, report, meta")
+    s = _command(
+        sub, "run", "run a scenario on one kernel: timeline, report, meta",
+        "Run a scenario on one kernel and write, in --out: timeline.parquet and\n"
+        ".csv (the counters of every watched page after every step), report.html\n"
+        "(opens offline), meta.json, and the verdicts of the scenario's\n"
+        "expectations and the lab's invariants.",
+        ["devdax-lab run scenarios/fault-4k.toml --kernel after --out out/fault-4k",
+         "devdax-lab run scenarios/pin-longterm.toml --kernel before --out out/pin --watch"])
     s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
     s.add_argument("--kernel", required=True, help="before, after, or another known kernel")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory (made if missing)")
     _add_watch_argument(s)
     _add_writeup_argument(s)
     _add_show_command_argument(s)
@@ -412,10 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_argument(s)
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("compare", help="run a scenario on several kernels and report the differences")
-    s.add_argument("scenario")
+    s = _command(
+        sub, "compare", "run a scenario on several kernels and report the differences",
+        "Run a scenario on each kernel in turn and write one run directory with\n"
+        "every kernel's timeline, a report that sets them side by side, and the\n"
+        "differences, which are also printed.",
+        ["devdax-lab compare scenarios/fork-share.toml --out out/fork-share",
+         "devdax-lab compare scenarios/pin-longterm.toml --kernels after,fixed --writeup "
+         + "--out out/pin"])
+    s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
     s.add_argument("--kernels", default="before,after", help="comma list (default before,after)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="output directory (made if missing)")
     _add_watch_argument(s)
     _add_writeup_argument(s)
     _add_show_command_argument(s)
@@ -423,26 +524,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_argument(s)
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser(
-        "check", help="is this kernel right? run a scenario and exit 0 (every expectation and "
-        "invariant holds), 1 (one fails: the first is printed) or 125 (the kernel could not be "
-        "tested): git bisect run's codes",
-        description="Example: devdax-lab check scenarios/fork-share.toml --kernel after")
+    s = _command(
+        sub, "check", "is this kernel right? exit 0, 1 or 125, as git bisect run wants",
+        "Run a scenario and answer with the exit status: 0 every expectation and\n"
+        "invariant holds, 1 one fails (the first is printed), 125 the kernel could\n"
+        "not be tested (it did not build or boot): git bisect run's codes.",
+        ["devdax-lab check scenarios/fork-share.toml --kernel after",
+         "git bisect run devdax-lab check scenarios/fork-share.toml --kernel ~/src/linux"])
     s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
     s.add_argument("--kernel", required=True, help="a kernel name or tree; a comma list for several")
     s.add_argument("--out", help="also write the run directory here")
     s.set_defaults(func=cmd_check, check=True)
 
-    s = sub.add_parser("writeup", help="a run directory as a bug report: repro.c (standalone C "
-                       "reproducer) and report.txt (plain text, 80 columns)")
+    s = _command(
+        sub, "writeup", "a run directory as a bug report: repro.c and report.txt",
+        "Turn a run directory into a bug report: repro.c, a standalone C reproducer\n"
+        "of the same steps in the same processes, and report.txt, plain text in 80\n"
+        "columns for a mailing list.",
+        ["devdax-lab writeup out/fork-share", "devdax-lab writeup out/pin --out out/pin-report"])
     s.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by run or compare --out")
     s.add_argument("--out", help="where to write them (default: RUN_DIR)")
     s.set_defaults(func=cmd_writeup)
 
-    s = sub.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
+    s = _command(
+        sub, "doctor", "check every prerequisite and say how to fix what is missing",
+        "Check every prerequisite (programs, static busybox and libc, the lab's data\n"
+        "files, Python modules, the cache directory, free disk, /dev/shm, KVM or\n"
+        "TCG) without touching the network; exit 2 if one is missing.",
+        ["devdax-lab doctor"])
     s.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("notebook", help="JupyterLab on 127.0.0.1 with a notebook open (Ctrl-C stops)")
+    s = _command(
+        sub, "notebook", "JupyterLab on 127.0.0.1 with a notebook open (Ctrl-C stops)",
+        "Start JupyterLab on 127.0.0.1 with a notebook of notebooks/ open (written\n"
+        "from its jupytext .py source) and print its URL with the token. Ctrl-C\n"
+        "stops it, its kernels and their VMs.",
+        ["devdax-lab notebook", "devdax-lab notebook 02-fork-and-mapcount --port 8888"])
     s.add_argument("name", nargs="?", default="00-quickstart",
                    help="a notebook in notebooks/ (default 00-quickstart)")
     s.add_argument("--port", type=int, default=None, help="port (default: a free one)")
@@ -452,11 +569,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show_command_argument(s)
     s.set_defaults(func=cmd_notebook)
 
-    s = sub.add_parser("bench", help="benchmarks: boot, snapshot (bulk vs per-page), compare")
-    s.add_argument("what", choices=["boot", "snapshot", "compare", "build", "events"])
-    s.add_argument("--scenario", default="scenarios/fork-share.toml", help="for compare")
+    s = _command(
+        sub, "bench", "benchmarks: boot, snapshot, compare, build, events",
+        "Measure and print figures (recorded in docs/BENCHMARKS.md): boot (time to\n"
+        "ready, cold and warm), snapshot (bulk vs per-page reads), compare (a\n"
+        "scenario's step latency), build (a kernel build, cold and with ccache),\n"
+        "events (the cost of watchpoints).",
+        ["devdax-lab bench boot --kernels before,after --runs 3",
+         "devdax-lab bench compare --scenario scenarios/fork-share.toml"])
+    s.add_argument("what", choices=["boot", "snapshot", "compare", "build", "events"],
+                   help="what to measure")
+    s.add_argument("--scenario", default="scenarios/fork-share.toml",
+                   help="the scenario for compare (default scenarios/fork-share.toml)")
     s.add_argument("--kernels", default="before,after", help="comma list (snapshot uses the first)")
-    s.add_argument("--runs", type=int, default=5)
+    s.add_argument("--runs", type=int, default=5, help="repetitions (default 5; build at most 3)")
     s.set_defaults(func=cmd_bench)
     return p
 
@@ -464,9 +590,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    from . import progress
+
+    progress.set_quiet(args.quiet)
     try:
         return args.func(args)
     except LabError as exc:  # every lab error: one line (plus any console/log tail), no traceback
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"devdax-lab: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from pathlib import Path
 from .cache import atomic_entry, cache_root, hash_inputs
 from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts, VmSpec
 from .plan import BootInputs, KernelChoice, plan, prepare_arg
+from .progress import silent
 from . import warm
 from .vm import LABEL_SIZE, Vm, VmError, VmTimeout, fast_boot, probe_accel
 
@@ -143,9 +144,21 @@ def _launch_ready(spec: VmSpec, ready_timeout: float, say, console_log: Path | N
 
 
 def start(spec: VmSpec, *, ready_timeout: float = 120.0, say=print,
-          console_log: Path | None = None, alongside=None) -> Vm:
+          console_log: Path | None = None, alongside=None, progress=None) -> Vm:
     """Launch *spec* and wait until the guest is ready; the returned
-    :class:`Vm` is running (use it as a context manager).
+    :class:`Vm` is running (use it as a context manager). The boot is one
+    step of *progress* (lab.progress), named after the kernel.
+    """
+    report = progress or silent
+    stage = f"{'start' if spec.restore_from else 'boot'} {spec.kernel.name}"
+    report(stage, 0, 1, unit="boot")
+    vm = _start(spec, ready_timeout, say, console_log, alongside)
+    report(stage, 1, 1, unit="boot")
+    return vm
+
+
+def _start(spec: VmSpec, ready_timeout: float, say, console_log: Path | None, alongside) -> Vm:
+    """:func:`start` without the progress report.
 
     A spec to restore (``restore_from``) makes its saved state first if
     there is none (a cold boot, once), restores it and checks the guest is
@@ -177,4 +190,5 @@ def boot(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
     """
     spec = boot_spec(kernel, dax=dax, events=gdbstub, cmdline_extra=cmdline_extra, cpus=cpus,
                      cold=cold, say=say, progress=progress)
-    return start(spec, ready_timeout=ready_timeout, say=say, console_log=console_log)
+    return start(spec, ready_timeout=ready_timeout, say=say, console_log=console_log,
+                 progress=progress)

@@ -1,26 +1,50 @@
-"""Progress reports for long steps (downloads of 1 GB packages, extraction of
-their tar streams), printed so that a terminal shows one updating line and a
-log file gets a line every tenth of the way instead of thousands.
+"""Progress of long steps (downloads of 1 GB packages, extraction of their
+tar streams, kernel builds, boots, a scenario's steps) as tqdm bars:
+``tqdm.auto`` draws a widget in a notebook and a text bar on a terminal. Off
+a terminal (CI logs, a pipe) every update is a line of its own, at most one
+every :data:`LOG_INTERVAL` seconds per stage, so a log stays readable.
 
-A progress callback is any ``progress(stage, done, total)``: *stage* names
-the step, *done* counts units (bytes) so far, *total* is the expected count
-or ``None`` when unknown. Producers call it often; printers throttle.
+A progress callback is any ``progress(stage, done, total, unit="B")``:
+*stage* names the step, *done* counts *units* so far (bytes unless said
+otherwise: "obj" for compiled objects, "step", "boot"), *total* is the
+expected count or ``None`` when unknown. Producers call it as often as they
+like; the bars throttle. A stage whose total is 1 is a step without a size
+(``stage...`` then done, with its time).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["Progress", "TextProgress", "format_bytes", "silent"]
+from tqdm import tqdm as text_tqdm
+from tqdm.auto import tqdm as auto_tqdm
+from tqdm.autonotebook import tqdm as maybe_notebook_tqdm  # imports IPython only inside Jupyter
 
-Progress = Callable[[str, int, "int | None"], None]
+__all__ = ["LOG_INTERVAL", "Bars", "Progress", "bars", "format_bytes", "set_quiet", "silent"]
+
+Progress = Callable[..., None]  # (stage: str, done: int, total: int | None, unit: str = "B")
+
+LOG_INTERVAL = 10.0  # seconds between two lines of one stage off a terminal
+
+_quiet = False
 
 
-def silent(stage: str, done: int, total: int | None) -> None:
+def set_quiet(quiet: bool) -> None:
+    """``devdax-lab -q``: :func:`bars` returns :func:`silent` from now on."""
+    global _quiet
+    _quiet = quiet
+
+
+def silent(stage: str, done: int, total: int | None, unit: str = "B") -> None:
     """The progress callback that reports nothing."""
+
+
+def bars(stream: TextIO | None = None) -> Progress:
+    """The progress callback for this process: :class:`Bars`, or :func:`silent`
+    after ``set_quiet(True)``."""
+    return silent if _quiet else Bars(stream)
 
 
 def format_bytes(n: int) -> str:
@@ -31,70 +55,76 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-class TextProgress:
-    """A progress printer: one line rewritten in place on a tty, else one line
-    per stage per 10 % (and one at the end of each stage). A stage whose total
-    is 1 is a step without a size: it prints ``stage...`` and ``stage: done``."""
+class _Lines:
+    """A file for tqdm off a terminal: each refresh (tqdm writes ``\\r`` and
+    the bar) becomes one line, so a log gets lines instead of one endless
+    line of carriage returns."""
 
-    def __init__(
-        self, stream: TextIO | None = None, *, tty: bool | None = None, interval: float = 0.2
-    ) -> None:
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class Bars:
+    """A progress callback that draws one bar per stage: bytes with their
+    rate and ETA, counted units (objects, steps) with theirs, a step without
+    a size as ``stage: done [elapsed]``. A new stage closes the previous bar;
+    repeated end-of-stage reports are ignored."""
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None,
+                 notebook: bool | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.interval = interval
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.tty = isatty() if tty is None else tty
+        # tqdm.auto picks the notebook widget inside a Jupyter kernel
+        self.notebook = (maybe_notebook_tqdm is not text_tqdm) if notebook is None else notebook
+        self._bar = None
         self._stage: str | None = None
         self._finished: str | None = None  # last stage that reached its total
-        self._last_print = 0.0
-        self._last_decile = -1
-        self._started = 0.0
-        self._width = 0
 
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        now = time.monotonic()
+    def __call__(self, stage: str, done: int, total: int | None, unit: str = "B") -> None:
         finished = total is not None and done >= total
-        if stage == self._finished and (finished or stage != self._stage):
+        if stage == self._finished:
             return  # repeated end-of-stage reports
         if stage != self._stage:
-            self._finish_line()
-            self._stage, self._started, self._last_decile, self._last_print = stage, now, -1, 0.0
-            self._finished = None
-        text = self._text(stage, done, total, now)
+            self.close()
+            self._bar = self._open(stage, total, unit)
+            self._stage = stage
+        bar = self._bar
+        if total is not None and total != bar.total:
+            bar.total = total
+        if done > bar.n:
+            bar.update(done - bar.n)
         if finished:
             self._finished = stage
-        if self.tty:
-            if finished or now - self._last_print >= self.interval:
-                pad = max(0, self._width - len(text))
-                self.stream.write("\r" + text + " " * pad)
-                self._width = len(text)
-                self._last_print = now
-                if finished:
-                    self.stream.write("\n")
-                    self._width = 0
-                self.stream.flush()
-            return
-        if total:
-            decile = min(10, done * 10 // total)
-            if decile > self._last_decile:
-                self._last_decile = decile
-                self.stream.write(text + "\n")
-                self.stream.flush()
-        elif now - self._last_print >= 10.0:  # unknown total: every 10 s
-            self._last_print = now
-            self.stream.write(text + "\n")
-            self.stream.flush()
+            self.close()
 
-    def _text(self, stage: str, done: int, total: int | None, now: float) -> str:
-        if total == 1:
-            return f"{stage}: done" if done >= 1 else f"{stage}..."
-        elapsed = now - self._started
-        rate = f" ({format_bytes(int(done / elapsed))}/s)" if elapsed >= 0.5 else ""
-        if total:
-            pct = min(100, done * 100 // total)
-            return f"{stage}: {pct:3d}% {format_bytes(done)} of {format_bytes(total)}{rate}"
-        return f"{stage}: {format_bytes(done)}{rate}"
+    def _open(self, stage: str, total: int | None, unit: str):
+        kind = auto_tqdm if self.notebook else text_tqdm
+        options: dict = {"desc": stage, "total": total, "unit": unit, "leave": True,
+                         "dynamic_ncols": self.tty}
+        if unit == "B" and total != 1:
+            options.update(unit_scale=True, unit_divisor=1000)
+        if total == 1:  # a step without a size: its name, then done and how long it took
+            options["bar_format"] = "{desc}: {n_fmt}/{total_fmt} [{elapsed}]"
+        if not self.notebook:
+            if self.tty:
+                options.update(file=self.stream, mininterval=0.2)
+            else:
+                options.update(file=_Lines(self.stream), mininterval=LOG_INTERVAL,
+                               maxinterval=LOG_INTERVAL)
+        return kind(**options)
 
-    def _finish_line(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
+    def close(self) -> None:
+        """End the current bar (its last state stays on screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._stage = None

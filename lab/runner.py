@@ -12,7 +12,7 @@ StepRecord, PageRecord); `lab.timeline` turns it into DataFrames.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from . import inspect
@@ -21,6 +21,7 @@ from .actions import CHECK_ERRNO, REGISTRY, Guest, check_step
 from .agent import AgentError
 from .guest import GuestModel, StepError, Where
 from .model import PageRecord, ProcessRecord, RunResult, SignalRecord, Step, StepRecord, UserError
+from .progress import Progress
 from .scenario import Scenario
 from .session import Session
 from .signals import describe_signal
@@ -159,7 +160,7 @@ class Recorder:
 
 
 def run_scenario(session: Session, scenario: Scenario, *,
-                 progress: Callable[[str, int, int | None], None] | None = None,
+                 progress: Progress | None = None,
                  events: str | None = None, verdict_reads: bool = True) -> RunResult:
     """Run every step of *scenario* in *session*'s guest, snapshot after each.
 
@@ -179,11 +180,13 @@ def run_scenario(session: Session, scenario: Scenario, *,
         mode = events or w.events
         if mode:
             recorder.arm(watched[(w.map, w.page)], stacks=mode == "stacks", page=(w.map, w.page))
+    stage = f"{scenario.name} on {session.kernel.name}"
     for step in scenario.steps:
-        if progress:
-            progress(f"{scenario.name} on {session.kernel.name}: step {step.index} {step.action}",
-                     step.index, len(scenario.steps))
+        if progress:  # steps done so far, counted as steps
+            progress(stage, step.index - 1, len(scenario.steps), unit="step")
         recorder.step(step, strict=False)
+    if progress:
+        progress(stage, len(scenario.steps), len(scenario.steps), unit="step")
     recorder.disarm()
     return recorder.result
 

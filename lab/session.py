@@ -59,7 +59,8 @@ class Session:
         def attach(vm: Vm) -> None:
             attached["prog"] = inspect.attach(vm.spec.run_dir / "drgn-qmp.sock", choice.artifacts)
 
-        vm = start(spec, say=say, ready_timeout=ready_timeout, alongside=attach)
+        vm = start(spec, say=say, ready_timeout=ready_timeout, alongside=attach,
+                   progress=progress)
         return cls(vm, choice, attached.pop("prog"))
 
     @staticmethod

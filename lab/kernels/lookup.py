@@ -54,10 +54,12 @@ def local_kernel(name: str, catalog: Mapping[str, CatalogEntry] | None) -> Kerne
 def catalog_entry(name: str, catalog: Mapping[str, CatalogEntry] | None = None) -> CatalogEntry:
     catalog = catalog if catalog is not None else load_catalog()
     if name not in catalog:
+        built = built_names()
         raise UserError(
-            f"unknown kernel {name!r}: known kernels are {', '.join(catalog)}; "
-            "a path to a built kernel tree is also accepted, or a name registered by "
-            "`devdax-lab kernel build`"
+            f"unknown kernel {name!r}: known kernels are {', '.join(catalog)}; built: "
+            + (", ".join(built) if built else "none yet")
+            + "; a path to a built kernel tree is also accepted, or a name registered by "
+            "`devdax-lab kernel build --tree DIR --name NAME`"
         )
     return catalog[name]
 

@@ -6,11 +6,14 @@ page from the panel and checks that the chart moved and nothing failed.
 
 The notebook is converted into ``test-output/jupyterlab/`` (a user's own
 ``notebooks/00-quickstart.ipynb`` is left alone); screenshots land in
-``test-output/``.
+``test-output/``, and with DEVDAX_LAB_DOCS_IMAGES=1 the panel's also in
+docs/img/panel.png, the one the README shows.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "notebooks" / "00-quickstart.py"
 OUT = REPO / "test-output"
 WORK = OUT / "jupyterlab"
+DOCS_IMG = REPO / "docs" / "img" if os.environ.get("DEVDAX_LAB_DOCS_IMAGES") else None
 
 RUN_ALL_TIMEOUT = 300.0  # boot under TCG (~4 s), drgn, first steps, widgets
 STEP_TIMEOUT = 120.0
@@ -155,6 +159,9 @@ def test_quickstart_runs_and_its_panel_faults_another_page(chromium):
         _show_panel(page)
         page.screenshot(path=str(OUT / "jupyterlab-panel-touch.png"))
         page.locator(".devdax-panel").screenshot(path=str(OUT / "jupyterlab-panel.png"))
+        if DOCS_IMG:
+            DOCS_IMG.mkdir(parents=True, exist_ok=True)
+            shutil.copy(OUT / "jupyterlab-panel-touch.png", DOCS_IMG / "panel.png")
 
         points_after = sum(t["n"] for t in after)
         assert points_after > points_before, (before, after)

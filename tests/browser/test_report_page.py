@@ -6,6 +6,7 @@ The report's contents are checked as text in tests/unit/test_report.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "timeline"
 FRAMES = ("timeline", "steps", "device", "device_pages", "complaints")
 SHOTS = ROOT / "test-output"
+# DEVDAX_LAB_DOCS_IMAGES=1: the top of each report also goes to docs/img/ (the README's)
+DOCS_IMG = ROOT / "docs" / "img" if os.environ.get("DEVDAX_LAB_DOCS_IMAGES") else None
+README_RUN = "compare-fork-share"
 
 
 def golden_runs() -> list[Path]:
@@ -75,6 +79,10 @@ def test_report_renders_offline_in_chromium(chromium, report_html):
             "svg: el.querySelectorAll('.main-svg').length}))")
         page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
         shutil.copy(SHOTS / "report.png", SHOTS / f"report-{name}.png")
+        if DOCS_IMG and name == README_RUN:
+            DOCS_IMG.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(DOCS_IMG / "report.png"))
+            page.locator("#fig-counts").screenshot(path=str(DOCS_IMG / "report-counts.png"))
     finally:
         page.close()
     assert errors == []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab import kernels
-from lab.progress import TextProgress
+from lab.progress import bars
 
 pytestmark = pytest.mark.live
 
@@ -33,7 +33,7 @@ def elf_section_names(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("name", ["before", "after"])
 def test_resolve_for_real(name):
-    art = kernels.resolve(name, progress=TextProgress())
+    art = kernels.resolve(name, progress=bars())
     entry = kernels.load_catalog()[name]
     assert art.name == name and art.root == kernels.kernel_dir(name)
     assert ".debug_info" in elf_section_names(art.vmlinux)

@@ -425,3 +425,15 @@ def test_plain_tree_mirror_is_patched_without_writing_the_tree(cache, tmp_path, 
     assert (src / "drivers" / "device.c").read_text() == "a\nb\nc\n"
     assert (src / "drivers" / "device.c").stat().st_mtime_ns >= patched_mtime
     assert original.stat().st_mtime_ns < patched_mtime
+
+
+def test_objects_counted_and_expected_from_the_last_build_of_the_same_config():
+    log = ["  HOSTCC  scripts/basic/fixdep", "  CC      mm/memremap.o", "  AR      mm/built-in.a",
+           "  CC      mm/gup.o", "  LD      vmlinux"]
+    assert build.count_objects(log) == 2
+    manifests = [{"fragment_sha256": "a", "objects": 900, "built_at": "2026-01-01T00:00:00"},
+                 {"fragment_sha256": "a", "objects": 950, "built_at": "2026-02-01T00:00:00"},
+                 {"fragment_sha256": "b", "objects": 5000, "built_at": "2026-03-01T00:00:00"},
+                 {"fragment_sha256": "a", "built_at": "2026-04-01T00:00:00"}]  # older format
+    assert build.expected_objects(manifests, "a") == 950
+    assert build.expected_objects(manifests, "c") is None

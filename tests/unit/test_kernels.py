@@ -42,7 +42,7 @@ from lab.kernels import (
 )
 from lab.kernels import apt as apt_io
 from lab.model import UserError
-from lab.progress import TextProgress
+from lab.progress import Bars
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 ND_E820 = GOLDEN / "nd_e820-6.12.117+deb12-amd64.ko"
@@ -582,8 +582,15 @@ def test_interrupted_fetch_leaves_nothing(cache, monkeypatch):
 
 
 def test_unknown_names_and_paths(cache):
-    with pytest.raises(UserError, match="known kernels are before, after; a path to a built"):
+    with pytest.raises(UserError, match="known kernels are before, after; built: none yet; a path"):
         kernels.resolve("middle")
+    from lab.kernels.built import MANIFEST
+
+    (cache / "built" / "mine").mkdir(parents=True)
+    (cache / "built" / "mine" / MANIFEST).write_text("{}")
+    with pytest.raises(UserError, match="known kernels are before, after; built: mine; a path"):
+        kernels.resolve("middle")
+    (cache / "built" / "mine" / MANIFEST).unlink()
     with pytest.raises(UserError, match="kernel trees"):
         kernels.resolve("/src/linux")
     assert kernels.known_kernels() == ["before", "after"]
@@ -593,43 +600,6 @@ def test_missing_tool_says_run_doctor(monkeypatch):
     monkeypatch.setattr(apt_io.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="`dpkg-deb` is not installed: run `devdax-lab doctor`"):
         apt_io.tool("dpkg-deb")
-
-
-# ---------------------------------------------------------------- progress
-
-
-def test_text_progress_lines_every_tenth_off_a_tty():
-    out = io.StringIO()
-    p = TextProgress(out, tty=False)
-    for done in range(1001):
-        p("download x", done * 1000, 1_000_000)
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 11 and lines[-1].startswith("download x: 100%")
-
-
-def test_text_progress_rewrites_one_line_on_a_tty():
-    out = io.StringIO()
-    p = TextProgress(out, tty=True, interval=0)
-    p("extract x", 10, 100)
-    p("extract x", 100, 100)
-    text = out.getvalue()
-    assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
-
-
-def test_text_progress_ignores_repeated_end_reports_and_prints_steps():
-    out = io.StringIO()
-    p = TextProgress(out, tty=False)
-    p("download x", 0, 100)
-    p("download x", 100, 100)
-    p("download x", 100, 100)
-    p("update idx", 0, 1)
-    p("update idx", 1, 1)
-    assert out.getvalue().splitlines() == [
-        "download x:   0% 0 B of 100 B",
-        "download x: 100% 100 B of 100 B",
-        "update idx...",
-        "update idx: done",
-    ]
 
 
 class FakeApt:
@@ -712,10 +682,11 @@ def test_a_second_fetch_waits_for_the_first_and_says_for_whom(cache, monkeypatch
     try:
         assert holder.stdout.readline() == "held\n"
         out = io.StringIO()
-        art = kernels.fetch("before", progress=TextProgress(out, tty=False))
+        art = kernels.fetch("before", progress=Bars(out, tty=False, notebook=False))
     finally:
         holder.kill()
         holder.wait()
     wait = f"waiting for pid {holder.pid} (fetching kernel before) (lock {lock})"
-    assert out.getvalue().splitlines()[:2] == [f"{wait}...", f"{wait}: done"]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"{wait}: 0/1 [") and lines[1].startswith(f"{wait}: 1/1 [")
     assert calls == ["before"] and art.release == "6.12.1+deb12-amd64"

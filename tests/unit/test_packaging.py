@@ -98,7 +98,7 @@ def test_pip_install_not_editable_finds_its_data(tmp_path):
 
     def run(*argv):
         return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, check=False)
 
     where = run(str(bin_dir / "python"), "-c",
                 "import lab, lab.image as i, lab.build as b, lab.kernels as k;"
