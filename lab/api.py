@@ -117,6 +117,26 @@ class Lab:
         meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
         return cls(frames=frames, meta=meta)
 
+    @staticmethod
+    def open_core(vmcore: str | Path, kernel: str = "after"):
+        """A guest memory dump (:meth:`dump`, ``devdax-lab run --dump-at``)
+        read with *kernel*'s debug info and the same readers, no VM: a
+        :class:`lab.inspect.core.Core` (``.folio(pfn)``, ``.pgmap(pfn)``,
+        ``.pte(pid, addr)``, ``.report("devdax")``, ``.prog``)."""
+        from .inspect.core import Core
+        from .launch import resolve_kernel
+
+        return Core.open(vmcore, resolve_kernel(kernel).artifacts)
+
+    def dump(self, path: str | Path):
+        """Write the guest's memory (RAM and NVDIMMs) to *path* as an ELF
+        vmcore with QMP ``dump-guest-memory``; open it with :meth:`open_core`
+        or ``drgn -c``. Returns a :class:`lab.inspect.core.DumpInfo`."""
+        from .inspect.core import dump_guest_memory
+
+        self._need_live()
+        return dump_guest_memory(self._session.vm.qmp, path)
+
     def __enter__(self) -> Lab:
         return self
 

@@ -401,7 +401,41 @@ def bench_events(kernel_name: str, runs: int, scenario: str = "scenarios/fork-sh
     return 0
 
 
+def bench_dump(kernel_names: Sequence[str], runs: int) -> int:
+    """A whole-guest vmcore (QMP dump-guest-memory): its size and time, and
+    reading it back (open with debug info, the devdax report) with no VM."""
+    import tempfile
+    from pathlib import Path
+
+    from .inspect.core import Core, dump_guest_memory
+    from .session import Session
+
+    for name in kernel_names:
+        with Session.boot(name, say=lambda *_: None) as s, \
+                tempfile.TemporaryDirectory(prefix="devdax-dump-") as tmp:
+            vmcore = Path(tmp) / "vmcore"
+            times, size = [], 0
+            for _ in range(max(1, min(runs, 3))):
+                info = dump_guest_memory(s.vm.qmp, vmcore)
+                times.append(info.seconds)
+                size = info.size
+            t = time.perf_counter()
+            core = Core.open(vmcore, s.kernel)
+            opened = time.perf_counter() - t
+            t = time.perf_counter()
+            core.report("devdax")
+            devdax = time.perf_counter() - t
+            del core
+            print(f"dump: kernel {name} ({s.vm.release}): {size / 2**30:.2f} GiB ELF vmcore, "
+                  f"median {statistics.median(times):.1f} s (min {min(times):.1f}, "
+                  f"max {max(times):.1f}, {len(times)} runs); open with debug info "
+                  f"{opened * 1000:.0f} ms; devdax report on the dump {devdax:.2f} s")
+    return 0
+
+
 def main(args) -> int:
+    if args.what == "dump":
+        return bench_dump(args.kernels.split(","), args.runs)
     if args.what == "boot":
         return bench_boot(args.kernels.split(","), args.runs)
     if args.what == "snapshot":

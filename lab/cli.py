@@ -197,13 +197,44 @@ def cmd_run(args) -> int:
 
     if args.show_command:
         return _show_scenario_commands(args.scenario, [args.kernel], args.watch, args.cold)
+    dump_at = None
+    if args.dump_at is not None:
+        from .inspect.core import parse_dump_at
+
+        dump_at = parse_dump_at(args.dump_at)
     exp = _maybe_judged(args, lambda: run_experiment(
         Path(args.scenario), [args.kernel], progress=bars(), events=args.watch,
-        cold=args.cold))
+        cold=args.cold, dump_at=dump_at, dump_dir=Path(args.out)))
     _write_experiment(exp, args.out)
     if args.writeup:
         _writeup(args.out, args.out)
     return _judge(exp) if args.check else 0
+
+
+def cmd_inspect(args) -> int:
+    from .api import Lab
+
+    core = Lab.open_core(args.core, args.kernel)
+    asked = False
+    for pfn in args.folio or ():
+        print(core.report("folio", pfn), end="\n\n")
+        asked = True
+    for pfn in args.pgmap or ():
+        print(core.report("pgmap", pfn), end="\n\n")
+        asked = True
+    for pid, address in args.pte or ():
+        print(core.report("pte", pid, address), end="\n\n")
+        asked = True
+    if args.devdax or not asked:
+        print(core.report("devdax"))
+    return 0
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x...)") from None
 
 
 def cmd_compare(args) -> int:
@@ -504,7 +535,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show_command_argument(s)
     _add_cold_argument(s)
     _add_check_argument(s)
+    s.add_argument("--dump-at", metavar="STEP|complaint",
+                   help="write the guest's memory to OUT/vmcore-KERNEL-stepN after step N "
+                        "(0: before the first) or after the first step the kernel complained "
+                        "at; read it with devdax-lab inspect --core")
     s.set_defaults(func=cmd_run)
+
+    s = _command(
+        sub, "inspect", "read a guest memory dump with the lab's readers (no VM)",
+        "Read a vmcore written by `run --dump-at` or Lab.dump with the kernel's\n"
+        "debug info and print the drgn plugin's reports: a folio's counters, a\n"
+        "dev_pagemap, a page-table walk, the device-dax devices (the default).",
+        ["devdax-lab inspect --core out/vmcore-after-step4 --kernel after",
+         "devdax-lab inspect --core out/vmcore-after-step4 --kernel after --folio 0x100002"])
+    s.add_argument("--core", required=True, metavar="VMCORE", help="the dump (ELF vmcore)")
+    s.add_argument("--kernel", required=True, help="the dumped kernel: before, after, or another "
+                   "known kernel (its debug info is used)")
+    s.add_argument("--folio", type=_number, action="append", metavar="PFN",
+                   help="show the folio holding PFN (repeatable)")
+    s.add_argument("--pgmap", type=_number, action="append", metavar="PFN",
+                   help="show the dev_pagemap covering PFN (repeatable)")
+    s.add_argument("--pte", type=_number, nargs=2, action="append", metavar=("PID", "ADDRESS"),
+                   help="walk PID's page table to ADDRESS (repeatable)")
+    s.add_argument("--devdax", action="store_true",
+                   help="list device-dax devices and their busy folios (the default)")
+    s.set_defaults(func=cmd_inspect)
 
     s = _command(
         sub, "compare", "run a scenario on several kernels and report the differences",
@@ -574,10 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Measure and print figures (recorded in docs/BENCHMARKS.md): boot (time to\n"
         "ready, cold and warm), snapshot (bulk vs per-page reads), compare (a\n"
         "scenario's step latency), build (a kernel build, cold and with ccache),\n"
-        "events (the cost of watchpoints).",
+        "events (the cost of watchpoints), dump (a guest vmcore: size, time, reading it).",
         ["devdax-lab bench boot --kernels before,after --runs 3",
          "devdax-lab bench compare --scenario scenarios/fork-share.toml"])
-    s.add_argument("what", choices=["boot", "snapshot", "compare", "build", "events"],
+    s.add_argument("what", choices=["boot", "snapshot", "compare", "build", "events", "dump"],
                    help="what to measure")
     s.add_argument("--scenario", default="scenarios/fork-share.toml",
                    help="the scenario for compare (default scenarios/fork-share.toml)")

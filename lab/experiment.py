@@ -137,11 +137,14 @@ def provenance(scenario: Scenario, runs: Sequence[RunResult], choices: Sequence)
 def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
                    progress: Callable | None = None, say=print,
                    events: str | None = None, cold: bool = False,
-                   verdict_reads: bool = True) -> Experiment:
+                   verdict_reads: bool = True, dump_at: int | str | None = None,
+                   dump_dir: Path | None = None) -> Experiment:
     """Validate *scenario_path* (nothing boots if it is bad), then run it on
     each kernel in turn. *events* ("counts" or "stacks") watches every
     watched page's folio counters (else only the entries that ask). *cold*
-    boots each kernel instead of starting from its saved state."""
+    boots each kernel instead of starting from its saved state. *dump_at*
+    (a step or ``"complaint"``) writes a vmcore of each guest to *dump_dir*
+    (`lab.runner.run_scenario`)."""
     from .session import Session
 
     scenario = load_scenario(scenario_path)
@@ -152,7 +155,8 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
         with Session.boot(choice, say=say, progress=progress, cold=cold,
                           **boot_options(scenario, events)) as session:
             runs.append(run_scenario(session, scenario, progress=progress, events=events,
-                                     verdict_reads=verdict_reads))
+                                     verdict_reads=verdict_reads, dump_at=dump_at,
+                                     dump_dir=dump_dir))
     frames = frames_of(runs)
     differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
     violations = tl.check_invariants(frames["timeline"], frames["steps"],

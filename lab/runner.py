@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from . import inspect
@@ -161,8 +162,12 @@ class Recorder:
 
 def run_scenario(session: Session, scenario: Scenario, *,
                  progress: Progress | None = None,
-                 events: str | None = None, verdict_reads: bool = True) -> RunResult:
+                 events: str | None = None, verdict_reads: bool = True,
+                 dump_at: int | str | None = None, dump_dir: Path | None = None) -> RunResult:
     """Run every step of *scenario* in *session*'s guest, snapshot after each.
+    With *dump_at* (a step, or ``"complaint"``: the first step the kernel
+    complained at), write the guest's memory to *dump_dir* after that step's
+    snapshot (:func:`lab.inspect.core.dump_guest_memory`).
 
     An agent error on a step (an advice the kernel refuses, a fault) is
     recorded with its errno and the run goes on. Watched pages whose entry
@@ -181,14 +186,32 @@ def run_scenario(session: Session, scenario: Scenario, *,
         if mode:
             recorder.arm(watched[(w.map, w.page)], stacks=mode == "stacks", page=(w.map, w.page))
     stage = f"{scenario.name} on {session.kernel.name}"
+    dumped = _maybe_dump(session, recorder.result.steps[0], dump_at, dump_dir, False)
     for step in scenario.steps:
         if progress:  # steps done so far, counted as steps
             progress(stage, step.index - 1, len(scenario.steps), unit="step")
-        recorder.step(step, strict=False)
+        record = recorder.step(step, strict=False)
+        dumped = _maybe_dump(session, record, dump_at, dump_dir, dumped)
     if progress:
         progress(stage, len(scenario.steps), len(scenario.steps), unit="step")
     recorder.disarm()
     return recorder.result
+
+
+def _maybe_dump(session: Session, record: StepRecord, dump_at, dump_dir, dumped: bool) -> bool:
+    """Dump the guest after *record* if ``--dump-at`` asks for it; whether a
+    dump has been taken."""
+    from .inspect.core import dump_due, dump_guest_memory
+
+    if not dump_due(dump_at, record.step, len(record.complaints), dumped):
+        return dumped
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    info = dump_guest_memory(session.vm.qmp,
+                             dump_dir / f"vmcore-{session.kernel.name}-step{record.step}")
+    print(f"devdax-lab: step {record.step}: guest memory dumped to {info.path} "
+          f"({info.size / 2**30:.2f} GiB in {info.seconds:.1f} s); read it with "
+          f"`devdax-lab inspect --core {info.path} --kernel {session.kernel_spelling}`")
+    return True
 
 
 # Reading /proc/PID/pagemap over a PUD-mapped device-dax range zaps the PUD:

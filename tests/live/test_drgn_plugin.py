@@ -102,3 +102,90 @@ def test_plugin_commands_agree_with_the_readers(session):
     finally:
         for proc in reversed(list(pids)):
             session.agent.exit(proc)
+
+
+def test_a_dump_reads_like_the_live_guest(session, tmp_path):
+    """A vmcore written at a fork-share state: the readers on the dump (no
+    VM) see what they saw live, every struct page of the device included;
+    plain `drgn -c` with the plugin and `devdax-lab inspect --core` print
+    the same counters."""
+    import numpy as np
+
+    from lab.api import Lab
+    from lab.inspect.core import dump_guest_memory
+
+    pfn, addr, pids = fork_share(session, "ds", "dsc")
+    dev = session.vm.device("2M")
+    first, count = dev["start"] >> 12, dev["size"] >> 12
+    vmcore = tmp_path / "vmcore"
+    try:
+        with session.stopped():
+            prog = session.prog
+            live = (inspect.folio_state(prog, pfn), inspect.folio_state(prog, pfn & ~511),
+                    inspect.pgmap_state(prog, inspect.find_dev_pagemap(prog, pfn)),
+                    {p: inspect.pte_state(prog, pid, addr) for p, pid in pids.items()},
+                    {p: inspect.mm_rss(prog, pid) for p, pid in pids.items()})
+            live_pages = inspect.read_pages(prog, first, count)
+            info = dump_guest_memory(session.vm.qmp, vmcore)
+        print(f"dump: {info.size / 2**30:.2f} GiB in {info.seconds:.1f} s")
+        assert info.size > 1 << 30  # RAM (1 GiB) and the NVDIMMs
+        core = Lab.open_core(vmcore, session.kernel_spelling)
+        cprog = core.prog
+        dumped = (core.folio(pfn), core.folio(pfn & ~511), core.pgmap(pfn),
+                  {p: core.pte(pid, addr) for p, pid in pids.items()},
+                  {p: inspect.mm_rss(cprog, pid) for p, pid in pids.items()})
+        assert dumped == live
+        core_pages = inspect.read_pages(cprog, first, count)
+        for field in ("flags", "refcount", "mapcount", "head_pfn"):
+            assert np.array_equal(getattr(core_pages, field), getattr(live_pages, field)), field
+        del core, cprog
+
+        state, _, pgmap, ptes, _ = live
+        out = run_drgn(["-c", str(vmcore)], session.kernel, f"folio {pfn:#x}", f"pgmap {pfn:#x}",
+                       *(f"pte {pid} {addr:#x}" for pid in pids.values()), "devdax")
+        check_against_readers(session, out, state, pgmap, ptes, pfn, pids, addr)
+
+        cli = subprocess.run(
+            [sys.executable, "-m", "lab.cli", "inspect", "--core", str(vmcore), "--kernel",
+             session.kernel_spelling, "--folio", hex(pfn)],
+            capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr
+        assert fields(cli.stdout) == fields(out[f"folio {pfn:#x}"])
+    finally:
+        vmcore.unlink(missing_ok=True)
+        for proc in reversed(list(pids)):
+            session.agent.exit(proc)
+
+
+@pytest.mark.parametrize("kernel", ["before", "after"])
+def test_run_dump_at_a_step_holds_that_steps_snapshot(kernel, tmp_path):
+    """`devdax-lab run fork-share --dump-at 4` (b has touched pages 2, 3, 6):
+    every timeline row of step 4, read again from the dump with no VM,
+    has the counters and pgmap reference the run recorded live."""
+    import pandas as pd
+
+    from lab.api import Lab
+    from lab.columns import COUNTERS
+    from lab.paths import scenario_path
+
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "lab.cli", "run", str(scenario_path("fork-share")), "--kernel",
+         kernel, "--out", str(out), "--dump-at", "4"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    vmcore = out / f"vmcore-{kernel}-step4"
+    try:
+        assert f"step 4: guest memory dumped to {vmcore}" in run.stdout
+        rows = pd.read_parquet(out / "timeline.parquet").query("step == 4")
+        assert len(rows) > 0
+        core = Lab.open_core(vmcore, kernel)
+        for row in rows.itertuples():
+            state = core.folio(int(row.pfn))
+            for column in COUNTERS:
+                want = getattr(row, column.name)
+                assert getattr(state, column.name) == (None if pd.isna(want) else want), \
+                    (row.pfn, column.name)
+            assert state.folio_pfn == row.folio_pfn and state.order == row.order
+        assert core.pgmap(int(rows.pfn.iloc[0])).ref.count == rows.pgmap_ref.iloc[0]
+    finally:
+        vmcore.unlink(missing_ok=True)

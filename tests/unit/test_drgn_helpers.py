@@ -80,3 +80,28 @@ def test_plugin_registers_its_commands():
 
     for name in ("folio", "pgmap", "pte", "devdax"):
         assert name in DEFAULT_COMMAND_NAMESPACE._commands
+
+
+def test_dump_at_values():
+    from lab.errors import UserError
+    from lab.inspect.core import dump_due, parse_dump_at
+
+    assert parse_dump_at("0") == 0 and parse_dump_at("4") == 4
+    assert parse_dump_at("complaint") == "complaint"
+    for bad in ("-1", "three", "", "4.5"):
+        with pytest.raises(UserError, match="step number"):
+            parse_dump_at(bad)
+    assert dump_due(4, 4, 0, False) and not dump_due(4, 3, 5, False)
+    assert not dump_due(4, 4, 0, True)  # one dump per run
+    assert dump_due("complaint", 2, 1, False) and not dump_due("complaint", 2, 0, False)
+    assert not dump_due(None, 0, 9, False)
+
+
+def test_inspect_refuses_a_missing_core_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lab.cli", "inspect", "--core",
+                          str(tmp_path / "nope"), "--kernel", "after"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"devdax-lab: no core dump at {tmp_path / 'nope'} (write one with `devdax-lab run "
+        f"--dump-at STEP` or Lab.dump)"]
