@@ -526,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(opens offline), meta.json, and the verdicts of the scenario's\n"
         "expectations and the lab's invariants.",
         ["devdax-lab run scenarios/fault-4k.toml --kernel after --out out/fault-4k",
-         "devdax-lab run scenarios/pin-longterm.toml --kernel before --out out/pin --watch"])
+         "devdax-lab run scenarios/pin-longterm.toml --kernel before --out out/pin --watch",
+         "devdax-lab run scenarios/fork-share.toml --kernel after --out out/fs --dump-at 4"])
     s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
     s.add_argument("--kernel", required=True, help="before, after, or another known kernel")
     s.add_argument("--out", required=True, help="output directory (made if missing)")
