@@ -22,7 +22,7 @@ from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm as auto_tqdm
 from tqdm.autonotebook import tqdm as maybe_notebook_tqdm  # imports IPython only inside Jupyter
 
-__all__ = ["LOG_INTERVAL", "Bars", "Progress", "bars", "format_bytes", "set_quiet", "silent"]
+__all__ = ["LOG_INTERVAL", "Bars", "Progress", "bars", "set_quiet", "silent"]
 
 Progress = Callable[..., None]  # (stage: str, done: int, total: int | None, unit: str = "B")
 
@@ -45,14 +45,6 @@ def bars(stream: TextIO | None = None) -> Progress:
     """The progress callback for this process: :class:`Bars`, or :func:`silent`
     after ``set_quiet(True)``."""
     return silent if _quiet else Bars(stream)
-
-
-def format_bytes(n: int) -> str:
-    """``1.2 GB``, ``340 MB``, ``12 kB``: short decimal units for humans."""
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 class _Lines:
