@@ -437,3 +437,20 @@ def test_objects_counted_and_expected_from_the_last_build_of_the_same_config():
                  {"fragment_sha256": "a", "built_at": "2026-04-01T00:00:00"}]  # older format
     assert build.expected_objects(manifests, "a") == 950
     assert build.expected_objects(manifests, "c") is None
+
+
+def test_make_reports_objects_to_progress(tmp_path):
+    """A real make over a Makefile that prints kbuild's lines: the objects
+    compiled reach the progress callback as "obj" units, out of *expected*,
+    and the stage ends at the count."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Makefile").write_text(
+        "bzImage:\n\t@echo '  CC      mm/memremap.o'\n\t@echo '  AR      mm/built-in.a'\n"
+        "\t@echo '  CC      mm/gup.o'\n\t@echo '  CC      mm/memory.o'\n")
+    reports = []
+    build.make(src, tmp_path / "obj", ["bzImage"], tmp_path / "build.log", say=reports.append,
+               progress=lambda *a, **k: reports.append((a, k)), stage="build x", expected=2)
+    assert reports == [(("build x", 1, 2), {"unit": "obj"}), (("build x", 2, 2), {"unit": "obj"}),
+                       (("build x", 3, 3), {"unit": "obj"}), (("build x", 3, 3), {"unit": "obj"})]
+    assert build.count_objects((tmp_path / "build.log").read_text().splitlines()) == 3

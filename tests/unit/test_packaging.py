@@ -118,3 +118,20 @@ def test_pip_install_not_editable_finds_its_data(tmp_path):
     assert doctor.returncode in (0, 2) and "Traceback" not in doctor.stderr, doctor.stderr
     assert "[ok  ] python: drgn: importable" in doctor.stdout, doctor.stdout
     assert "[ok  ] lab data files:" in doctor.stdout, doctor.stdout
+
+
+def test_make_uses_an_activated_conda_environment_and_else_the_venv():
+    import os
+    import subprocess
+
+    def python_of(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CONDA_")}
+        out = subprocess.run(["make", "-n", "unit"], cwd=ROOT, env={**base, **env}, check=True,
+                             capture_output=True, text=True).stdout
+        return next(line.split()[0] for line in out.splitlines() if "-m pytest" in line)
+
+    assert python_of() == ".venv/bin/python"
+    assert python_of(CONDA_PREFIX="/opt/envs/lab", CONDA_DEFAULT_ENV="lab") == "/opt/envs/lab/bin/python"
+    assert python_of(CONDA_PREFIX="/opt/conda", CONDA_DEFAULT_ENV="base") == ".venv/bin/python"
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert '"$CONDA_DEFAULT_ENV" != "base"' in setup and "--no-deps" in setup  # the same rule
