@@ -8,6 +8,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +20,24 @@ from lab.model import MiB
 
 pytestmark = pytest.mark.live
 
-PLUGIN_ENV = {"DRGN_PLUGINS": "devdax_lab=lab.drgn_helpers.plugin"}
+
+
+def plugin_env(tmp: Path) -> dict[str, str]:
+    """Environment in which drgn finds the plugin by its ``drgn.plugins``
+    entry point, as declared in pyproject.toml: a dist-info directory on the
+    path carrying that entry point (what `pip install` writes), so the test
+    does not depend on how the shared venv was installed."""
+    meta = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    points = meta["project"]["entry-points"]["drgn.plugins"]
+    dist = tmp / "devdax_lab_plugin_probe-0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: devdax-lab-plugin-probe\n"
+                                   "Version: 0\n")
+    (dist / "entry_points.txt").write_text(
+        "[drgn.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
+
 _RUN = ("import sys\nfrom drgn.commands import run_command\n"
         "for c in sys.argv[1:]:\n    print('=== ' + c, flush=True)\n    run_command(prog, c)\n")
 
@@ -26,11 +46,13 @@ def run_drgn(target: list[str], kernel, *commands: str) -> dict[str, str]:
     """Run *commands* in `drgn` (the CLI, as a user would start it) on
     *target* (``--qemu SOCK`` or ``-c VMCORE``); {command: output}."""
     symbols = [a for p in debug_files_for(kernel) for a in ("-s", str(p))]
-    argv = [sys.executable, "-m", "drgn", "-q", *target, "--no-default-symbols", *symbols,
+    argv = [sys.executable, "-m", "drgn", "--log-level", "warning", *target, "--no-default-symbols", *symbols,
             "-e", _RUN, *commands]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **PLUGIN_ENV})
+    with tempfile.TemporaryDirectory(prefix="drgn-plugin-") as tmp:
+        env = {**os.environ, **plugin_env(Path(tmp)), "DRGN_PLUGINS": "devdax_lab"}
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
+    assert "devdax_lab" not in out.stderr, out.stderr  # drgn's "not found"/"failed to load"
     assert "error" not in out.stdout.lower(), out.stdout
     parts = re.split(r"^=== (.*)\n", out.stdout, flags=re.M)[1:]
     return dict(zip(parts[::2], parts[1::2]))
