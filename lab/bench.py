@@ -1,12 +1,14 @@
 """``devdax-lab bench``: measured, not asserted. Prints figures and ratios
 that docs/BENCHMARKS.md records.
 
-- ``boot``: QEMU start to device-dax ready, per kernel (median of runs), and
-  where the time goes, from the guest-uptime stamps /init prints.
+- ``boot``: QEMU start to device-dax ready, per kernel, cold boot and warm
+  start (restore of the saved post-boot state) in turns, and where the time
+  goes in each (the guest-uptime stamps /init prints; the Vm's timestamps);
+  and a notebook's ``Lab.boot`` (warm start + drgn attach).
 - ``snapshot``: every struct page of the 1 GiB 4K device, read page by page
   through drgn objects against one bulk read decoded with numpy.
-- ``compare``: a whole `compare` of a scenario (boots included) and the
-  latency of one step.
+- ``compare``: a whole `compare` of a scenario, cold boots and warm starts
+  in turns, and the latency of one step.
 - ``events``: watchpoints: cost per hit with and without a stack, the cost
   to code that touches no watched memory (during and after), and a
   scenario's steps with watches off, counting and unwinding.
