@@ -132,9 +132,9 @@ def folio_entire_mapcount(folio: Object) -> int:
     Get how many times a large folio is mapped as a whole (by PMD or PUD),
     as ``folio_entire_mapcount()`` does.
 
-    ``compound_mapcount`` in the first tail page became
-    ``folio->_entire_mapcount`` in Linux 6.3 ("mm: convert total_compound_mapcount()
-    to folio_total_mapcount()" series).
+    Kernels before the folio rmap rework of Linux 6.3 kept it as
+    ``compound_mapcount`` of the first tail page (``struct page``); the
+    member is probed and either is read.
 
     :param folio: ``struct folio *`` (or ``struct page *``) of a large folio
     :raises ValueError: if the folio is not large
@@ -142,7 +142,9 @@ def folio_entire_mapcount(folio: Object) -> int:
     folio = _as_folio(folio)
     if not _is_large(folio):
         raise ValueError("folio_entire_mapcount() of an order-0 folio: it has no entire mapcount")
-    return folio._entire_mapcount.counter.value_() + 1
+    if has_member(folio.prog_, "struct folio", "_entire_mapcount"):
+        return folio._entire_mapcount.counter.value_() + 1
+    return cast("struct page *", folio)[1].compound_mapcount.counter.value_() + 1
 
 
 def folio_large_mapcount(folio: Object) -> int:
@@ -248,7 +250,8 @@ def page_pgmap(page: Object) -> Object:
     ``page_pgmap()`` does.
 
     ``pgmap`` moved from ``struct page`` to ``struct folio`` in Linux 6.15
-    ("mm: allow compound zone device pages"): the member is probed.
+    ("mm: allow compound zone device pages", Alistair Popple's ZONE_DEVICE
+    refcount series): the member is probed.
 
     :param page: ``struct page *`` (ZONE_DEVICE; for other pages the field
         means something else: check with :func:`find_dev_pagemap`)
