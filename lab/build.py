@@ -473,12 +473,24 @@ def count_objects(lines: Iterable[str]) -> int:
 
 
 def expected_objects(manifests: Iterable[dict], fragment_sha256: str) -> int | None:
-    """How many objects a build with this config fragment compiles: the most
-    recent registered build with the same fragment says (its ``objects``),
-    None if there is none. The bar of a first build has no total."""
-    same = [m for m in manifests
-            if m.get("fragment_sha256") == fragment_sha256 and m.get("objects")]
-    return max(same, key=lambda m: m.get("built_at", ""))["objects"] if same else None
+    """How many objects a full build with this config fragment compiles: the
+    most any registered build with the same fragment compiled (its
+    ``objects``; an incremental rebuild compiles fewer, so not the latest),
+    None if there is none: the bar of a first build has no total."""
+    counts = [m["objects"] for m in manifests
+              if m.get("fragment_sha256") == fragment_sha256 and m.get("objects")]
+    return max(counts) if counts else None
+
+
+def _registered_builds() -> Iterator[dict]:
+    """The manifests of the registered kernels, with ``objects`` counted from
+    their build.log for those registered before it was recorded."""
+    for name in built_names():
+        m = read_manifest(built_dir(name))
+        if m is not None and "objects" not in m:
+            m = {**m, "objects": count_objects(_read_lines(built_dir(name) / "build.log"))}
+        if m is not None:
+            yield m
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -713,9 +725,7 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
         say(f"building {name} with {os.cpu_count()} jobs (CC={_cc()}); log: {log}")
         stats_log = work / "ccache-stats.log"
         stats_log.unlink(missing_ok=True)
-        expected = expected_objects(
-            filter(None, (read_manifest(built_dir(n)) for n in built_names())),
-            inputs.fragment_sha256)
+        expected = expected_objects(_registered_builds(), inputs.fragment_sha256)
         make(src, obj, ["bzImage"], log, say=say, env={"CCACHE_STATSLOG": str(stats_log)},
              progress=progress, stage=f"build {name}", expected=expected)
         objects = count_objects(_read_lines(log))

@@ -427,7 +427,7 @@ def test_plain_tree_mirror_is_patched_without_writing_the_tree(cache, tmp_path, 
     assert original.stat().st_mtime_ns < patched_mtime
 
 
-def test_objects_counted_and_expected_from_the_last_build_of_the_same_config():
+def test_objects_counted_and_expected_from_builds_of_the_same_config():
     log = ["  HOSTCC  scripts/basic/fixdep", "  CC      mm/memremap.o", "  AR      mm/built-in.a",
            "  CC      mm/gup.o", "  LD      vmlinux"]
     assert build.count_objects(log) == 2
@@ -436,6 +436,8 @@ def test_objects_counted_and_expected_from_the_last_build_of_the_same_config():
                  {"fragment_sha256": "b", "objects": 5000, "built_at": "2026-03-01T00:00:00"},
                  {"fragment_sha256": "a", "built_at": "2026-04-01T00:00:00"}]  # older format
     assert build.expected_objects(manifests, "a") == 950
+    manifests.append({"fragment_sha256": "a", "objects": 3, "built_at": "2026-05-01T00:00:00"})
+    assert build.expected_objects(manifests, "a") == 950  # an incremental rebuild: not the total
     assert build.expected_objects(manifests, "c") is None
 
 
