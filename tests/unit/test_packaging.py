@@ -12,8 +12,9 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower()
 
 
-# pyproject name -> conda-forge name; None: not on conda-forge, listed under pip:
-CONDA_NAMES = {"qemu.qmp": None}
+# pyproject name -> conda-forge name where they differ (None: not on
+# conda-forge, listed under environment.yml's pip:)
+CONDA_NAMES = {"qemu.qmp": "python-qemu-qmp", "playwright": "playwright-python"}
 
 
 def _bound(requirement: str) -> str:
