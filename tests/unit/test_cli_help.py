@@ -47,9 +47,23 @@ def test_every_command_is_covered():
     assert {p[0] for p, _ in COMMANDS} >= {"kernels", "fetch", "boot", "run", "compare", "doctor"}
 
 
-def test_version_and_unknown_kernel_message(tmp_path, monkeypatch):
+def test_version_quiet_and_verbose(tmp_path, monkeypatch, capsys):
     out = subprocess.run([sys.executable, "-m", "lab.cli", "--version"], capture_output=True,
                          text=True, check=True).stdout
     assert out.startswith("devdax-lab ") and out.split()[1][0].isdigit()
     monkeypatch.setenv("DEVDAX_LAB_CACHE", str(tmp_path))
     assert cli.main(["-q", "fetch", "middle"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("devdax-lab: unknown kernel 'middle'") and "built: none yet" in err
+    assert "Traceback" not in err
+    import logging
+
+    configured = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: configured.append(kw["level"]))
+    assert cli.main(["-v", "fetch", "middle"]) == 2  # the same line, after the traceback
+    assert configured == [logging.DEBUG]
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].startswith("devdax-lab: unknown kernel")
+    from lab import progress
+
+    progress.set_quiet(False)
