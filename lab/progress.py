@@ -9,7 +9,7 @@ A progress callback is any ``progress(stage, done, total, unit="B")``:
 otherwise: "obj" for compiled objects, "step", "boot"), *total* is the
 expected count or ``None`` when unknown. Producers call it as often as they
 like; the bars throttle. A stage whose total is 1 is a step without a size
-(``stage...`` then done, with its time).
+(``stage: running``, then ``stage: done`` with its time).
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ class Bars:
         bar = self._bar
         if total is not None and total != bar.total:
             bar.total = total
+        if finished and bar.total == 1:
+            bar.unit = "done"
         if done > bar.n:
             bar.update(done - bar.n)
         if finished:
@@ -105,7 +107,7 @@ class Bars:
         if unit == "B" and total != 1:
             options.update(unit_scale=True, unit_divisor=1000)
         if total == 1:  # a step without a size: its name, then done and how long it took
-            options["bar_format"] = "{desc}: {n_fmt}/{total_fmt} [{elapsed}]"
+            options.update(bar_format="{desc}: {unit} [{elapsed}]", unit="running")
         if not self.notebook:
             if self.tty:
                 options.update(file=self.stream, mininterval=0.2)

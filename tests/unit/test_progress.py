@@ -45,7 +45,7 @@ def test_a_step_without_a_size_and_repeated_end_reports():
     p("update idx", 1, 1)
     lines = out.getvalue().splitlines()
     assert len(lines) == 4, lines
-    assert lines[2].startswith("update idx: 0/1 [") and lines[3].startswith("update idx: 1/1 [")
+    assert lines[2].startswith("update idx: running [") and lines[3].startswith("update idx: done [")
 
 
 def test_on_a_tty_one_line_is_rewritten():
