@@ -517,7 +517,7 @@ class Vm:
         """Copy our stdin to the guest console once the guest is ready (the
         console is open in the guest from /init on, so nothing is lost; input
         sent while its serial driver starts could be); at the end of the
-        input send a newline and Ctrl-D, which ends the guest's shell, and
+        input send "exit" (and Ctrl-D), which ends the guest's shell, and
         /init then powers off: a script's `devdax-lab boot --shell <
         commands` returns once they ran."""
         assert proc.stdin
@@ -528,7 +528,10 @@ class Vm:
             while block := os.read(0, 4096):
                 proc.stdin.write(block)
                 proc.stdin.flush()
-            proc.stdin.write(b"\n\x04")
+            # "exit" rather than Ctrl-D alone: a Ctrl-D that reaches the tty
+            # while the shell has it in canonical mode (between commands) is
+            # lost when the line editor switches it to raw mode (seen here)
+            proc.stdin.write(b"\nexit\n\x04")
             proc.stdin.flush()
         except OSError:  # QEMU went away first
             pass
