@@ -269,9 +269,7 @@ def _check_fork(st: GuestModel, where: Where, index: int, f: dict[str, Any]):
 
 def _check_exit(st: GuestModel, where: Where, index: int, f: dict[str, Any]):
     proc = st.live_proc(where, "proc", where.name("proc", f["proc"]))
-    proc.exited_at = index
-    for name in proc.pins | proc.pipes:
-        st.handles[name].released_at = index
+    st.end_process(proc.name, index)
     return proc.name, {}
 
 
@@ -450,8 +448,11 @@ def _check_mprotect(st: GuestModel, where: Where, index: int, f: dict[str, Any])
 
 def _check_lock(st: GuestModel, where: Where, index: int, f: dict[str, Any]):
     proc, v = st.view(where, f)
-    # mlock of part of a VMA splits it (VM_LOCKED differs): same rule as munmap.
-    offset, length = st.span(where, f, v, st.device, _split_why(st))
+    # mlock_fixup() leaves a device-dax VMA alone (!vma_supports_mlock():
+    # vma_is_dax), so no split and any 4K range; do_mlock() still populates
+    # it (__mm_populate), with or without MLOCK_ONFAULT, since the VMA never
+    # gets VM_LOCKONFAULT.
+    offset, length = st.span(where, f, v, PAGE_SIZE)
     st.all_mapped(where, f, v, offset, length)
     args = {"map": v.spec.name, "offset": offset, "length": length}
     if "onfault" in f:
@@ -585,8 +586,8 @@ REGISTRY: Mapping[str, Action] = MappingProxyType({a.name: a for a in (
         lambda s, _r: f"mprotect {s.args['map']} {s.args['prot'] or 'none'}",
         pgmap_neutral=True, positional=("map", "prot"), kernel_decides=True),
     Action(
-        "mlock", "mlock a range (at the device alignment): the kernel faults it all in "
-        "unless onfault.",
+        "mlock", "mlock a range: on device-dax the kernel faults it all in (even with "
+        "onfault) and never sets VM_LOCKED.",
         (Field("map", "map", doc="the mapping"), _OFFSET, _LENGTH,
          Field("onfault", "bool", False, "MLOCK_ONFAULT (mlock2): lock pages as they fault"),
          _PROC_OPT),
@@ -596,10 +597,10 @@ REGISTRY: Mapping[str, Action] = MappingProxyType({a.name: a for a in (
         lambda s, _r: (f"mlock {s.args['map']} {format_size(s.args['length'])}"
                        + (" (on fault)" if s.args["onfault"] else "")),
         pgmap_neutral=True,
-        touches=lambda s: () if s.args["onfault"] else _range_pages(s), positional=("map",),
+        touches=_range_pages, positional=("map",),
         kernel_decides=True),
     Action(
-        "munlock", "munlock a range (at the device alignment).",
+        "munlock", "munlock a range (a no-op on device-dax VMAs, which are never locked).",
         (Field("map", "map", doc="the mapping"), _OFFSET, _LENGTH, _PROC_OPT),
         _check_lock,
         lambda g, s: g.agent.munlock(s.proc, _addr(g, s), s.args["length"]),

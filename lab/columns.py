@@ -138,7 +138,8 @@ TIMELINE: tuple[Column, ...] = (
            panel=True, report=True),
     Column("pins", "Int64", "page", "live long-term pins covering this page"),
     Column("folio_pins", "Int64", "page",
-           "pinned pages of this page's folio, summed over the live pins"),
+           "live pins of this page's folio (one per large folio a pin covers: io_uring "
+           "keeps one pin per folio)"),
     Column("folio_pipe_refs", "Int64", "page",
            "pages of this page's folio held by live pipes, summed over the pipes"),
 )

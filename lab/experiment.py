@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import timeline as tl
 from .expect import check_expectations
+from .vm import GuestCrashed
 from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, RunResult, UserError
 from .runner import run_scenario
 from .scenario import Scenario, load_scenario
@@ -154,11 +155,16 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
         say(f"devdax-lab: {scenario.name} on {choice.spelling}: booting")
         with Session.boot(choice, say=say, progress=progress, cold=cold,
                           **boot_options(scenario, events)) as session:
-            runs.append(run_scenario(session, scenario, progress=progress, events=events,
-                                     verdict_reads=verdict_reads, dump_at=dump_at,
-                                     dump_dir=dump_dir))
+            try:
+                runs.append(run_scenario(session, scenario, progress=progress, events=events,
+                                         verdict_reads=verdict_reads, dump_at=dump_at,
+                                         dump_dir=dump_dir))
+            except GuestCrashed as exc:  # it booted; the scenario crashed it: the kernel is bad
+                exc.during_scenario = True
+                raise
     frames = frames_of(runs)
-    differences = tl.describe_differences(frames["diff"], kernel_names) if "diff" in frames else []
+    names = [r.kernel for r in runs]  # the diff's columns: the kernels as runs name them
+    differences = tl.describe_differences(frames["diff"], names) if "diff" in frames else []
     violations = tl.check_invariants(frames["timeline"], frames["steps"],
                                      frames.get("processes"), frames.get("kernel_messages"))
     frames["violations"] = tl.df_violations(violations)
@@ -211,13 +217,23 @@ def boot_options(scenario: Scenario, events: str | None = None) -> dict:
 
 def verdict(run: Callable[[], Experiment]) -> Experiment:
     """*run* (an experiment) judged with ``git bisect run``'s codes: a
-    kernel that cannot be tested (build, boot, agent: a LabFailure) raises
-    Untestable (125); the experiment is returned, and the caller raises
-    VerdictFailed (1) when :attr:`Experiment.failures` is not empty."""
-    from .errors import LabFailure, Untestable
+    kernel that cannot be tested (build, boot, agent: a LabFailure before or
+    outside the steps, or a kernel whose kind the probe cannot tell) raises
+    Untestable (125); a kernel the scenario crashed raises VerdictFailed
+    (1); else the experiment is returned, and the caller raises VerdictFailed
+    when :attr:`Experiment.failures` is not empty."""
+    from .errors import LabFailure, Untestable, VerdictFailed
 
     try:
-        return run()
+        exp = run()
     except LabFailure as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if getattr(exc, "during_scenario", False):  # the scenario crashed the kernel: bad
+            raise VerdictFailed(f"the kernel crashed during the scenario: {first}") from exc
         raise Untestable(f"the kernel could not be tested: {first}") from exc
+    unknown = [r.kernel for r in exp.runs if r.counts_mappings is None]
+    if unknown:  # without it rmap, refs, flat and rss cannot judge
+        raise Untestable(f"could not tell whether {', '.join(unknown)} counts device-dax "
+                         "mappings: its device-dax fault handler calls no known insert "
+                         "function (lab.inspect.probes)")
+    return exp

@@ -283,6 +283,16 @@ class GuestModel:
         """An independent copy (the runner keeps one to undo a step the guest refused)."""
         return copy.deepcopy(self)
 
+    def end_process(self, name: str, step: int, reason: str | None = None) -> None:
+        """Process *name* is gone at *step* (an exit step, or the kernel
+        killed it): its pins and pipes are released with it."""
+        proc = self.procs[name]
+        proc.exited_at, proc.exit_reason = step, reason
+        for handle in proc.pins | proc.pipes:
+            self.handles[handle].released_at = step
+        proc.pins.clear()
+        proc.pipes.clear()
+
     def live_views(self) -> Iterable[tuple[str, View]]:
         """(process, view) of every mapping still (partly) mapped in a live process."""
         for p in self.procs.values():

@@ -283,7 +283,7 @@ class PageRecord:
     pinned: bool = False  # inside a long-term pin the scenario holds
     in_pipe: bool = False  # inside a spliced range not yet drained
     pins: int = 0  # live long-term pins covering this page
-    folio_pins: int = 0  # pinned pages of this page's folio, summed over live pins
+    folio_pins: int = 0  # live pins of this page's folio (of this page, for order 0)
     folio_pipe_refs: int = 0  # pages of this folio held by live pipes, summed over pipes
 
 

@@ -32,6 +32,10 @@ def pytest_addoption(parser) -> None:
                     help="write each item's run directory under DIR/SCENARIO/KERNEL")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "live: boots a real kernel in QEMU (devdax-lab)")
+
+
 def pytest_collect_file(parent, file_path: Path):
     if file_path.suffix == ".toml" and parent.config.getoption("devdax_kernel"):
         return ScenarioFile.from_parent(parent, path=file_path)
@@ -54,7 +58,12 @@ class ScenarioFile(pytest.File):
         text = self.path.read_text(encoding="utf-8", errors="replace")
         if "[[step]]" not in text:  # another kind of TOML file
             return
-        load_scenario(self.path)  # a bad scenario is a collection error, in one line
+        from .errors import UserError
+
+        try:
+            load_scenario(self.path)
+        except UserError as exc:  # a bad scenario is a collection error, in one line
+            raise self.CollectError(str(exc)) from exc
         kernels = [k for k in self.config.getoption("devdax_kernel").split(",") if k]
         for kernel in kernels:
             yield ScenarioItem.from_parent(self, name=kernel, kernel=kernel)

@@ -317,6 +317,16 @@ def _expect(file: str, raw: Any, steps: tuple[Step, ...],
             what = "a page" if obj == "page" else f"the {obj}"
             w.fail("field", f'"{field_name}" is not a field of {what} '
                    f"(fields: {', '.join(fields)})")
+        numeric = obj != "page" or columns.by_name[field_name].dtype not in ("string", "boolean")
+        if op != "equals" and not numeric:
+            w.fail(op, f'"{field_name}" is not a number: compare it with equals')
+        if op == "equals" and numeric and not isinstance(value, int):
+            w.fail(op, f'"{field_name}" is a number, not {type_name(value)} {show(value)}')
+        if op == "equals" and not numeric and isinstance(value, int) and not isinstance(
+                value, bool) and columns.by_name[field_name].dtype == "boolean":
+            w.fail(op, f'"{field_name}" is true or false, not {show(value)}')
+        if op == "delta" and step == 0:
+            w.fail("step", "a delta needs a step before it: step 0 is the start")
         why = w.string("why", entry.get("why", ""))
         out.append(ExpectSpec(i, step, kernel, obj, field_name, op, value, map_name, page, proc,
                               since, why))

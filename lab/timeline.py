@@ -580,6 +580,8 @@ def _inv_back_to_start(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Vi
     for (_kernel, _map, _page), g in pages.groupby(["kernel", "map", "page"]):
         g = g.sort_values("step")
         start, last = g.iloc[0], g.iloc[-1]
+        if start["step"] != 0:
+            continue  # watched from a later step (a notebook session): no baseline
         released = pd.isna(last["proc"]) and not last["pinned"] and not last["in_pipe"]
         if not released:
             continue
@@ -700,9 +702,10 @@ def _inv_refs(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation
     """refs: a folio's refcount is explained exactly. It is 1 at rest
     (__init_zone_device_page; free_zone_device_folio() sets it back), plus
     one per page-table entry on a kernel whose faults map folios, plus what
-    pins hold (GUP_PIN_COUNTING_BIAS per pin of an order-0 folio, one per
-    pinned page of a large folio, whose _pincount counts the same), plus one
-    per page held by a pipe (vmsplice takes page references)."""
+    pins hold (GUP_PIN_COUNTING_BIAS per pin of an order-0 folio; one per pin
+    of a large folio, whose _pincount counts the same: io_uring keeps one
+    pin per folio of a buffer), plus one per page held by a pipe (vmsplice
+    takes page references)."""
     counts = _counts_mappings(steps)
     known = [k for k, v in counts.items() if v is not None]
     if not known:
@@ -727,7 +730,7 @@ def _inv_refs(timeline: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Violation
                      f"({' + '.join(parts)}): {r['refcount'] - expected:+d} unexplained",
                      fld="refcount", expected=expected, actual=r["refcount"])
         if r["order"] > 0 and not pd.isna(r["pincount"]) and r["pincount"] != pins:
-            yield _v("refs", r, f"{pins} pinned page(s) of the folio, _pincount says "
+            yield _v("refs", r, f"{pins} pin(s) of the folio, _pincount says "
                      f"{r['pincount']}", fld="pincount", expected=pins, actual=r["pincount"])
 
 
@@ -759,14 +762,13 @@ def _inv_pgmap_stable(_pages: pd.DataFrame, steps: pd.DataFrame) -> Iterable[Vio
     neutral = pgmap_neutral_actions()
     for _kernel, g in steps.groupby("kernel"):
         g = g.sort_values("step")
-        base = g.iloc[0]["pgmap_ref"]
+        before = None
         for _, r in g.iterrows():
-            if r["action"] not in neutral:
-                break
-            if r["pgmap_ref"] != base:
+            if before is not None and r["action"] in neutral and r["pgmap_ref"] != before:
                 yield _v("pgmap-ref-stable", r, f"dev_pagemap reference count "
-                         f"{r['pgmap_ref']} after {r['action']}, {base} at the start",
-                         fld="pgmap_ref", expected=base, actual=r["pgmap_ref"])
+                         f"{r['pgmap_ref']} after {r['action']}, {before} before it",
+                         fld="pgmap_ref", expected=before, actual=r["pgmap_ref"])
+            before = r["pgmap_ref"]
 
 
 def _inv_pin_visible(pages: pd.DataFrame, _steps: pd.DataFrame) -> Iterable[Violation]:

@@ -53,6 +53,12 @@ def _scenario(expect: str):
      'expect 1: proc: no process "z" (processes: "a", "b")'),
     ('step = 2\nmap = "m"\npage = 0\nfield = "refcount"\nequals = 1\nwhat = 1',
      "expect 1: what: unknown field"),
+    ('step = 2\nmap = "m"\npage = 0\nfield = "pt_level"\nat_least = 1',
+     'expect 1: at_least: "pt_level" is not a number: compare it with equals'),
+    ('step = 2\nmap = "m"\npage = 0\nfield = "refcount"\nequals = "2"',
+     'expect 1: equals: "refcount" is a number, not string "2"'),
+    ('step = 0\nmap = "m"\npage = 0\nfield = "refcount"\ndelta = 0',
+     "expect 1: step: a delta needs a step before it"),
 ])
 def test_bad_expectations_are_one_line_before_boot(expect, message):
     with pytest.raises(ScenarioError) as e:

@@ -136,8 +136,10 @@ def test_pgmap_ref_stable():
     t, s = _frames("fault-2m")
     touch = s.index[s["action"] == "touch"][0]
     s.loc[touch, "pgmap_ref"] += 1
-    (v,) = _violations(t, s, "pgmap-ref-stable")
+    v = _violations(t, s, "pgmap-ref-stable")[0]  # (the next neutral step moves it back)
     assert v.step == s.loc[touch, "step"] and "after touch" in v.message
+    assert (v.expected, v.actual) == (str(s.loc[touch, "pgmap_ref"] - 1),
+                                      str(s.loc[touch, "pgmap_ref"]))
 
 
 def test_pin_visible():
@@ -186,3 +188,18 @@ def test_rss_broken():
     t, s, p, _ = _hwpoison("before")
     (v,) = [v for v in tl.check_invariants(t, s, p, k) if v.invariant == "rss"]
     assert v.step == 7 and "Bad rss-counter state" in v.message
+
+
+def test_pgmap_ref_stable_checks_neutral_steps_after_a_pin_too():
+    t, s = _frames("pin-longterm")
+    munmap = s.index[s["action"] == "munmap"][0]  # after the pin step
+    s.loc[munmap, "pgmap_ref"] += 3
+    (v,) = _violations(t, s, "pgmap-ref-stable")[:1]
+    assert v.step == s.loc[munmap, "step"] and "after munmap" in v.message
+
+
+def test_no_leak_needs_a_baseline_from_step_0():
+    t, s = _frames("fork-share")
+    late = t[t["step"] >= 2].copy()  # as a notebook session watches: from the touch on
+    late.loc[late["step"] == late["step"].max(), "refcount"] = 1
+    assert _violations(late, s, "no-leak") == []
