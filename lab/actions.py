@@ -575,7 +575,9 @@ REGISTRY: Mapping[str, Action] = MappingProxyType({a.name: a for a in (
         lambda g, s: g.agent.madvise(s.proc, _addr(g, s), s.args["length"],
                                      s.args["advice_value"]),
         lambda s, _r: f"madvise {s.args['map']} MADV_{s.args['advice']}",
-        pgmap_neutral=False, positional=("map", "advice"), kernel_decides=True),
+        pgmap_neutral=False, positional=("map", "advice"), kernel_decides=True,
+        # MADV_POPULATE_READ/WRITE fault the range in (madvise_populate)
+        touches=lambda s: _range_pages(s) if s.args["advice"].startswith("POPULATE") else ()),
     Action(
         "mprotect", "Change a range's protection (at the device alignment).",
         (Field("map", "map", doc="the mapping"),

@@ -25,12 +25,12 @@ import pandas as pd
 
 from . import timeline as tl
 from .actions import REGISTRY
-from .guest import Where, parse_pages
+from .guest import PAGE_SIZE, Where, parse_pages
 from .model import DEFAULT_DAX, PUD_LAYOUT, UserError
 
 __all__ = ["Lab", "Mapping", "Pin", "Pipe"]
 
-PAGE = 4096
+PAGE = PAGE_SIZE  # pages are counted in 4K units (lab.guest)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,8 @@ class StepError(UserError):
 def type_name(v: Any) -> str:
     if isinstance(v, bool):
         return "boolean"
+    if v is None:
+        return "nothing (missing)"
     return {int: "integer", float: "float", str: "string", list: "array",
             dict: "table"}.get(type(v), "date/time")
 

@@ -20,7 +20,7 @@ from . import inspect
 from .inspect import probes
 from .actions import CHECK_ERRNO, REGISTRY, Guest, check_step
 from .agent import AgentError
-from .guest import GuestModel, StepError, Where
+from .guest import PAGE_SIZE, GuestModel, StepError, Where
 from .model import PageRecord, ProcessRecord, RunResult, SignalRecord, Step, StepRecord, UserError
 from .progress import Progress
 from .scenario import Scenario
@@ -29,7 +29,7 @@ from .signals import describe_signal
 
 __all__ = ["Recorder", "run_scenario", "PAGE"]
 
-PAGE = 4096
+PAGE = PAGE_SIZE  # pages are counted in 4K units (lab.guest)
 
 
 class Recorder:
