@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .errors import EXIT_INTERRUPTED, LabError, UserError
+from .errors import EXIT_INTERRUPTED, LabError, Terminated, UserError
 from .model import DEFAULT_DAX, PUD_LAYOUT
 
 __all__ = ["main"]
@@ -653,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import progress
 
     progress.set_quiet(args.quiet)
+    _terminate_like_ctrl_c()
     try:
         return args.func(args)
     except LabError as exc:  # every lab error: one line (plus any console/log tail), no traceback
@@ -665,6 +666,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("devdax-lab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated as exc:
+        print(f"devdax-lab: stopped by {exc}: what it had started is stopped and removed",
+              file=sys.stderr)
+        return exc.exit_status
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM and SIGHUP end a command the way Ctrl-C does: the exception
+    unwinds every context manager (QEMU stopped, run directory removed)."""
+    import signal
+
+    def raise_terminated(signum, _frame):
+        raise Terminated(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_terminated)
 
 
 if __name__ == "__main__":

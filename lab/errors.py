@@ -24,7 +24,7 @@ Domain errors keep their own names and modules (``VmError`` in ``lab.vm``,
 from __future__ import annotations
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_UNTESTABLE", "EXIT_USAGE", "LabError",
-           "LabFailure", "Untestable", "UserError", "VerdictFailed"]
+           "LabFailure", "Terminated", "Untestable", "UserError", "VerdictFailed"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -65,3 +65,18 @@ class Untestable(LabError):
     the agent failed. Exit 125, so ``git bisect run`` skips the commit."""
 
     exit_status = EXIT_UNTESTABLE
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (timeout, systemd, a CI runner, a cancelled task):
+    raised in the main thread like KeyboardInterrupt, so every owner of a
+    process unwinds as it does for Ctrl-C (QEMU stopped, run directory
+    removed); the CLI exits 128 + the signal's number. A BaseException, so
+    that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_status = 128 + signum

@@ -1,0 +1,77 @@
+"""SIGTERM and SIGHUP end a run the way Ctrl-C does: QEMU stopped, its run
+directory removed, one line saying why, exit 128 + the signal."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.live
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _qemu_of(pid: int, timeout: float = 120.0) -> tuple[int, Path]:
+    """The QEMU started under *pid* and the run directory on its command line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            parent = int(stat[1])
+            if "qemu-system" in cmd and (parent == pid or _ancestor(parent, pid)):
+                run_dir = re.search(r"(/dev/shm/devdax-lab-run-[^/ ,]+)", cmd)
+                if run_dir:
+                    return int(proc.name), Path(run_dir.group(1))
+        time.sleep(0.1)
+    raise AssertionError("no QEMU appeared under the run")
+
+
+def _ancestor(pid: int, ancestor: int) -> bool:
+    for _ in range(5):
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_the_vm_and_removes_the_run_dir(sig, tmp_path):
+    run = subprocess.Popen(
+        [sys.executable, "-m", "lab.cli", "run", str(ROOT / "scenarios" / "fork-share.toml"),
+         "--kernel", "after", "--out", str(tmp_path / "out"), "--cold"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        qemu, run_dir = _qemu_of(run.pid)
+        assert run_dir.exists()
+        time.sleep(1.0)  # mid-boot
+        run.send_signal(sig)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 128 + sig, err
+    lines = [line for line in err.splitlines() if line.startswith("devdax-lab:")]
+    assert lines[-1] == (f"devdax-lab: stopped by {signal.Signals(sig).name}: what it had "
+                         "started is stopped and removed"), err
+    assert "Traceback" not in err
+    assert not run_dir.exists(), f"{run_dir} left behind"
+    with pytest.raises(ProcessLookupError):
+        os.kill(qemu, 0)
+    assert not (tmp_path / "out" / "timeline.parquet").exists()
