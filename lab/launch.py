@@ -168,7 +168,9 @@ def _start(spec: VmSpec, ready_timeout: float, say, console_log: Path | None, al
     if spec.restore_from is not None:
         manifest = warm.make_state(spec, ready_timeout=ready_timeout, say=say)
         try:
-            return _launch_ready(spec, ready_timeout, say, console_log, alongside, manifest)
+            vm = _launch_ready(spec, ready_timeout, say, console_log, alongside, manifest)
+            warm.used(spec.restore_from)
+            return vm
         except VmError as exc:
             say(f"devdax-lab: warm start from {spec.restore_from} failed "
                 f"({str(exc).splitlines()[0]}); booting cold")

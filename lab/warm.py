@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +45,10 @@ __all__ = ["WarmStartError", "can_restore", "check_restored", "make_state", "sta
            "state_key", "warm_spec"]
 
 MANIFEST = "manifest.json"
+# Saved states kept per kernel (the most recently used): one per device
+# layout and event setting in use; an input that changed leaves its old
+# entries behind (~270 MB each), so older ones are removed.
+KEEP_PER_KERNEL = 4
 FORMAT = "warm-v2"  # v2: the entry holds the kernel file a restore names
 
 # printk's time stamp on a console line: "[    5.013162] ..."
@@ -147,7 +152,36 @@ def make_state(spec: VmSpec, *, ready_timeout: float = 120.0, say=print) -> dict
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         say(f"devdax-lab: saved ({manifest['state_bytes'] // 1024} KiB of device state, "
             f"{manifest['made_in_seconds']:.1f} s)")
+        prune(entry.parent, spec.kernel.name)
         return manifest
+
+
+def used(entry: Path) -> None:
+    """Note that *entry* was restored (what :func:`prune` keeps)."""
+    try:
+        os.utime(entry / MANIFEST)
+    except OSError:
+        pass  # removed meanwhile: the next run makes it again
+
+
+def prune(root: Path, kernel: str, keep: int = KEEP_PER_KERNEL) -> list[Path]:
+    """Remove all but the *keep* most recently used saved states of
+    *kernel* under *root*. A guest restored from a removed one runs on: its
+    files stay mapped until it ends."""
+    entries = []
+    mine = re.compile(re.escape(kernel) + r"-[0-9a-f]{16}")  # not those of kernel "before-x"
+    for d in root.glob(f"{kernel}-*"):
+        if not mine.fullmatch(d.name):
+            continue
+        try:
+            entries.append(((d / MANIFEST).stat().st_mtime, d))
+        except OSError:
+            continue  # being made (not renamed into place yet) or half removed
+    entries.sort(reverse=True)
+    removed = [d for _, d in entries[keep:]]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
 
 
 def _restore_kernel(boot_file: Path, dest: Path) -> None:

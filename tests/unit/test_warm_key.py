@@ -64,3 +64,25 @@ def test_no_restore_for_the_shell_the_preparing_boot_or_a_tree_by_path(spec):
     assert not warm.can_restore(dataclasses.replace(spec, shell=True), "system")
     assert not warm.can_restore(dataclasses.replace(spec, nvdimms_in_place=True), "system")
     assert not warm.can_restore(spec, "tree")
+
+
+def test_prune_keeps_the_most_recently_used_states_of_a_kernel(tmp_path):
+    import os
+
+    for i in range(6):
+        d = tmp_path / f"before-{i:016x}"
+        d.mkdir()
+        (d / warm.MANIFEST).write_text("{}")
+        os.utime(d / warm.MANIFEST, (1000 + i, 1000 + i))
+    other = tmp_path / "after-0000000000000000"
+    other.mkdir()
+    (other / warm.MANIFEST).write_text("{}")
+    os.utime(other / warm.MANIFEST, (1, 1))
+    (tmp_path / "before-ffffffffffffffff").mkdir()  # no manifest yet: being made
+    (tmp_path / "before-x-0000000000000000").mkdir()  # another kernel, "before-x"
+    (tmp_path / "before-x-0000000000000000" / warm.MANIFEST).write_text("{}")
+    warm.used(tmp_path / f"before-{0:016x}")  # the oldest, restored just now
+    removed = warm.prune(tmp_path, "before", keep=4)
+    assert sorted(d.name for d in removed) == [f"before-{i:016x}" for i in (1, 2)]
+    assert other.exists() and (tmp_path / "before-ffffffffffffffff").exists()
+    assert (tmp_path / "before-x-0000000000000000").exists()
