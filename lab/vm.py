@@ -306,6 +306,16 @@ def probe_accel(qemu: str = "qemu-system-x86_64", *, say=print) -> str:
     return accel
 
 
+def _remove_tree(path: Path, attempts: int = 5) -> None:
+    """Remove a run directory for sure: under load a console reader that
+    outlived its join may still add a file while rmtree walks the tree."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
+
+
 def copy_sparse(src: Path, dst: Path) -> None:
     """Copy *src* to *dst* writing only its data extents (SEEK_DATA/SEEK_HOLE),
     so a 1 GiB NVDIMM file with 18 MiB of data costs 18 MiB."""
@@ -779,7 +789,7 @@ class Vm:
                     pass
             if self._reader:
                 self._reader.join(timeout=2)
-            shutil.rmtree(self.spec.run_dir, ignore_errors=True)
+            _remove_tree(self.spec.run_dir)
 
     def _stop(self, proc: subprocess.Popen, timeout: float) -> None:
         # A restored guest's memory is a private copy that nobody keeps, and a

@@ -126,12 +126,15 @@ pd.concat([exp.violations_frame.assign(scenario=name)
           ignore_index=True)
 
 # %% [markdown]
-# An empty table is weaker evidence than it looks. `refcount>=mappings`
-# passes on `before` although no mapping there holds a reference: a
-# `MEMORY_DEVICE_GENERIC` folio rests at refcount 1
-# (`__init_zone_device_page()`), so one mapping and refcount 1 satisfy
-# "refcount ≥ entries". And should an extra put drop such a folio to 0,
-# `free_zone_device_folio()` sets it back to 1 (`folio_set_count()`): the
-# mistake looks like a page at rest
-# ([glossary](../docs/glossary.md#refcount-at-rest)). Exact accounting of
-# every counter change (`06-who-took-the-reference`) is what catches those.
+# The invariants are exact (docs/scenarios.md, "Expectations and
+# verdicts"): `refs` explains every reference (1 at rest, one per entry on a
+# kernel whose faults map folios, pins, pipe buffers) and `rmap` every
+# mapcount, while `flat` says what holds on `before` (special/devmap
+# entries, no counter moves). A weaker check such as "refcount ≥ entries"
+# would pass on `before` with no reference held: a `MEMORY_DEVICE_GENERIC`
+# folio rests at refcount 1 (`__init_zone_device_page()`). And should an
+# extra put drop such a folio to 0, `free_zone_device_folio()` sets it back
+# to 1 (`folio_set_count()`): between two snapshots the mistake looks like a
+# page at rest ([glossary](../docs/glossary.md#refcount-at-rest)). Exact
+# accounting of every counter change (`06-who-took-the-reference`) catches
+# even that.
