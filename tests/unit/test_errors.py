@@ -113,8 +113,22 @@ def test_every_exception_class_of_the_lab_is_a_lab_error_and_covered_here():
     defined = {obj for mod in _lab_modules() for _, obj in pyinspect.getmembers(mod, pyinspect.isclass)
                if issubclass(obj, BaseException) and obj.__module__.startswith("lab.")}
     assert defined, "found no exception classes in lab/"
-    not_lab = sorted(c.__qualname__ for c in defined if not issubclass(c, errors.LabError))
+    # Terminated (SIGTERM/SIGHUP) is a BaseException on purpose, as
+    # KeyboardInterrupt is: no `except Exception` may swallow it
+    not_lab = sorted(c.__qualname__ for c in defined
+                     if not issubclass(c, errors.LabError) and c is not errors.Terminated)
     assert not_lab == [], f"exception classes outside the LabError hierarchy: {not_lab}"
-    covered = {type(exc) for exc, _, _ in CASES}
+    covered = {type(exc) for exc, _, _ in CASES} | {errors.Terminated}
     missing = sorted(f"{c.__module__}.{c.__qualname__}" for c in defined - covered)
     assert missing == [], f"add these to CASES: {missing}"
+
+
+@pytest.mark.parametrize("signum", [15, 1])
+def test_terminated_exits_128_plus_the_signal_with_one_line(monkeypatch, capsys, signum):
+    import signal
+
+    status, err = _through_cli(monkeypatch, capsys, errors.Terminated(signum))
+    name = signal.Signals(signum).name
+    assert status == 128 + signum
+    assert err == f"devdax-lab: stopped by {name}: what it had started is stopped and removed\n"
+    assert not issubclass(errors.Terminated, Exception)
