@@ -211,3 +211,33 @@ def test_run_dump_at_a_step_holds_that_steps_snapshot(kernel, tmp_path):
         assert core.pgmap(int(rows.pfn.iloc[0])).ref.count == rows.pgmap_ref.iloc[0]
     finally:
         vmcore.unlink(missing_ok=True)
+
+
+def test_run_dump_at_complaint_dumps_the_step_that_complained(tmp_path):
+    """`--dump-at complaint`: the first step whose console shows a kernel
+    complaint is dumped (here a WARNING line written to /dev/kmsg, which the
+    lab records as a complaint exactly as a real WARN splat), and no other."""
+    from lab.api import Lab
+
+    scenario = tmp_path / "warn.toml"
+    scenario.write_text(
+        '[device]\nalign = "4K"\n\n'
+        '[[step]]\naction = "mmap"\nproc = "a"\nname = "m"\nlength = "16K"\n\n'
+        '[[step]]\naction = "touch"\nmap = "m"\npages = [0]\nwrite = true\n\n'
+        '[[step]]\naction = "snapshot"\n\n'
+        '[[step]]\naction = "snapshot"\n\n'
+        '[[step]]\naction = "kmsg"\ntext = "<4>WARNING: devdax-lab test complaint"\n\n'
+        '[[step]]\naction = "snapshot"\n')
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "lab.cli", "run", str(scenario), "--kernel", "after", "--out",
+         str(out), "--dump-at", "complaint"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    dumps = sorted(p.name for p in out.glob("vmcore-*"))
+    try:
+        assert dumps == ["vmcore-after-step5"], dumps  # the kmsg step, not the snapshot after
+        core = Lab.open_core(out / dumps[0], "after")
+        assert core.prog is not None
+    finally:
+        for p in out.glob("vmcore-*"):
+            p.unlink()
