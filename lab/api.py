@@ -439,9 +439,9 @@ class Lab:
         frames = {n: self.frame(n) for n in names}
         meta = {"kernels": {self.kernel: {"release": self.release}},
                 "scenario": {"name": "notebook session", "text": ""}, **self.meta}
-        frames["violations"] = self.frame("violations")
         violations = tl.check_invariants(frames["timeline"], frames["steps"], frames.get(
             "processes"), frames.get("kernel_messages")) if len(frames["steps"]) else []
+        frames["violations"] = tl.df_violations(violations)  # judged once, not twice
         exp = Experiment(None, self._runs(), frames, [], violations, meta,
                          session_title=f"notebook session on {self.kernel}")
         return write_experiment(exp, directory)

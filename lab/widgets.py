@@ -178,7 +178,6 @@ class LabPanel:
             values[f.name] = value
         label = self.label.value or None
         if action == "mmap":
-            values.pop("name", None)
             lab.mmap(self.device.value, label=label, **values)
         else:
             lab.step(action, label=label, **values)
