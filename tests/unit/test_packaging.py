@@ -14,7 +14,7 @@ def _name(requirement: str) -> str:
 
 # pyproject name -> conda-forge name where they differ (None: not on
 # conda-forge, listed under environment.yml's pip:)
-CONDA_NAMES = {"qemu.qmp": "python-qemu-qmp", "playwright": "playwright-python"}
+CONDA_NAMES = {"qemu.qmp": "python-qemu-qmp", "dask": "dask-core", "playwright": "playwright-python"}
 
 
 def _bound(requirement: str) -> str:
