@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lab.cache import atomic_entry, cache_root, locked, sha256_file
+from lab.cache import atomic_entry, cache_root, cached_entry, entry_lock, locked, sha256_file
 from lab.data import data_path
 from lab.errors import LabFailure
 from lab.kernels import load_catalog
@@ -342,19 +342,17 @@ def debian_source_tree(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pa
     :raises UserError: the package is not installed."""
     name = tarball.name.removesuffix(".tar.xz")
     final = cache_root() / "src" / name
-    if (final / "Makefile").is_file():
-        return final
-    if not tarball.is_file():
+    if not (final / "Makefile").is_file() and not tarball.is_file():
         raise UserError(f"{tarball} is missing: install the Debian package {name} "
                         "(scripts/setup.sh does)")
-    with locked(final.parent / f".{name}.lock", what=f"unpacking {tarball.name}", say=say):
-        if (final / "Makefile").is_file():
-            return final
+
+    def unpack(tmp: Path) -> None:
         say(f"unpacking {tarball} into {final}")
-        with atomic_entry(final) as tmp:
-            subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp), "--strip-components=1"],
-                           check=True)
-    return final
+        subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp), "--strip-components=1"],
+                       check=True)
+
+    return cached_entry(final, unpack, complete=lambda e: (e / "Makefile").is_file(),
+                        what=f"unpacking {tarball.name}", say=say)
 
 
 def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Path:
@@ -366,27 +364,26 @@ def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pat
     :raises UserError: the package is not installed."""
     plain = debian_source_tree(tarball, say=say)
     final = plain.with_name(plain.name + "-git")
-    if (final / ".git" / "HEAD").is_file() and (final / "Makefile").is_file():
-        return final
-    with locked(final.parent / f".{final.name}.lock", what=f"making {final.name}", say=say):
-        if (final / ".git" / "HEAD").is_file() and (final / "Makefile").is_file():
-            return final
+
+    def make_repository(tmp: Path) -> None:
         started = time.monotonic()
         say(f"making a git repository of {plain} in {final}")
-        with atomic_entry(final) as tmp:
-            if subprocess.run(["cp", "-al", f"{plain}/.", str(tmp)], check=False,
-                              capture_output=True).returncode != 0:
-                subprocess.run(["cp", "-a", f"{plain}/.", str(tmp)], check=True)
-            # Fast loose objects (a repository made once, read by checkouts),
-            # never repacked behind a build's back.
-            fast = ("-c", "core.looseCompression=1")
-            _git(tmp, "init", "--quiet")
-            _git(tmp, "config", "gc.auto", "0")
-            # --force: Debian's top-level .gitignore ignores everything (/*)
-            _git(tmp, *fast, "add", "--all", "--force")
-            _git(tmp, *fast, "commit", "--quiet", "--no-verify", "-m", plain.name)
+        if subprocess.run(["cp", "-al", f"{plain}/.", str(tmp)], check=False,
+                          capture_output=True).returncode != 0:
+            subprocess.run(["cp", "-a", f"{plain}/.", str(tmp)], check=True)
+        # Fast loose objects (a repository made once, read by checkouts),
+        # never repacked behind a build's back.
+        fast = ("-c", "core.looseCompression=1")
+        _git(tmp, "init", "--quiet")
+        _git(tmp, "config", "gc.auto", "0")
+        # --force: Debian's top-level .gitignore ignores everything (/*)
+        _git(tmp, *fast, "add", "--all", "--force")
+        _git(tmp, *fast, "commit", "--quiet", "--no-verify", "-m", plain.name)
         say(f"made {final} in {time.monotonic() - started:.0f} s")
-    return final
+
+    return cached_entry(
+        final, make_repository, what=f"making {final.name}", say=say,
+        complete=lambda e: (e / ".git" / "HEAD").is_file() and (e / "Makefile").is_file())
 
 
 # ---------------------------------------------------------------- registry
@@ -712,7 +709,7 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
         return art
 
     work = work_dir(tree)
-    with locked(work.parent / f".{work.name}.lock", what=f"building {name} from {tree}",
+    with locked(entry_lock(work), what=f"building {name} from {tree}",
                 timeout=BUILD_LOCK_TIMEOUT, say=say):
         work.mkdir(parents=True, exist_ok=True)
         obj = work / "obj"

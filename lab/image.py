@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import tomllib
@@ -19,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import atomic_entry, cache_root, hash_inputs, sha256_file
+from .cache import cache_root, cached_entry, hash_inputs, prune_unused, sha256_file
 from .data import data_path
 from .errors import LabFailure
 from .model import KernelArtifacts, UserError
@@ -108,13 +107,11 @@ def build_agent(recipe: dict | None = None) -> Path:
     source = IMAGE_DIR / recipe["agent_source"]
     flags = list(recipe["agent_cflags"])
     key = hash_inputs(source, " ".join(flags), _run(["gcc", "--version"]).splitlines()[0])
-    final = cache_root() / "agent" / key
-    binary = final / "agent"
-    if binary.exists():
-        return binary
-    with atomic_entry(final) as tmp:
-        _run(["gcc", *flags, "-o", str(tmp / "agent"), str(source)])
-    return binary
+    final = cached_entry(cache_root() / "agent" / key,
+                         lambda tmp: _run(["gcc", *flags, "-o", str(tmp / "agent"), str(source)]),
+                         complete=lambda e: (e / "agent").exists(),
+                         what="compiling the guest agent")
+    return final / "agent"
 
 
 def _file_entries(host_path: str, guest_path: str) -> list[CpioEntry]:
@@ -178,19 +175,26 @@ def build_image(kernel: KernelArtifacts) -> Path:
     inputs += [f"{m.name}:{sha256_file(m)}" for m in kernel.modules]
     inputs.append(Path(__file__).read_text())
     key = hash_inputs(*inputs)
-    final = cache_root() / "images" / f"{kernel.name}-{kernel.release}-{key}"
-    image = final / "initramfs.cpio"
-    if image.exists():
-        return image
-    with atomic_entry(final) as tmp:
+    name = f"{kernel.name}-{kernel.release}"
+
+    def build(tmp: Path) -> None:
         (tmp / "initramfs.cpio").write_bytes(write_cpio(image_entries(kernel, agent, recipe)))
+
+    final = cached_entry(cache_root() / "images" / f"{name}-{key}", build,
+                         complete=lambda e: (e / "initramfs.cpio").exists(),
+                         what=f"building the guest image of {name}")
     _prune_old_images(final)
-    return image
+    return final / "initramfs.cpio"
 
 
-def _prune_old_images(keep: Path) -> None:
-    """Remove older images of the same kernel name (each is a few MB)."""
-    prefix = keep.name.rsplit("-", 1)[0] + "-"
-    for other in keep.parent.glob(prefix + "*"):
-        if other != keep and not other.name.startswith("."):
-            shutil.rmtree(other, ignore_errors=True)
+def _prune_old_images(current: Path) -> None:
+    """Remove the other images of the same kernel and release (a few MB each:
+    an input changed) that no run used for a day.
+
+    Not at once: two checkouts of the lab side by side (another branch, a CI
+    job) share the cache but differ in an input, each with its image of the
+    same kernel in use, and a run may be about to boot an image another run
+    would call old; :func:`lab.cache.prune_unused` removes only an entry no
+    one has used for a day, holding its lock."""
+    mine = re.compile(re.escape(current.name.rsplit("-", 1)[0]) + r"-[0-9a-f]{16}")
+    prune_unused(p for p in current.parent.iterdir() if p != current and mine.fullmatch(p.name))

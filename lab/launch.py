@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .cache import atomic_entry, cache_root, hash_inputs
+from .cache import cache_root, cached_entry, discard, hash_inputs
 from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts, VmSpec
 from .plan import BootInputs, KernelChoice, plan, prepare_arg
 from .progress import silent
@@ -76,12 +75,11 @@ def prepare_nvdimms(inputs: BootInputs, *, say=print, timeout: float = 300.0) ->
     others). ``inputs.nvdimms`` is ignored."""
     dax = inputs.dax
     final = cache_root() / "nvdimm" / nvdimm_key(dax)
-    files = [final / f"nvdimm{i}.img" for i in range(len(dax))]
-    if all(f.exists() for f in files):
-        return files
-    say(f"devdax-lab: preparing NVDIMM labels for {prepare_arg(dax)} (once; ~10-20 s under TCG)")
-    with atomic_entry(final) as tmp:
-        blanks = tuple(tmp / f"nvdimm{i}.img" for i in range(len(dax)))
+    names = [f"nvdimm{i}.img" for i in range(len(dax))]
+
+    def build(tmp: Path) -> None:
+        say(f"devdax-lab: preparing NVDIMM labels for {prepare_arg(dax)} (once; ~10-20 s under TCG)")
+        blanks = tuple(tmp / n for n in names)
         for d, path in zip(dax, blanks, strict=True):
             with open(path, "wb") as f:
                 f.truncate(d.size)
@@ -94,7 +92,10 @@ def prepare_nvdimms(inputs: BootInputs, *, say=print, timeout: float = 300.0) ->
             time.sleep(0.1)
             if not any("devdax-lab: prepare ok" in line for line in v.console_tail(60)):
                 raise v.fail(VmError, "preparing the NVDIMM labels failed")
-    return files
+
+    cached_entry(final, build, complete=lambda e: all((e / n).exists() for n in names),
+                 what=f"preparing NVDIMM labels for {prepare_arg(dax)}", say=say)
+    return [final / n for n in names]
 
 
 def boot_spec(kernel, *, dax: Sequence[DaxSpec] = DEFAULT_DAX, events: bool = False,
@@ -175,7 +176,7 @@ def _start(spec: VmSpec, ready_timeout: float, say, console_log: Path | None, al
             say(f"devdax-lab: warm start from {spec.restore_from} failed "
                 f"({str(exc).splitlines()[0]}); booting cold")
             if isinstance(exc, warm.WarmStartError):  # not the guest saved: of no use to anyone
-                shutil.rmtree(spec.restore_from, ignore_errors=True)
+                discard(spec.restore_from)
             spec = replace(spec, restore_from=None)
     return _launch_ready(spec, ready_timeout, say, console_log, alongside, None)
 

@@ -12,8 +12,9 @@ other), and loads the device state with ``migrate-incoming "exec:cat state"``
 (QEMU 7.2 takes ``x-ignore-shared`` only over QMP, on both sides).
 
 A saved state is a cache entry like a kernel: ``cache/warm/<key>/`` with
-``manifest.json``, written with :func:`lab.cache.atomic_entry` under a lock,
-made on first use (a cold boot, then the save) with a progress line. Its key
+``manifest.json``, made on first use (a cold boot, then the save) with a
+progress line by :func:`lab.cache.cached_entry`, so runs started at once
+make it once. Its key
 hashes every input: the QEMU command line (devices, CPUs, accelerator,
 events, kernel arguments; run directory aside), the QEMU version, and the
 identity (path, size, mtime) of the kernel files, the guest image and the
@@ -29,14 +30,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-from .cache import atomic_entry, cache_root, hash_inputs, locked
+from .cache import cache_root, cached_entry, hash_inputs, mark_used, prune_unused
 from .model import VmSpec
 from .plan import RUN_DIR
 from .vm import Vm, VmError, copy_sparse, qemu_argv, qemu_version
@@ -47,8 +47,11 @@ __all__ = ["WarmStartError", "can_restore", "check_restored", "make_state", "sta
 MANIFEST = "manifest.json"
 # Saved states kept per kernel (the most recently used): one per device
 # layout and event setting in use; an input that changed leaves its old
-# entries behind (~270 MB each), so older ones are removed.
+# entries behind (~270 MB each), so older ones are removed, once unused for
+# UNUSED_FOR seconds: a run maps the files of the state it found within
+# seconds, and a running guest keeps them mapped after they are removed.
 KEEP_PER_KERNEL = 4
+UNUSED_FOR = 600.0
 FORMAT = "warm-v2"  # v2: the entry holds the kernel file a restore names
 
 # printk's time stamp on a console line: "[    5.013162] ..."
@@ -115,73 +118,64 @@ def make_state(spec: VmSpec, *, ready_timeout: float = 120.0, say=print) -> dict
     asking at once: one makes it, the others wait and use it."""
     entry = spec.restore_from
     assert entry is not None
-    manifest = read_manifest(entry)
-    if manifest is not None:
-        return manifest
-    with locked(entry.parent / f".{entry.name}.lock", what=f"saving the state {entry.name}",
-                say=say):
-        manifest = read_manifest(entry)  # made while we waited
-        if manifest is not None:
-            return manifest
+    made: list[dict] = []
+
+    def save(tmp: Path) -> None:
         say(f"devdax-lab: saving a warm-start state of {spec.kernel.name} (once: a cold boot, "
             f"then each run starts from it)")
         cold = dataclasses.replace(spec, restore_from=None, run_dir=RUN_DIR)
-        with atomic_entry(entry) as tmp:
-            tmp.chmod(0o755)  # readable by whoever runs QEMU, like the other entries
-            t0 = time.monotonic()
-            with Vm(cold, say=say, console_log=tmp / "console.log") as v:
-                v.wait_ready(ready_timeout)
-                boot_seconds = v.time_to_ready
-                uptime = _printk_time(v.sync_console())
-                save_seconds = v.save_state(tmp / "state")
-                t = time.monotonic()
-                copy_sparse(v.spec.ram_file, tmp / "ram")
-                for i, src in enumerate(v.spec.nvdimm_files):
-                    copy_sparse(src, tmp / f"nvdimm{i}.img")
-                copy_seconds = time.monotonic() - t
-                manifest = {
-                    "format": FORMAT, "key": state_key(spec), "kernel": spec.kernel.name,
-                    "release": v.release, "devices": v.devices, "uptime": uptime,
-                    "qemu": _qemu_version(spec.qemu), "argv": qemu_argv(cold),
-                    "boot_seconds": round(boot_seconds, 3), "save_seconds": round(save_seconds, 3),
-                    "copy_seconds": round(copy_seconds, 3),
-                    "state_bytes": (tmp / "state").stat().st_size,
-                    "saved_at": time.time(), "made_in_seconds": round(time.monotonic() - t0, 3),
-                }
-            _restore_kernel(cold.boot_file or cold.kernel.vmlinuz, tmp / "kernel")
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        say(f"devdax-lab: saved ({manifest['state_bytes'] // 1024} KiB of device state, "
-            f"{manifest['made_in_seconds']:.1f} s)")
+        t0 = time.monotonic()
+        with Vm(cold, say=say, console_log=tmp / "console.log") as v:
+            v.wait_ready(ready_timeout)
+            boot_seconds = v.time_to_ready
+            uptime = _printk_time(v.sync_console())
+            save_seconds = v.save_state(tmp / "state")
+            t = time.monotonic()
+            copy_sparse(v.spec.ram_file, tmp / "ram")
+            for i, src in enumerate(v.spec.nvdimm_files):
+                copy_sparse(src, tmp / f"nvdimm{i}.img")
+            copy_seconds = time.monotonic() - t
+            manifest = {
+                "format": FORMAT, "key": state_key(spec), "kernel": spec.kernel.name,
+                "release": v.release, "devices": v.devices, "uptime": uptime,
+                "qemu": _qemu_version(spec.qemu), "argv": qemu_argv(cold),
+                "boot_seconds": round(boot_seconds, 3), "save_seconds": round(save_seconds, 3),
+                "copy_seconds": round(copy_seconds, 3),
+                "state_bytes": (tmp / "state").stat().st_size,
+                "saved_at": time.time(), "made_in_seconds": round(time.monotonic() - t0, 3),
+            }
+        _restore_kernel(cold.boot_file or cold.kernel.vmlinuz, tmp / "kernel")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        made.append(manifest)
+
+    cached_entry(entry, save, complete=lambda e: read_manifest(e) is not None,
+                 what=f"saving the state {entry.name}", say=say)
+    if made:
+        say(f"devdax-lab: saved ({made[0]['state_bytes'] // 1024} KiB of device state, "
+            f"{made[0]['made_in_seconds']:.1f} s)")
         prune(entry.parent, spec.kernel.name)
-        return manifest
+    manifest = read_manifest(entry)
+    if manifest is None:
+        raise WarmStartError(f"the saved state {entry} went away")  # removed by hand meanwhile
+    return manifest
 
 
 def used(entry: Path) -> None:
     """Note that *entry* was restored (what :func:`prune` keeps)."""
-    try:
-        os.utime(entry / MANIFEST)
-    except OSError:
-        pass  # removed meanwhile: the next run makes it again
+    mark_used(entry)
 
 
-def prune(root: Path, kernel: str, keep: int = KEEP_PER_KERNEL) -> list[Path]:
+def prune(root: Path, kernel: str, keep: int = KEEP_PER_KERNEL,
+          unused_for: float = UNUSED_FOR) -> list[Path]:
     """Remove all but the *keep* most recently used saved states of
-    *kernel* under *root*. A guest restored from a removed one runs on: its
-    files stay mapped until it ends."""
-    entries = []
+    *kernel* under *root*, once unused for *unused_for* seconds
+    (:func:`lab.cache.prune_unused`). A guest restored from a removed one
+    runs on: its files stay mapped until it ends."""
     mine = re.compile(re.escape(kernel) + r"-[0-9a-f]{16}")  # not those of kernel "before-x"
-    for d in root.glob(f"{kernel}-*"):
-        if not mine.fullmatch(d.name):
-            continue
-        try:
-            entries.append(((d / MANIFEST).stat().st_mtime, d))
-        except OSError:
-            continue  # being made (not renamed into place yet) or half removed
-    entries.sort(reverse=True)
-    removed = [d for _, d in entries[keep:]]
-    for d in removed:
-        shutil.rmtree(d, ignore_errors=True)
-    return removed
+    # An entry without a manifest is of an older layout: the next make replaces it.
+    saved = [d for d in root.glob(f"{kernel}-*")
+             if mine.fullmatch(d.name) and (d / MANIFEST).is_file()]
+    return prune_unused(saved, keep=keep, unused_for=unused_for)
 
 
 def _restore_kernel(boot_file: Path, dest: Path) -> None:

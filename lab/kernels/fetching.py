@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lab.cache import atomic_entry, cache_root, locked, sha256_file
+from lab.cache import atomic_entry, cache_root, entry_lock, locked, sha256_file
 from lab.model import KernelArtifacts
 from lab.progress import Progress, silent
 
@@ -234,7 +234,7 @@ def fetch_entry(
         waited.append(line)
         report(line, 0, 1)
 
-    with locked(root.parent / f".{entry.name}.lock", what=f"fetching kernel {entry.name}", say=say):
+    with locked(entry_lock(root), what=f"fetching kernel {entry.name}", say=say):
         if waited:
             report(waited[0], 1, 1)
         if not force:

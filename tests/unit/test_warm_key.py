@@ -73,11 +73,11 @@ def test_prune_keeps_the_most_recently_used_states_of_a_kernel(tmp_path):
         d = tmp_path / f"before-{i:016x}"
         d.mkdir()
         (d / warm.MANIFEST).write_text("{}")
-        os.utime(d / warm.MANIFEST, (1000 + i, 1000 + i))
+        os.utime(d, (1000 + i, 1000 + i))
     other = tmp_path / "after-0000000000000000"
     other.mkdir()
     (other / warm.MANIFEST).write_text("{}")
-    os.utime(other / warm.MANIFEST, (1, 1))
+    os.utime(other, (1, 1))
     (tmp_path / "before-ffffffffffffffff").mkdir()  # no manifest yet: being made
     (tmp_path / "before-x-0000000000000000").mkdir()  # another kernel, "before-x"
     (tmp_path / "before-x-0000000000000000" / warm.MANIFEST).write_text("{}")
