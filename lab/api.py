@@ -107,12 +107,22 @@ class Lab:
 
     @classmethod
     def open(cls, directory: str | Path) -> Lab:
-        """A saved run (``timeline.parquet`` and friends) with no VM."""
+        """A saved run (``timeline.parquet`` and friends) with no VM; or a
+        sweep directory (``devdax-lab sweep``): its dataset as the frames
+        (every cell's rows, ``kernel`` and ``scenario`` columns; ``cells``
+        one summary a cell) and sweep.json as ``meta``."""
         import json
 
+        from .sweep import SUMMARY_NAME, read_dataset, read_sweep
+
         d = Path(directory)
+        if (d / SUMMARY_NAME).exists():
+            names = sorted(p.name for p in (d / "data").iterdir()) if (d / "data").is_dir() else []
+            return cls(frames={name: read_dataset(d, name) for name in names},
+                       meta=read_sweep(d))
         if not (d / "timeline.parquet").exists():
-            raise UserError(f"{d} holds no timeline.parquet (the output of `devdax-lab run`)")
+            raise UserError(f"{d} holds no timeline.parquet (the output of `devdax-lab run`) nor "
+                            "sweep.json (of `devdax-lab sweep`)")
         frames = {p.stem: pd.read_parquet(p) for p in sorted(d.glob("*.parquet"))}
         meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
         return cls(frames=frames, meta=meta)

@@ -299,6 +299,38 @@ def cmd_check(args) -> int:
     return _judge(exp)
 
 
+def cmd_sweep(args) -> int:
+    """Every scenario on every kernel as Dask tasks; the sweep's outputs."""
+    from pathlib import Path
+
+    from . import kernels
+    from .progress import bars
+    from .sweep import check_kernels, check_out_dir, find_scenarios, plan_cells
+    from .sweep_cluster import run_sweep
+
+    scenarios = find_scenarios(args.scenarios)
+    names = check_kernels(args.kernels.split(","), kernels.known_kernels())
+    out = Path(args.out)
+    check_out_dir(out)
+    if args.retries < 0:
+        raise UserError(f"--retries {args.retries}: needs 0 or more")
+    cells = plan_cells(scenarios, names)
+    summaries = run_sweep(cells, out, scheduler=args.scheduler, workers=args.workers,
+                          retries=args.retries, timeout=args.cell_timeout,
+                          verbose=args.verbose, progress=bars(), say=_to_stderr)
+    width = max(len(c.key) for c in cells)
+    for s in summaries:
+        why = s.get("first_failure") or s.get("reason")
+        print(f"{s['scenario'] + '/' + s['kernel']:<{width}}  {s['verdict']:<10}"
+              + (f"  {why}" if why and s["verdict"] != "holds" else ""))
+    counts = {}
+    for s in summaries:
+        counts[s["verdict"]] = counts.get(s["verdict"], 0) + 1
+    print(f"devdax-lab: {', '.join(f'{n} {v}' for v, n in counts.items())}; wrote "
+          f"{out}/sweep.html, sweep.json and the dataset {out}/data/")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from .doctor import run_checks
 
@@ -591,6 +623,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kernel", required=True, help="a kernel name or tree; a comma list for several")
     s.add_argument("--out", help="also write the run directory here")
     s.set_defaults(func=cmd_check, check=True)
+
+    s = _command(
+        sub, "sweep", "every scenario on every kernel, in parallel on Dask: a verdict matrix",
+        "Run each scenario on each kernel (one cell each, as run --check does) as\n"
+        "Dask tasks: on a local cluster with one VM slot per core (as memory allows),\n"
+        "or on an existing cluster with --scheduler. Writes, in --out, each cell's run\n"
+        "directory (SCENARIO/KERNEL/), one partitioned parquet dataset per frame\n"
+        "(data/FRAME/kernel=K/scenario=S/), sweep.json (a summary per cell) and\n"
+        "sweep.html (the verdict matrix and what differs between the kernels). A cell\n"
+        "that fails, cannot boot or times out is a result, not an error of the sweep.",
+        ["devdax-lab sweep --scenarios 'scenarios/*.toml' --kernels before,after --out out/sweep",
+         "devdax-lab sweep --scenarios scenarios/fault-4k.toml scenarios/fork-share.toml "
+         "--kernels before,after --out out/s --scheduler tcp://10.0.0.1:8786"])
+    s.add_argument("--scenarios", nargs="+", required=True, metavar="GLOB",
+                   help="scenario files or globs (quote them so the shell leaves them)")
+    s.add_argument("--kernels", required=True, help="comma list of kernels (names or tree paths)")
+    s.add_argument("--out", required=True, help="a new or empty directory (or an earlier sweep's)")
+    s.add_argument("--scheduler", metavar="ADDRESS",
+                   help="an existing Dask scheduler (tcp://HOST:8786) whose workers have a "
+                        "'vm' resource (dask worker ADDRESS --resources vm=N)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="local VM slots (default: one per core, as memory allows)")
+    s.add_argument("--retries", type=int, default=1,
+                   help="more attempts for a cell that gave no verdict (125 or a crash of the "
+                        "run; never a 1 or 2); default 1")
+    s.add_argument("--cell-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="stop a cell's run after this long and record it (default 1800)")
+    s.set_defaults(func=cmd_sweep)
 
     s = _command(
         sub, "writeup", "a run directory as a bug report: repro.c and report.txt",

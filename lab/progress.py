@@ -22,7 +22,7 @@ from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm as auto_tqdm
 from tqdm.autonotebook import tqdm as maybe_notebook_tqdm  # imports IPython only inside Jupyter
 
-__all__ = ["LOG_INTERVAL", "Bars", "Progress", "bars", "set_quiet", "silent"]
+__all__ = ["LOG_INTERVAL", "Bars", "Progress", "bars", "counter", "set_quiet", "silent"]
 
 Progress = Callable[..., None]  # (stage: str, done: int, total: int | None, unit: str = "B")
 
@@ -45,6 +45,22 @@ def bars(stream: TextIO | None = None) -> Progress:
     """The progress callback for this process: :class:`Bars`, or :func:`silent`
     after ``set_quiet(True)``."""
     return silent if _quiet else Bars(stream)
+
+
+def counter(desc: str, total: int, unit: str, stream: TextIO | None = None):
+    """A bar of things done out of *total* (a sweep's cells) with tqdm's
+    rate and ETA, for the caller to ``update()`` and ``set_postfix()``;
+    drawn as :class:`Bars` draws (one line every :data:`LOG_INTERVAL` s off
+    a terminal), disabled after ``set_quiet(True)``."""
+    stream = stream if stream is not None else sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()
+    options: dict = {"desc": desc, "total": total, "unit": unit, "leave": True,
+                     "disable": _quiet, "dynamic_ncols": tty}
+    if tty:
+        options.update(file=stream, mininterval=0.2)
+    else:
+        options.update(file=_Lines(stream), mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL)
+    return text_tqdm(**options)
 
 
 class _Lines:

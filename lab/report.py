@@ -21,7 +21,8 @@ import pyarrow as pa
 from . import columns, plots
 from .timeline import accounting_problems
 
-__all__ = ["REPORT_NAME", "TIMELINE_TABLE_COLUMNS", "build_report", "write_outputs"]
+__all__ = ["REPORT_NAME", "TIMELINE_TABLE_COLUMNS", "build_report", "build_sweep_page",
+           "parquet_safe", "write_outputs"]
 
 REPORT_NAME = "report.html"
 
@@ -75,7 +76,7 @@ def write_outputs(out_dir: str | Path, frames: Mapping[str, pd.DataFrame],
         if frame is None:
             continue
         path = out / f"{name}.parquet"
-        _parquet_safe(frame).to_parquet(path, index=False)
+        parquet_safe(frame).to_parquet(path, index=False)
         written.append(path)
         if name == "timeline":
             csv = out / "timeline.csv"
@@ -87,7 +88,7 @@ def write_outputs(out_dir: str | Path, frames: Mapping[str, pd.DataFrame],
     return written
 
 
-def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+def parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """Object columns parquet cannot type (the per-kernel value columns of
     ``df_diff`` mix ints, bools and strings) become strings; nulls stay null."""
     fixed = {}
@@ -416,5 +417,78 @@ def build_report(
            f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
            f"<body><main>{''.join(parts)}</main></body></html>\n")
     path = out / REPORT_NAME
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+SWEEP_PAGE = "sweep.html"
+# Verdict colours of the sweep matrix (background, text).
+_VERDICT_STYLE = {"holds": ("#d3f9d8", "#2b8a3e"), "fails": ("#ffe3e3", "#c92a2a"),
+                  "untestable": ("#fff3bf", "#8a6d00"), "error": ("#e5dbff", "#5f3dc4"),
+                  "stopped": ("#e9ecef", "#495057")}
+_SWEEP_CSS = """
+table.matrix { border-collapse: collapse; margin: 0.6em 0; }
+table.matrix th, table.matrix td { border: 1px solid #ced4da; padding: 0.35em 0.8em;
+                                   text-align: center; }
+table.matrix th.scenario { text-align: left; }
+table.matrix td a { color: inherit; text-decoration: none; font-weight: 600; }
+table.matrix td small { display: block; font-weight: normal; }
+"""
+
+
+def build_sweep_page(out_dir: str | Path, summaries: Sequence[Mapping],
+                     differences: Mapping[str, Sequence[str]], *, about: Mapping) -> Path:
+    """Write ``sweep.html`` into *out_dir*: the scenario × kernel matrix of
+    verdicts (holds, fails, untestable, error: coloured; each cell links to
+    its report.html and says why when it does not hold), then per scenario
+    what differs between the kernels (the sentences of ``compare``). One
+    file, nothing fetched; returns its path."""
+    out = Path(out_dir)
+    kernels = list(dict.fromkeys(s["kernel"] for s in summaries))
+    scenarios = list(dict.fromkeys(s["scenario"] for s in summaries))
+    by_cell = {(s["scenario"], s["kernel"]): s for s in summaries}
+    counts = {v: sum(s["verdict"] == v for s in summaries) for v in _VERDICT_STYLE}
+    parts = [f"<h1>Sweep: {len(scenarios)} scenario(s) × {len(kernels)} kernel(s)</h1>",
+             "<p>" + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + "</p>"]
+    head = "".join(f"<th>{_e(k)}</th>" for k in kernels)
+    rows = []
+    for scenario in scenarios:
+        cells = []
+        for k in kernels:
+            s = by_cell.get((scenario, k))
+            if s is None:
+                cells.append("<td>–</td>")
+                continue
+            bg, fg = _VERDICT_STYLE.get(s["verdict"], _VERDICT_STYLE["error"])
+            label = _e(s["verdict"])
+            if s.get("report"):
+                label = f"<a href='{_e(s['report'])}'>{label}</a>"
+            why = s.get("first_failure") or s.get("reason")
+            note = f"<small>{_e(why)}</small>" if why and s["verdict"] != "holds" else ""
+            title = f"{s['scenario']} on {k}: {s['verdict']} (exit {s['status']})"
+            cells.append(f"<td class='verdict-{_e(s['verdict'])}' style='background:{bg};"
+                         f"color:{fg}' title='{_e(title)}'>{label}{note}</td>")
+        rows.append(f"<tr><th class='scenario'>{_e(scenario)}</th>{''.join(cells)}</tr>")
+    parts.append(f"<table class='matrix'><thead><tr><th>scenario</th>{head}</tr></thead>"
+                 f"<tbody>{''.join(rows)}</tbody></table>")
+    parts.append("<h2>What differs between the kernels</h2>")
+    for scenario in scenarios:
+        lines = differences.get(scenario)
+        parts.append(f"<h3>{_e(scenario)}</h3>")
+        if lines:
+            parts.append("<ul class='differences'>"
+                         + "".join(f"<li>{_e(d)}</li>" for d in lines) + "</ul>")
+        else:
+            parts.append("<p>No comparison: fewer than two kernels ran it to the end.</p>")
+    table = pd.DataFrame([{k: v for k, v in s.items() if k not in ("console_tail", "spelling")}
+                          for s in summaries])
+    parts.append("<h2>Cells</h2>" + _table(table))
+    about_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in _flatten(about))
+    parts.append(f"<footer><table>{about_rows}</table></footer>")
+    doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+           "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+           f"<title>sweep</title><style>{_CSS}{_SWEEP_CSS}</style></head>"
+           f"<body><main>{''.join(parts)}</main></body></html>\n")
+    path = out / SWEEP_PAGE
     path.write_text(doc, encoding="utf-8")
     return path

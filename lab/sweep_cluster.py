@@ -1,0 +1,381 @@
+"""A sweep's cells on Dask distributed: a ``LocalCluster`` sized to this
+machine (one ``vm`` resource per worker, one worker per core as memory
+allows) or an existing cluster (``--scheduler ADDRESS``), one task per cell.
+
+Each task owns one child process, ``python -m lab.cli run ... --check``
+(:class:`CellProcess`), rather than running the scenario in the worker's
+thread: the run's clean stop on SIGTERM (``lab.errors.Terminated``: VM
+stopped, run directory removed, one line) needs signal handlers, which
+only a main thread has; and a run that hangs or crashes takes only its own
+process with it. The child dies with the worker thread that started it
+(``setpriv --pdeathsig TERM``: it then stops its VM as on any SIGTERM), and
+QEMU dies with the child (lab.vm). While the child runs, the task watches
+whether Dask still wants it (the worker's state of the task's key turns
+``cancelled`` when the client cancels it or goes away) and then sends it
+SIGTERM. The logic (cells, summaries, dataset, page) is :mod:`lab.sweep`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from .errors import LabFailure, UserError
+from .sweep import (CELL_LOG, Cell, cell_command, cell_dir, differences_by_scenario,
+                    local_slots, read_dataset, retry_worth, summarize,
+                    with_worker, write_dataset, write_summaries)
+
+__all__ = ["CellProcess", "open_client", "prepare_local", "run_cell", "run_sweep", "write_outputs"]
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 60.0  # a run stopping its VM and removing its run directory takes ~1-2 s
+WATCH_INTERVAL = 0.2
+# Worker states of a task that nobody wants any more (distributed 2026.8:
+# client.cancel() turns an executing task "cancelled"; a task whose key was
+# dropped is released or gone from worker.state.tasks).
+UNWANTED = ("cancelled", "released", "forgotten")
+
+
+class CellProcess:
+    """The one owner of a cell's child process: started under ``setpriv
+    --pdeathsig TERM`` (it stops when the thread that started it dies) with
+    stdout and stderr appended to *log*; :meth:`stop` sends SIGTERM (the run
+    stops its VM, removes its run directory and prints one line), then
+    SIGKILL after :data:`STOP_TIMEOUT`; always reaped."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, env: dict | None = None):
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> CellProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *self.argv],
+                                         stdin=subprocess.DEVNULL, stdout=log_file,
+                                         stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait(self, *, wanted: Callable[[], bool], timeout: float) -> tuple[int | None, str | None]:
+        """Wait for the run's exit status; stop it early when no longer
+        *wanted* or after *timeout* seconds. Returns (status, why it was
+        stopped or None)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.proc.wait(timeout=WATCH_INTERVAL), None
+            except subprocess.TimeoutExpired:
+                pass
+            if not wanted():
+                return self.stop(), "cancelled"
+            if time.monotonic() > deadline:
+                return self.stop(), f"timed out after {timeout:.0f} s"
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, SIGKILL; the exit status (128 + N for a signal)."""
+        p = self.proc
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return p.returncode if p.returncode >= 0 else 128 - p.returncode
+
+
+def _dask_wanted() -> Callable[[], bool]:
+    """Whether the Dask task running this code is still wanted (always, off
+    a Dask worker: a plain loop, the benchmark's sequential run)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except ValueError:  # not on a worker
+        return lambda: True
+
+    def wanted() -> bool:
+        ts = worker.state.tasks.get(key)
+        return ts is not None and ts.state not in UNWANTED
+
+    return wanted
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:
+        return None
+
+
+def run_cell(cell: Cell, out: str | Path, *, retries: int = 1, timeout: float = 1800.0,
+             scheduler: str | None = None, ship_files: bool = False) -> dict:
+    """One cell, as a Dask task (or plainly): ``run --check`` in a child
+    process into DIR/SCENARIO/KERNEL/, stdout and stderr appended to its
+    cell.log; attempted again (at most *retries* more times) while it
+    neither gives a verdict nor was stopped; the worker that ran it added to
+    its meta.json. Returns the summary (:func:`lab.sweep.summarize`); with
+    *ship_files*, also ``files``: the cell directory's files as bytes, for a
+    driver on another machine."""
+    out = Path(out)
+    directory = cell_dir(out, cell)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    log_path = directory / CELL_LOG
+    wanted = _dask_wanted()
+    worker, host = _worker_address(), socket.gethostname()
+    attempts, status, why = 0, None, None
+    t0 = time.monotonic()
+    while True:
+        attempts += 1
+        started = time.monotonic()
+        with open(log_path, "a") as f:
+            f.write(f"== attempt {attempts} on {host} ({worker or 'no worker'}): "
+                    f"{' '.join(cell_command(cell, out, 'python'))}\n")
+        with CellProcess(cell_command(cell, out, sys.executable), log_path,
+                         env=_child_env()) as child:
+            status, why = child.wait(wanted=wanted, timeout=timeout)
+        if why or not retry_worth(status) or attempts > retries:
+            break
+    seconds = time.monotonic() - started
+    lines = log_path.read_text(errors="replace").splitlines()
+    summary = summarize(cell, directory, status, lines, seconds=seconds, worker=worker,
+                        host=host, attempts=attempts,
+                        reason=why if why and why != "cancelled" else None)
+    if why and why != "cancelled":
+        summary["verdict"] = "error"
+    summary["sweep_seconds"] = round(time.monotonic() - t0, 3)
+    meta_path = directory / "meta.json"
+    if meta_path.exists():
+        import json
+
+        meta = with_worker(json.loads(meta_path.read_text()), worker=worker, host=host,
+                           attempts=attempts, scheduler=scheduler)
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    if ship_files:
+        summary["files"] = {str(p.relative_to(out)): p.read_bytes()
+                            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return summary
+
+
+def _child_env() -> dict:
+    """The run's environment: this one, with progress off a terminal (the
+    log gets a line per stage)."""
+    env = dict(os.environ)
+    env.pop("COLUMNS", None)
+    return env
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def prepare_local(cells: Sequence[Cell], *, say=print, progress=None) -> None:
+    """What every cell on this machine needs, made once before any starts
+    (so that the cells do not all wait on the same locks): each kernel
+    resolved (fetched if missing), its guest image, the prepared NVDIMM
+    files and the saved warm-start state of each device layout the
+    scenarios use. Scenarios are validated here too: a bad one is a
+    UserError before anything starts. A kernel that fails here (a fetch, a
+    boot) is left to its cells, which record the failure."""
+    from . import warm
+    from .experiment import boot_options
+    from .launch import resolve_kernel
+    from .scenario import load_scenario
+    from .session import Session
+
+    options = {}
+    for cell in cells:
+        scenario = load_scenario(cell.path)
+        opts = boot_options(scenario)
+        options[repr(sorted(opts.items()))] = opts
+    for kernel in dict.fromkeys(c.kernel for c in cells):
+        try:
+            choice = resolve_kernel(kernel, progress=progress)
+            for opts in options.values():
+                spec = Session.plan(choice, say=say, progress=progress, **opts)
+                if spec.restore_from is not None:
+                    warm.make_state(spec, say=say)
+        except LabFailure as exc:  # its cells meet the same failure and record it
+            say(f"devdax-lab: preparing {kernel} failed ({str(exc).splitlines()[0]}); "
+                "its cells will say so")
+
+
+@contextlib.contextmanager
+def open_client(scheduler: str | None, workers: int | None, *, verbose: bool = False
+                ) -> Iterator:
+    """A Dask client: of a new ``LocalCluster`` (processes, one thread and
+    one ``vm`` resource per worker, no dashboard) with one worker per VM
+    slot (:func:`lab.sweep.local_slots`), or of the scheduler at
+    *scheduler*, which must have workers with a ``vm`` resource. Closed on
+    the way out, whatever happens (a local cluster's workers with it)."""
+    from distributed import Client, LocalCluster
+
+    if not verbose:
+        for name in ("distributed", "tornado", "bokeh"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    if scheduler is None:
+        import psutil
+
+        slots = local_slots(os.cpu_count() or 1, psutil.virtual_memory().available, workers)
+        with LocalCluster(n_workers=slots, threads_per_worker=1, processes=True,
+                          resources={"vm": 1}, dashboard_address=None, memory_limit=0,
+                          silence_logs=logging.DEBUG if verbose else logging.ERROR) as cluster, \
+                Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise UserError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there "
+                        f"({exc}); start one with `dask scheduler`") from exc
+    with client:
+        vms = sum(w.get("resources", {}).get("vm", 0)
+                  for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        if not vms:
+            raise UserError(f"--scheduler {scheduler}: no worker has a 'vm' resource; start "
+                            f"workers with `dask worker {scheduler} --resources vm=N`")
+        yield client
+
+
+def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
+              workers: int | None = None, retries: int = 1, timeout: float = 1800.0,
+              prepare: bool = True, verbose: bool = False, say=print,
+              progress=None) -> list[dict]:
+    """Run every cell as a Dask task and write the sweep's outputs
+    (dataset, sweep.json, sweep.html); the summaries in cell order. Without
+    *scheduler* the kernels, images, NVDIMM files and warm states are made
+    here first (:func:`prepare_local`). An interrupt (Ctrl-C, SIGTERM)
+    cancels every task (each stops its run, which stops its VM) before the
+    cluster closes."""
+    from distributed import wait
+
+    from .progress import counter
+
+    out = Path(out)
+    if prepare and scheduler is None:
+        prepare_local(cells, say=say, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "data", ignore_errors=True)
+    for cell in cells:
+        shutil.rmtree(cell_dir(out, cell), ignore_errors=True)
+    t0 = time.monotonic()
+    summaries: dict[Cell, dict] = {}
+    run_id = uuid.uuid4().hex[:8]
+    with open_client(scheduler, workers, verbose=verbose) as client:
+        slots = sum(w.get("resources", {}).get("vm", 0)
+                    for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        say(f"devdax-lab: sweep of {len(cells)} cell(s) on {int(slots)} VM slot(s) "
+            f"({scheduler or 'local cluster'})")
+        futures = {client.submit(run_cell, cell, str(out), retries=retries, timeout=timeout,
+                                 scheduler=scheduler, ship_files=scheduler is not None,
+                                 key=f"cell-{cell.scenario}-{cell.label}-{run_id}",
+                                 resources={"vm": 1}, pure=False): cell for cell in cells}
+        bar = counter("sweep", total=len(cells), unit="cell")
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=None, return_when="FIRST_COMPLETED")
+                for future in done:
+                    cell = futures[future]
+                    summaries[cell] = _collect(future, cell, out)
+                running = sum(len(keys) for keys in client.processing().values())
+                failed = sum(s["verdict"] != "holds" for s in summaries.values())
+                bar.set_postfix(done=len(summaries), running=running, failed=failed,
+                                refresh=False)
+                bar.update(len(done))
+        except BaseException:
+            client.cancel(list(futures))
+            _wait_cancelled(client, futures)
+            raise
+        finally:
+            bar.close()
+    seconds = time.monotonic() - t0
+    ordered = [summaries[c] for c in cells]
+    write_outputs(out, ordered, about={
+        "kernels": list(dict.fromkeys(c.label for c in cells)),
+        "scenarios": list(dict.fromkeys(c.scenario for c in cells)),
+        "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries,
+        "seconds": round(seconds, 1)})
+    return ordered
+
+
+def _wait_cancelled(client, futures, timeout: float = STOP_TIMEOUT + 10) -> None:
+    """After cancelling: wait until no worker still runs one of our tasks
+    (each is stopping its run), so the cluster closes on finished tasks."""
+    keys = {f.key for f in futures}
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(Exception):
+        while time.monotonic() < deadline:
+            running = {k for ks in client.run(_executing_keys).values() for k in ks}
+            if not running & keys:
+                return
+            time.sleep(0.2)
+
+
+def _executing_keys(dask_worker=None) -> list:
+    """The keys a worker is executing (run on each worker by client.run)."""
+    return [ts.key for ts in dask_worker.state.tasks.values()
+            if ts.state in ("executing", "long-running", "cancelled")]
+
+
+def _collect(future, cell: Cell, out: Path) -> dict:
+    """A finished task's summary; its shipped files written under *out*
+    (a worker on another machine); a task that raised (a bug, a worker
+    that died) becomes an ``error`` cell."""
+    if future.status != "finished":
+        exc = future.exception()
+        return {"scenario": cell.scenario, "kernel": cell.label, "spelling": cell.kernel,
+                "verdict": "error", "status": None, "reason": f"{type(exc).__name__}: {exc}",
+                "first_failure": None, "console_tail": [], "attempts": None, "report": None}
+    summary = future.result()
+    for rel, data in summary.pop("files", {}).items():
+        path = out / rel
+        if not path.exists() or path.read_bytes() != data:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return summary
+
+
+def write_outputs(out: Path, summaries: Sequence[dict], *, about: dict) -> None:
+    """The dataset, sweep.json and sweep.html of finished cells."""
+    from .report import build_sweep_page
+
+    write_dataset(out, summaries)
+    timelines: dict[str, dict] = {}
+    if (out / "data" / "timeline").exists():
+        timeline = read_dataset(out, "timeline")
+        kernels = list(dict.fromkeys(s["kernel"] for s in summaries))
+        for scenario, frame in timeline.groupby("scenario", sort=False):
+            by_kernel = {k: g.drop(columns="scenario").reset_index(drop=True)
+                         for k, g in frame.groupby("kernel", sort=False)}
+            timelines[scenario] = {k: by_kernel[k] for k in kernels if k in by_kernel}
+    differences = differences_by_scenario(timelines)
+    write_summaries(out, summaries, **about)
+    build_sweep_page(out, summaries, differences, about=about)
+
