@@ -250,7 +250,7 @@ def cmd_compare(args) -> int:
         return _show_scenario_commands(args.scenario, names, args.watch, args.cold)
     exp = _maybe_judged(args, lambda: run_experiment(
         Path(args.scenario), names, progress=bars(), events=args.watch,
-        cold=args.cold))
+        cold=args.cold, jobs=args.jobs))
     _write_experiment(exp, args.out)
     if args.writeup:
         _writeup(args.out, args.out)
@@ -290,7 +290,7 @@ def cmd_check(args) -> int:
 
     names = [k for k in args.kernel.split(",") if k]
     exp = _maybe_judged(args, lambda: run_experiment(
-        Path(args.scenario), names, progress=bars(), say=lambda *_: None))
+        Path(args.scenario), names, progress=bars(), say=lambda *_: None, jobs=args.jobs))
     if args.out:
         _write_experiment(exp, args.out)
     else:
@@ -416,6 +416,22 @@ def _add_watch_argument(parser) -> None:
 def _add_cold_argument(parser) -> None:
     parser.add_argument("--cold", action="store_true",
                         help="boot the kernel instead of starting from its saved post-boot state")
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of kernels, 1 or more")
+    return n
+
+
+def _add_jobs_argument(parser) -> None:
+    parser.add_argument("--jobs", type=_jobs, default=None, metavar="N",
+                        help="kernels booted at once (default: all, at most one per core; "
+                             "1: one after the other)")
 
 
 def _add_show_command_argument(parser) -> None:
@@ -596,12 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _command(
         sub, "compare", "run a scenario on several kernels and report the differences",
-        "Run a scenario on each kernel in turn and write one run directory with\n"
-        "every kernel's timeline, a report that sets them side by side, and the\n"
-        "differences, which are also printed.",
+        "Run a scenario on each kernel, the kernels booted side by side (one VM a\n"
+        "core; --jobs 1 runs them in turn, with the same results), and write one\n"
+        "run directory with every kernel's timeline, a report that sets them side\n"
+        "by side, and the differences, which are also printed.",
         ["devdax-lab compare scenarios/fork-share.toml --out out/fork-share",
          "devdax-lab compare scenarios/pin-longterm.toml --kernels after,fixed --writeup "
-         + "--out out/pin"])
+         + "--out out/pin",
+         "devdax-lab compare scenarios/fork-share.toml --jobs 1 --out out/fork-share"])
     s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
     s.add_argument("--kernels", default="before,after", help="comma list (default before,after)")
     s.add_argument("--out", required=True, help="output directory (made if missing)")
@@ -610,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show_command_argument(s)
     _add_cold_argument(s)
     _add_check_argument(s)
+    _add_jobs_argument(s)
     s.set_defaults(func=cmd_compare)
 
     s = _command(
@@ -622,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("scenario", help="a scenario file (see docs/scenarios.md)")
     s.add_argument("--kernel", required=True, help="a kernel name or tree; a comma list for several")
     s.add_argument("--out", help="also write the run directory here")
+    _add_jobs_argument(s)
     s.set_defaults(func=cmd_check, check=True)
 
     s = _command(

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import os
 import platform
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,8 +26,8 @@ from .model import DEFAULT_DAX, PUD_DAX, PUD_LAYOUT, RunResult, UserError
 from .runner import run_scenario
 from .scenario import Scenario, load_scenario
 
-__all__ = ["Experiment", "run_experiment", "frames_of", "provenance", "write_experiment",
-           "boot_options", "resolve_kernels", "verdict"]
+__all__ = ["Experiment", "run_experiment", "run_each", "default_jobs", "frames_of", "provenance",
+           "write_experiment", "boot_options", "resolve_kernels", "verdict"]
 
 
 @dataclass
@@ -139,29 +142,34 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
                    progress: Callable | None = None, say=print,
                    events: str | None = None, cold: bool = False,
                    verdict_reads: bool = True, dump_at: int | str | None = None,
-                   dump_dir: Path | None = None) -> Experiment:
+                   dump_dir: Path | None = None, jobs: int | None = None) -> Experiment:
     """Validate *scenario_path* (nothing boots if it is bad), then run it on
-    each kernel in turn. *events* ("counts" or "stacks") watches every
-    watched page's folio counters (else only the entries that ask). *cold*
-    boots each kernel instead of starting from its saved state. *dump_at*
-    (a step or ``"complaint"``) writes a vmcore of each guest to *dump_dir*
-    (`lab.runner.run_scenario`)."""
+    each kernel, *jobs* kernels at once (default: every kernel, at most one
+    a core; 1 runs them in turn: :func:`run_each`). *events* ("counts" or
+    "stacks") watches every watched page's folio counters (else only the
+    entries that ask). *cold* boots each kernel instead of starting from its
+    saved state. *dump_at* (a step or ``"complaint"``) writes a vmcore of each
+    guest to *dump_dir* (`lab.runner.run_scenario`). The result does not
+    depend on *jobs*: each run is its kernel's alone, kept in kernel order."""
     from .session import Session
 
     scenario = load_scenario(scenario_path)
     choices = resolve_kernels(kernel_names, progress=progress)
-    runs = []
-    for choice in choices:
+
+    def run_on(choice, progress) -> RunResult:
         say(f"devdax-lab: {scenario.name} on {choice.spelling}: booting")
         with Session.boot(choice, say=say, progress=progress, cold=cold,
                           **boot_options(scenario, events)) as session:
             try:
-                runs.append(run_scenario(session, scenario, progress=progress, events=events,
-                                         verdict_reads=verdict_reads, dump_at=dump_at,
-                                         dump_dir=dump_dir))
+                return run_scenario(session, scenario, progress=progress, events=events,
+                                    verdict_reads=verdict_reads, dump_at=dump_at,
+                                    dump_dir=dump_dir)
             except GuestCrashed as exc:  # it booted; the scenario crashed it: the kernel is bad
                 exc.during_scenario = True
                 raise
+
+    runs = run_each(run_on, choices, jobs=default_jobs(len(choices)) if jobs is None else jobs,
+                    progress=progress)
     frames = frames_of(runs)
     names = [r.kernel for r in runs]  # the diff's columns: the kernels as runs name them
     differences = tl.describe_differences(frames["diff"], names) if "diff" in frames else []
@@ -195,6 +203,69 @@ def write_experiment(exp: Experiment, out: str | Path) -> Path:
         accounting=f.get("accounting"), call_paths=f.get("call_paths"),
         signals=f.get("signals"), kernel_messages=f.get("kernel_messages"),
         processes=f.get("processes"), expectations=exp.expectations)
+
+
+def default_jobs(kernels: int) -> int:
+    """How many kernels run at once by default: all of them, at most one per
+    core (under TCG a VM keeps one core busy)."""
+    return max(1, min(kernels, os.cpu_count() or 1))
+
+
+#: How long a stopped job's threads get to stop their VMs and remove their
+#: run directories (drgn may be loading a kernel's debug info).
+STOP_WAIT = 60.0
+
+
+def run_each(run_on: Callable, choices: Sequence, *, jobs: int,
+             progress: Callable | None = None) -> list:
+    """``[run_on(choice, progress) for choice in choices]``, *jobs* at once.
+
+    With more than one job each runs in a thread of its own with its own
+    progress line (`lab.progress.for_slot`) and its VMs in one
+    :class:`lab.vm.VmGroup`; the calling thread (the main thread, where
+    Ctrl-C and SIGTERM arrive) waits. On the first failure, or when the
+    wait is interrupted, the group is stopped: every VM of the job ends, its
+    owner removes its run directory, and the calling thread raises that
+    first failure (or the interruption) once the threads are done. The
+    threads are daemons: one stuck waiting for another process's cache lock
+    cannot keep the process alive, and it holds no VM.
+    """
+    from .progress import for_slot
+    from .vm import VmGroup
+
+    if jobs <= 1 or len(choices) <= 1:
+        return [run_on(choice, progress) for choice in choices]
+    group = VmGroup()
+    slots = threading.BoundedSemaphore(jobs)
+    results: list = [None] * len(choices)
+    failures: list[BaseException] = []  # in the order they happened
+
+    def work(i: int, choice) -> None:
+        try:
+            with slots, group.member():
+                group.check()
+                results[i] = run_on(choice, for_slot(progress, i))
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            failures.append(exc)
+            group.stop(f"{choice.spelling} failed")
+
+    threads = [threading.Thread(target=work, args=(i, c), daemon=True,
+                                name=f"devdax-run-{c.spelling}") for i, c in enumerate(choices)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # short waits: a signal's exception is raised between them
+    except BaseException as exc:
+        group.stop(f"interrupted ({type(exc).__name__})")
+        deadline = time.monotonic() + STOP_WAIT
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        raise
+    if failures:
+        raise failures[0]  # the others followed from stopping the group
+    return results
 
 
 def resolve_kernels(kernel_names: Sequence[str], *, progress: Callable | None = None) -> list:

@@ -15,6 +15,7 @@ like; the bars throttle. A stage whose total is 1 is a step without a size
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import TextIO
 
@@ -22,7 +23,7 @@ from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm as auto_tqdm
 from tqdm.autonotebook import tqdm as maybe_notebook_tqdm  # imports IPython only inside Jupyter
 
-__all__ = ["LOG_INTERVAL", "Bars", "Progress", "bars", "counter", "set_quiet", "silent"]
+__all__ = ["LOG_INTERVAL", "Bars", "Progress", "bars", "counter", "for_slot", "set_quiet", "silent"]
 
 Progress = Callable[..., None]  # (stage: str, done: int, total: int | None, unit: str = "B")
 
@@ -87,12 +88,13 @@ class Bars:
     repeated end-of-stage reports are ignored."""
 
     def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None,
-                 notebook: bool | None = None) -> None:
+                 notebook: bool | None = None, position: int = 0) -> None:
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", lambda: False)
         self.tty = isatty() if tty is None else tty
         # tqdm.auto picks the notebook widget inside a Jupyter kernel
         self.notebook = (maybe_notebook_tqdm is not text_tqdm) if notebook is None else notebook
+        self.position = position  # the terminal line of this one's bars (jobs side by side)
         self._bar = None
         self._stage: str | None = None
         self._finished: str | None = None  # last stage that reached its total
@@ -127,10 +129,19 @@ class Bars:
         if not self.notebook:
             if self.tty:
                 options.update(file=self.stream, mininterval=0.2)
-            else:
+                # a running bar on a line of its own below the others; a
+                # finished one is left where tqdm writes finished bars
+                options.update(position=self.position)
+            else:  # position 0: tqdm would give a second open bar a line of its own,
+                # moving the cursor with escape sequences that mean nothing in a log
                 options.update(file=_Lines(self.stream), mininterval=LOG_INTERVAL,
-                               maxinterval=LOG_INTERVAL)
+                               maxinterval=LOG_INTERVAL, position=0)
         return kind(**options)
+
+    def slot(self, position: int) -> Bars:
+        """Bars like these on terminal line *position*, for one of several
+        jobs running at once (each job one slot)."""
+        return Bars(self.stream, tty=self.tty, notebook=self.notebook, position=position)
 
     def close(self) -> None:
         """End the current bar (its last state stays on screen)."""
@@ -138,3 +149,26 @@ class Bars:
             self._bar.close()
             self._bar = None
         self._stage = None
+
+
+def for_slot(progress: Progress | None, position: int) -> Progress | None:
+    """The progress callback of job *position* of several running at once in
+    threads: :class:`Bars` get a terminal line each (a single bar set
+    switches stages, so two jobs would close each other's bars); another
+    callback is called under a lock."""
+    if progress is None or progress is silent:
+        return progress
+    if isinstance(progress, Bars):
+        return progress.slot(position)
+    return _serialised(progress)
+
+
+_callback_lock = threading.Lock()
+
+
+def _serialised(progress: Progress) -> Progress:
+    def report(stage: str, done: int, total: int | None, unit: str = "B") -> None:
+        with _callback_lock:
+            progress(stage, done, total, unit=unit)
+
+    return report

@@ -18,6 +18,7 @@ killed process is swept by the next start.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
 import shlex
@@ -29,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,6 +51,8 @@ __all__ = [
     "probe_accel",
     "copy_sparse",
     "Vm",
+    "VmGroup",
+    "VmStopped",
     "RUN_PREFIX",
     "sweep_stale_run_dirs",
 ]
@@ -74,6 +77,11 @@ class VmError(LabFailure):
         if self.console_tail:
             msg += "\n--- last lines of the guest console ---\n" + "\n".join(self.console_tail)
         return msg
+
+
+class VmStopped(VmError):
+    """The :class:`VmGroup` of this thread was stopped: another thread (the
+    one Ctrl-C and SIGTERM reach) is ending the job."""
 
 
 class GuestCrashed(VmError):
@@ -420,6 +428,60 @@ class ThreadedQmp:
         asyncio.set_event_loop(None)
 
 
+_thread = threading.local()  # .group: the VmGroup the VMs this thread launches join
+
+
+class VmGroup:
+    """The VMs launched by the threads of one parallel job (the kernels of a
+    compare), so that the thread that started the job can stop them all:
+    signals reach only the main thread, while each VM's owner (its
+    :class:`Vm`, in a worker thread) is busy booting it or driving it.
+
+    :meth:`stop` sends QEMU SIGTERM; each owner then meets a dead guest,
+    unwinds and removes its run directory as on any failure, and a thread
+    of the group that has not launched yet gets :class:`VmStopped` instead.
+    Nothing else: each VM keeps its one owner.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._vms: set[Vm] = set()
+        self._stopped: str | None = None
+
+    @contextlib.contextmanager
+    def member(self) -> Iterator[VmGroup]:
+        """The VMs this thread launches inside the ``with`` block join the group."""
+        before = getattr(_thread, "group", None)
+        _thread.group = self
+        try:
+            yield self
+        finally:
+            _thread.group = before
+
+    def check(self) -> None:
+        """:raises VmStopped: the group was stopped."""
+        if self._stopped is not None:
+            raise VmStopped(f"stopped: {self._stopped}")
+
+    def _add(self, vm: Vm) -> None:
+        with self._lock:
+            self.check()
+            self._vms.add(vm)
+
+    def _discard(self, vm: Vm) -> None:
+        with self._lock:
+            self._vms.discard(vm)
+
+    def stop(self, why: str) -> None:
+        """Stop every VM of the group, and every later launch in it."""
+        with self._lock:
+            self._stopped = why
+            running = [vm.proc for vm in self._vms if vm.proc is not None]
+        for proc in running:
+            if proc.poll() is None:
+                proc.terminate()  # its owner reaps it
+
+
 class Vm:
     """The one owner of a QEMU process.
 
@@ -461,6 +523,7 @@ class Vm:
         self.ready_at = 0.0
         self.release = ""
         self.devices: list[dict] = []
+        self._group: VmGroup | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> Vm:
@@ -478,6 +541,9 @@ class Vm:
     def launch(self) -> None:
         """Make the run directory, start QEMU and connect to its agent socket
         and QMP."""
+        self._group = getattr(_thread, "group", None)
+        if self._group is not None:
+            self._group.check()
         if self.spec.run_dir == RUN_DIR:
             self.spec = replace(self.spec, run_dir=make_run_dir())
         self.argv = qemu_argv(self.spec)
@@ -492,6 +558,8 @@ class Vm:
             shutil.rmtree(self.spec.run_dir, ignore_errors=True)
             raise
         try:
+            if self._group is not None:
+                self._group._add(self)  # stopped meanwhile: VmStopped, and closed below
             (self.spec.run_dir / "qemu.pid").write_text(str(self.proc.pid))
             if not self.spec.shell:
                 self._reader = threading.Thread(target=self._drain_console, name="qemu-console",
@@ -790,6 +858,8 @@ class Vm:
             if self._reader:
                 self._reader.join(timeout=2)
             _remove_tree(self.spec.run_dir)
+            if self._group is not None:
+                self._group._discard(self)
 
     def _stop(self, proc: subprocess.Popen, timeout: float) -> None:
         # A restored guest's memory is a private copy that nobody keeps, and a

@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _qemu_of(pid: int, timeout: float = 120.0) -> tuple[int, Path]:
     """The QEMU started under *pid* and the run directory on its command line."""
+    return _qemus_of(pid, 1, timeout)[0]
+
+
+def _qemus_of(pid: int, count: int, timeout: float = 120.0) -> list[tuple[int, Path]]:
+    """*count* QEMUs running at once under *pid*, with their run directories."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -34,9 +40,11 @@ def _qemu_of(pid: int, timeout: float = 120.0) -> tuple[int, Path]:
             if "qemu-system" in cmd and (parent == pid or _ancestor(parent, pid)):
                 run_dir = re.search(r"(/dev/shm/devdax-lab-run-[^/ ,]+)", cmd)
                 if run_dir:
-                    return int(proc.name), Path(run_dir.group(1))
+                    found.append((int(proc.name), Path(run_dir.group(1))))
+        if len(found) >= count:
+            return found
         time.sleep(0.1)
-    raise AssertionError("no QEMU appeared under the run")
+    raise AssertionError(f"{count} QEMU did not appear under the run at once")
 
 
 def _ancestor(pid: int, ancestor: int) -> bool:
@@ -74,4 +82,32 @@ def test_a_signal_stops_the_vm_and_removes_the_run_dir(sig, tmp_path):
     assert not run_dir.exists(), f"{run_dir} left behind"
     with pytest.raises(ProcessLookupError):
         os.kill(qemu, 0)
+    assert not (tmp_path / "out" / "timeline.parquet").exists()
+
+
+def test_sigterm_stops_every_vm_of_a_parallel_compare(tmp_path):
+    """compare boots its kernels side by side, each VM owned by a thread of its
+    own; SIGTERM reaches the main thread, which stops them all."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "lab.cli", "compare", str(ROOT / "scenarios" / "fork-share.toml"),
+         "--kernels", "before,after", "--jobs", "2", "--out", str(tmp_path / "out"), "--cold"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        qemus = _qemus_of(run.pid, 2)
+        time.sleep(1.0)  # mid-boot, both
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 128 + signal.SIGTERM, err
+    lines = [line for line in err.splitlines() if line.startswith("devdax-lab:")]
+    assert lines[-1] == ("devdax-lab: stopped by SIGTERM: what it had started is stopped and "
+                         "removed"), err
+    assert "Traceback" not in err
+    for qemu, run_dir in qemus:
+        assert not run_dir.exists(), f"{run_dir} left behind"
+        with pytest.raises(ProcessLookupError):
+            os.kill(qemu, 0)
     assert not (tmp_path / "out" / "timeline.parquet").exists()

@@ -25,7 +25,7 @@ from lab.kernels import CommandError, KernelError
 from lab.guest import StepError
 from lab.pytest_plugin import ScenarioFailed
 from lab.scenario import ScenarioError
-from lab.vm import GuestCrashed, VmError, VmTimeout
+from lab.vm import GuestCrashed, VmError, VmStopped, VmTimeout
 from lab.warm import WarmStartError
 
 # (error, exit status, lines on stderr): one instance of every error class the
@@ -43,6 +43,7 @@ CASES = [
     (VmError("QEMU exited with status 1", console_tail=["[ 0.1] a", "[ 0.2] b"]), 1, 4),
     (GuestCrashed("the guest kernel crashed: Oops"), 1, 1),
     (VmTimeout("the guest agent did not answer within 60 s"), 1, 1),
+    (VmStopped("stopped: before failed"), 1, 1),
     (WarmStartError("the restored guest runs 6.12.1, the saved one 6.12.2"), 1, 1),
     (EventsError("watching stopped: the gdbstub did not answer"), 1, 1),
     (KernelError("kernel 'after': no ABI matching ... in the sid index"), 1, 1),
