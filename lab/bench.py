@@ -9,6 +9,8 @@ that docs/BENCHMARKS.md records.
   through drgn objects against one bulk read decoded with numpy.
 - ``compare``: a whole `compare` of a scenario, cold boots and warm starts
   in turns, and the latency of one step.
+- ``compare-parallel``: a whole `compare` with its kernels one after the
+  other (``--jobs 1``) against side by side, cold and warm, in turns.
 - ``events``: watchpoints: cost per hit with and without a stack, the cost
   to code that touches no watched memory (during and after), and a
   scenario's steps with watches off, counting and unwinding.
@@ -235,6 +237,44 @@ def bench_compare(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
     return 0
 
 
+def bench_compare_parallel(scenario: str, kernel_names: Sequence[str], runs: int) -> int:
+    """Wall time of a whole compare (kernels cached, saved states made) with
+    its kernels one after the other against side by side (one thread a
+    kernel), cold boots and warm starts, in turns; and whether both give the
+    same timelines (addresses aside: a cold boot's mmap addresses vary)."""
+    from pathlib import Path
+
+    from .experiment import run_experiment
+
+    def compare(jobs: int, cold: bool):
+        return run_experiment(Path(scenario), kernel_names, say=lambda *_: None, cold=cold,
+                              jobs=jobs)
+
+    compare(len(kernel_names), False)  # saved states made
+    walls: dict[tuple[bool, int], list[float]] = {}
+    same = True
+    for _ in range(runs):
+        for cold in (True, False):
+            timelines = []
+            for jobs in (1, len(kernel_names)):
+                t = time.perf_counter()
+                exp = compare(jobs, cold)
+                walls.setdefault((cold, jobs), []).append(time.perf_counter() - t)
+                # a cold boot's mmap addresses differ from boot to boot (ASLR)
+                timelines.append(exp.frames["timeline"].drop(columns=["vaddr"]))
+            same = same and timelines[0].equals(timelines[1])
+    print(f"compare {Path(scenario).name} on {','.join(kernel_names)}: {runs} runs each, "
+          f"in turn (--jobs 1) and side by side (--jobs {len(kernel_names)}), cold and warm")
+    for cold, label in ((True, "cold boots "), (False, "warm starts")):
+        seq = statistics.median(walls[(cold, 1)])
+        par = statistics.median(walls[(cold, len(kernel_names))])
+        print(f"  {label}: in turn median {seq:.2f} s (min {min(walls[(cold, 1)]):.2f}), side by "
+              f"side median {par:.2f} s (min {min(walls[(cold, len(kernel_names))]):.2f}): "
+              f"{seq / par:.2f}x")
+    print(f"  timelines identical (vaddr aside): {same}")
+    return 0 if same else 1
+
+
 def bench_build(runs: int = 3) -> int:
     """Building Debian's linux-source-6.12 with the lab's configuration: cold
     (empty object directory, ccache bypassed: every object compiled and
@@ -444,6 +484,8 @@ def main(args) -> int:
         return bench_snapshot(args.kernels.split(",")[0], args.runs)
     if args.what == "compare":
         return bench_compare(args.scenario, args.kernels.split(","), args.runs)
+    if args.what == "compare-parallel":
+        return bench_compare_parallel(args.scenario, args.kernels.split(","), args.runs)
     if args.what == "build":
         return bench_build(min(args.runs, 3))
     if args.what == "events":

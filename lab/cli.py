@@ -706,17 +706,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_notebook)
 
     s = _command(
-        sub, "bench", "benchmarks: boot, snapshot, compare, build, events",
+        sub, "bench", "benchmarks: boot, snapshot, compare, compare-parallel, build, events",
         "Measure and print figures (recorded in docs/BENCHMARKS.md): boot (time to\n"
         "ready, cold and warm), snapshot (bulk vs per-page reads), compare (a\n"
-        "scenario's step latency), build (a kernel build, cold and with ccache),\n"
+        "scenario's step latency), compare-parallel (a compare's kernels in turn vs\n"
+        "side by side), build (a kernel build, cold and with ccache),\n"
         "events (the cost of watchpoints), dump (a guest vmcore: size, time, reading it).",
         ["devdax-lab bench boot --kernels before,after --runs 3",
-         "devdax-lab bench compare --scenario scenarios/fork-share.toml"])
-    s.add_argument("what", choices=["boot", "snapshot", "compare", "build", "events", "dump"],
+         "devdax-lab bench compare --scenario scenarios/fork-share.toml",
+         "devdax-lab bench compare-parallel --runs 3"])
+    s.add_argument("what", choices=["boot", "snapshot", "compare", "compare-parallel", "build", "events", "dump"],
                    help="what to measure")
     s.add_argument("--scenario", default="scenarios/fork-share.toml",
-                   help="the scenario for compare (default scenarios/fork-share.toml)")
+                   help="the scenario for compare and compare-parallel (default "
+                        "scenarios/fork-share.toml)")
     s.add_argument("--kernels", default="before,after", help="comma list (snapshot uses the first)")
     s.add_argument("--runs", type=int, default=5, help="repetitions (default 5; build at most 3)")
     s.set_defaults(func=cmd_bench)
