@@ -50,7 +50,7 @@ from .catalog import CATALOG_PATH, AptSource, CatalogEntry, load_catalog, parse_
 from .entries import EntryCheck, check_manifest, kernel_dir, verify_entry
 from .errors import CommandError, KernelError
 from .extract import FileRecord, TarScan, scan_tar
-from .lookup import KernelStatus, fetch, known_kernels, resolve, status
+from .lookup import KernelStatus, fetch, identity, identity_mismatch, known_kernels, resolve, status
 from .modinfo import load_order, module_name, parse_modinfo
 from .versions import compare_versions, newest_first, pick_newest
 
@@ -68,6 +68,8 @@ __all__ = [
     "check_manifest",
     "compare_versions",
     "fetch",
+    "identity",
+    "identity_mismatch",
     "kernel_dir",
     "known_kernels",
     "load_catalog",

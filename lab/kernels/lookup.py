@@ -15,13 +15,13 @@ from lab.model import KernelArtifacts
 from lab.progress import Progress
 
 from .apt import Apt
-from .built import built_artifacts, built_names, built_tree, tree_artifacts
+from .built import MANIFEST, built_artifacts, built_names, built_tree, read_manifest, tree_artifacts
 from .catalog import CatalogEntry, load_catalog
 from .entries import artifacts, check_entry, kernel_dir
 from .errors import KernelError
 from .fetching import fetch_entry, newest_plan
 
-__all__ = ["KernelStatus", "fetch", "known_kernels", "resolve", "status"]
+__all__ = ["KernelStatus", "fetch", "identity", "identity_mismatch", "known_kernels", "resolve", "status"]
 
 
 def known_kernels() -> list[str]:
@@ -29,6 +29,43 @@ def known_kernels() -> list[str]:
     built by ``devdax-lab kernel build`` (:mod:`lab.build`), sorted."""
     catalog = list(load_catalog())
     return catalog + [n for n in built_names() if n not in catalog]
+
+
+def identity(kernel: KernelArtifacts) -> dict:
+    """What makes *kernel* the same kernel on another machine, for a sweep's
+    workers to check they boot what the driver meant: a catalog kernel's
+    Debian packages and versions (the catalog takes the newest ABI in each
+    machine's apt index, which can differ), a built kernel's content key
+    (its manifest ``key``: the tree's commit or file identity, the patches
+    and the config fragment; not the tree's path), or a tree built in place's
+    vmlinux digest."""
+    if kernel.packages:
+        return {"release": kernel.release, "packages": dict(kernel.packages)}
+    manifest = read_manifest(kernel.root) if kernel.root and (kernel.root / MANIFEST).is_file() \
+        else None
+    if manifest is not None:
+        return {"release": kernel.release, "build": manifest["key"],
+                "source": manifest.get("identity")}
+    from lab.cache import sha256_file
+
+    return {"release": kernel.release, "vmlinux_sha256": sha256_file(kernel.vmlinux)}
+
+
+def identity_mismatch(name: str, wanted: Mapping, have: Mapping) -> str | None:
+    """One line saying how the kernel *name* found here differs from the one
+    *wanted* (None when they are the same), and what to do about it."""
+    if dict(wanted) == dict(have):
+        return None
+    if "build" in wanted:
+        fix = ("build the same commit, patches and config here (`devdax-lab kernel build "
+               f"--tree DIR --name {name}`) or share the driver's cache")
+    elif "packages" in wanted:
+        fix = f"run `devdax-lab fetch --force {name}` on both machines, or share one cache"
+    else:
+        fix = "give every machine the same built tree"
+    differs = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+    shown = "; ".join(f"{k}: wanted {wanted.get(k)!r}, here {have.get(k)!r}" for k in differs)
+    return f"kernel {name!r} here is not the driver's ({shown}): {fix}"
 
 
 def is_path(name: str) -> bool:

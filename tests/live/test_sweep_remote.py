@@ -1,0 +1,96 @@
+"""A sweep on an existing cluster, set up as docs/sweeps.md tells a user to
+set one up across machines, here on 127.0.0.1: a `dask scheduler` and two
+`dask worker --resources vm=1` processes, then `devdax-lab sweep
+--scheduler ADDRESS` of 2 scenarios x 2 kernels. Both workers take cells,
+every cell gives its verdict, the outputs are those of a local sweep, and
+when the processes are stopped nothing they started is left (no worker,
+no cell run, no QEMU, no run directory)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lab.vm import run_parent
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dask_processes import DaskProcesses  # noqa: E402
+
+pytestmark = pytest.mark.live
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ["fault-4k", "fork-share"]
+KERNELS = ["before", "after"]
+
+
+def _run_dirs() -> set[Path]:
+    parent = run_parent()
+    return set(parent.glob("devdax-lab-run-*")) if parent.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def remote_sweep(tmp_path_factory):
+    """The sweep's output directory, its exit status and output, the two
+    workers' addresses, and what the stop had to kill."""
+    work = tmp_path_factory.mktemp("cluster")
+    before = _run_dirs()
+    cluster = DaskProcesses(work)
+    result: dict = {}
+    try:
+        address = cluster.start_scheduler()
+        cluster.start_worker("lab-w1")
+        cluster.start_worker("lab-w2")
+        cluster.wait_for_workers(address, 2)
+        out = work / "sweep"
+        proc = subprocess.run(
+            [sys.executable, "-m", "lab.cli", "sweep", "--scenarios",
+             *[str(ROOT / "scenarios" / f"{s}.toml") for s in SCENARIOS],
+             "--kernels", ",".join(KERNELS), "--out", str(out), "--scheduler", address],
+            cwd=ROOT, capture_output=True, text=True, timeout=1800, env=cluster.env)
+        result.update(out=out, proc=proc, address=address,
+                      logs={n: cluster.log(n) for n in ("scheduler", "lab-w1", "lab-w2")})
+    finally:
+        result["killed"] = cluster.stop()
+        result["leftovers"] = cluster.leftovers()
+        result["new_run_dirs"] = _run_dirs() - before
+    yield result
+
+
+def test_the_sweep_runs_every_cell_on_the_cluster(remote_sweep):
+    proc = remote_sweep["proc"]
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n" + remote_sweep["logs"]["lab-w1"]
+    summaries = json.loads((remote_sweep["out"] / "sweep.json").read_text())["cells"]
+    assert sorted((s["scenario"], s["kernel"]) for s in summaries) == sorted(
+        (s, k) for s in SCENARIOS for k in KERNELS)
+    assert {s["verdict"] for s in summaries} == {"holds"}, summaries
+    assert f"({remote_sweep['address']})" in proc.stderr  # says where the cells ran
+
+
+def test_both_workers_took_cells_and_each_cell_says_which(remote_sweep):
+    out = remote_sweep["out"]
+    workers = set()
+    for scenario in SCENARIOS:
+        for kernel in KERNELS:
+            meta = json.loads((out / scenario / kernel / "meta.json").read_text())
+            assert meta["sweep"]["scheduler"] == remote_sweep["address"]
+            workers.add(meta["sweep"]["worker"])
+            assert meta["qemu"] and meta["drgn"]
+            assert (out / scenario / kernel / "report.html").stat().st_size > 10_000
+    assert len(workers) == 2 and all(w.startswith("tcp://127.0.0.1:") for w in workers)
+
+
+def test_the_dataset_is_one_table(remote_sweep):
+    timeline = pd.read_parquet(remote_sweep["out"] / "data" / "timeline")
+    assert set(timeline["kernel"].astype(str)) == set(KERNELS)
+    assert set(timeline["scenario"].astype(str)) == set(SCENARIOS)
+
+
+def test_nothing_is_left_behind(remote_sweep):
+    assert remote_sweep["killed"] == [], "stopped only by SIGKILL"
+    assert remote_sweep["leftovers"] == []
+    assert remote_sweep["new_run_dirs"] == set()
