@@ -89,7 +89,9 @@ __all__ = [
     "parse_config",
     "patch_failure",
     "patched_paths",
+    "remove_built",
     "required_options",
+    "resolve_commit",
     "tree_artifacts",
     "tree_identity",
     "worktree_paths",
@@ -318,12 +320,30 @@ def _walk_files(tree: Path) -> Iterator[tuple[str, int, int]]:
             yield os.path.relpath(p, tree), st.st_size, st.st_mtime_ns
 
 
-def tree_identity(tree: Path) -> str:
-    """``git:<HEAD commit>`` for a git tree, else :func:`files_identity` of
-    every file under it (``.git`` excluded)."""
+def tree_identity(tree: Path, rev: str | None = None) -> str:
+    """``git:<commit>`` for a git tree (its HEAD, or *rev*: see
+    :func:`resolve_commit`), else :func:`files_identity` of every file under
+    it (``.git`` excluded).
+
+    :raises UserError: *rev* given for a tree that is not a git repository."""
     if _is_git(tree):
-        return "git:" + _git(tree, "rev-parse", "HEAD").stdout.strip()
+        return "git:" + resolve_commit(tree, rev or "HEAD")
+    if rev is not None:
+        raise UserError(f"{tree} is not a git repository: a revision ({rev}) needs one")
     return files_identity(_walk_files(tree))
+
+
+def resolve_commit(tree: Path, rev: str) -> str:
+    """The full hash of the commit *rev* names in the git tree *tree*
+    (``git rev-parse --verify REV^{commit}``: a tag or a branch is peeled to
+    its commit).
+
+    :raises UserError: *rev* names no commit there."""
+    proc = _git(tree, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise UserError(f"{rev!r} is not a commit of {tree} (git rev-parse --verify "
+                        f"'{rev}^{{commit}}' finds none): name a commit, branch or tag there")
+    return proc.stdout.strip()
 
 
 def _in_place_built(tree: Path) -> bool:
@@ -387,6 +407,22 @@ def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pat
 
 
 # ---------------------------------------------------------------- registry
+
+
+def remove_built(name: str) -> int:
+    """Unregister the built kernel *name*: its registry entry and the guest
+    images made for it (``cache_root()/images/<name>-<release>-<key>/``,
+    named by :func:`lab.image.build_image`). Returns the bytes freed (0 if
+    there was no such kernel)."""
+    entry = built_dir(name)
+    m = read_manifest(entry)
+    if m is None:
+        return 0
+    doomed = [entry, *(cache_root() / "images").glob(f"{name}-{m.get('release', '')}-*")]
+    freed = sum(f.stat().st_size for d in doomed for f in d.rglob("*") if f.is_file())
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return freed
 
 
 
@@ -569,9 +605,10 @@ def _check_patches(tree: Path, commit: str, patches: Sequence[Path]) -> None:
                                 f"{patch_failure(proc.stdout + proc.stderr)}")
 
 
-def _git_source(tree: Path, commit: str, patches: Sequence[Path], src: Path, say: Say) -> None:
+def _git_source(tree: Path, commit: str, patches: Sequence[Path], src: Path, say: Say,
+                head: bool = True) -> None:
     _check_patches(tree, commit, patches)
-    if _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip():
+    if head and _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip():
         say(f"note: {tree} has uncommitted changes; building its HEAD {commit[:12]} "
             "(commit them or pass them with --patch)")
     if _registered_worktree(tree, src):
@@ -639,14 +676,16 @@ def _mirror_source(tree: Path, patches: Sequence[Path], src: Path, state: dict,
 
 
 def _prepare_source(tree: Path, identity: str, patches: Sequence[Path],
-                    patch_sums: Sequence[tuple[str, str]], work: Path, say: Say) -> Path:
-    """``<work>/src``: a worktree of a git tree, or a mirror of another tree,
-    with *patches* applied.
+                    patch_sums: Sequence[tuple[str, str]], work: Path, say: Say,
+                    head: bool = True) -> Path:
+    """``<work>/src``: a worktree of a git tree (at its HEAD, or at another
+    commit when not *head*), or a mirror of another tree, with *patches*
+    applied.
 
     :raises UserError: a tree configured in place, or a patch that does not apply."""
     src = work / "src"
     if identity.startswith("git:"):
-        _git_source(tree, identity.removeprefix("git:"), patches, src, say)
+        _git_source(tree, identity.removeprefix("git:"), patches, src, say, head)
         return src
     if _in_place_built(tree):
         raise UserError(
@@ -669,13 +708,16 @@ def _prepare_source(tree: Path, identity: str, patches: Sequence[Path],
 
 
 def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str | None = None,
-                 *, fragment: Path = FRAGMENT_PATH, say: Say = print,
+                 *, rev: str | None = None, fragment: Path = FRAGMENT_PATH, say: Say = print,
                  progress: Progress | None = None) -> KernelArtifacts:
-    """Build *tree* with *patches* and the lab's configuration and register
-    it as *name*; a registered kernel of the same inputs is returned at once.
+    """Build *tree* (a git tree: its HEAD, or the commit *rev* names) with
+    *patches* and the lab's configuration and register it as *name*; a
+    registered kernel of the same inputs is returned at once. Every commit
+    of a tree is built in the same worktree and object directory, so a
+    build of another commit recompiles only what differs (``lab.bisect``).
 
-    :raises UserError: bad tree, patch, name, or a configuration lacking a
-        required option.
+    :raises UserError: bad tree, revision, patch, name, or a configuration
+        lacking a required option.
     :raises BuildError: make failed."""
     tree = Path(tree).expanduser().resolve()
     if not tree.is_dir():
@@ -699,7 +741,7 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
     if not shutil.which("make"):
         raise UserError("`make` is not installed: run scripts/setup.sh")
 
-    identity = tree_identity(tree)
+    identity = tree_identity(tree, rev)
     inputs = BuildInputs(str(tree), identity, patch_sums, sha256_file(fragment))
     key = cache_key(inputs)
     entry = built_dir(name)
@@ -715,7 +757,7 @@ def build_kernel(tree: Path | str, patches: Sequence[Path | str] = (), name: str
         obj = work / "obj"
         log = work / "build.log"
         log.write_text(f"# devdax-lab kernel build {name} at {datetime.now(UTC).isoformat()}\n")
-        src = _prepare_source(tree, identity, patch_paths, patch_sums, work, say)
+        src = _prepare_source(tree, identity, patch_paths, patch_sums, work, say, rev is None)
         started = time.monotonic()
         say(f"configuring {name} (tinyconfig + {fragment.name}) in {obj}")
         configure(src, obj, log, fragment, say=say)

@@ -331,6 +331,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_bisect(args) -> int:
+    """Bisect a git tree with a scenario's verdict (lab.bisect)."""
+    from .bisect import bisect, result_lines
+    from .progress import bars
+
+    outcome = bisect(args.tree, args.good, args.bad, args.scenario, out=args.out,
+                     kernel_args=args.kernel_args.split() if args.kernel_args else (),
+                     keep_kernels=args.keep_kernels, progress=bars(),
+                     say=lambda line: print(f"devdax-lab: {line}", flush=True),
+                     build_say=lambda line: print(line, file=sys.stderr, flush=True))
+    for line in result_lines(outcome):
+        print(line)
+    return outcome.exit_status
+
+
 def cmd_doctor(args) -> int:
     from .doctor import run_checks
 
@@ -671,6 +686,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cell-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="stop a cell's run after this long and record it (default 1800)")
     s.set_defaults(func=cmd_sweep)
+
+    s = _command(
+        sub, "bisect", "find the commit of a git tree that breaks a scenario's verdict",
+        "Bisect a git kernel tree between a good and a bad commit with git's own\n"
+        "bisection (git rev-list --bisect-all; nothing is written into your\n"
+        "repository): each candidate is built with the lab's config in the lab's\n"
+        "worktree of the tree (ccache), registered as bisect-<commit>, and judged\n"
+        "as devdax-lab check judges it: good, bad, or skipped when it does not\n"
+        "build or boot. Prints the first bad commit, its report and why it fails.\n"
+        "Exit 0 found, 125 only skipped commits left (cannot tell), 2 bad input.\n"
+        "Candidates are built and tested one at a time (a build uses every core).",
+        ["devdax-lab bisect --tree ~/src/linux --good v6.12 --bad HEAD scenarios/pin-longterm.toml",
+         ("devdax-lab bisect --tree ~/src/linux --good v6.12 --bad fix-wip --out out/bisect "
+          "--kernel-args 'init_on_free=1' scenarios/fork-share.toml")])
+    s.add_argument("scenario", help="a scenario file whose verdict tells good from bad")
+    s.add_argument("--tree", required=True, help="a git kernel tree; never modified")
+    s.add_argument("--good", required=True, action="append", metavar="REV",
+                   help="a commit the scenario holds on (repeatable)")
+    s.add_argument("--bad", required=True, metavar="REV", help="a commit the scenario fails on")
+    s.add_argument("--out", help="where the candidates' run directories go "
+                   "(default: ./bisect-SCENARIO)")
+    s.add_argument("--kernel-args", metavar="ARGS",
+                   help="extra guest kernel command-line words, in one quoted string")
+    s.add_argument("--keep-kernels", action="store_true",
+                   help="keep the candidate kernels registered (~100 MB each) instead of "
+                        "removing them at the end")
+    s.set_defaults(func=cmd_bisect)
 
     s = _command(
         sub, "writeup", "a run directory as a bug report: repro.c and report.txt",

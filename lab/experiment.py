@@ -142,15 +142,17 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
                    progress: Callable | None = None, say=print,
                    events: str | None = None, cold: bool = False,
                    verdict_reads: bool = True, dump_at: int | str | None = None,
-                   dump_dir: Path | None = None, jobs: int | None = None) -> Experiment:
+                   dump_dir: Path | None = None, jobs: int | None = None,
+                   kernel_args: Sequence[str] = ()) -> Experiment:
     """Validate *scenario_path* (nothing boots if it is bad), then run it on
     each kernel, *jobs* kernels at once (default: every kernel, at most one
     a core; 1 runs them in turn: :func:`run_each`). *events* ("counts" or
     "stacks") watches every watched page's folio counters (else only the
     entries that ask). *cold* boots each kernel instead of starting from its
     saved state. *dump_at* (a step or ``"complaint"``) writes a vmcore of each
-    guest to *dump_dir* (`lab.runner.run_scenario`). The result does not
-    depend on *jobs*: each run is its kernel's alone, kept in kernel order."""
+    guest to *dump_dir* (`lab.runner.run_scenario`). *kernel_args* go on each
+    guest kernel's command line. The result does not depend on *jobs*: each
+    run is its kernel's alone, kept in kernel order."""
     from .session import Session
 
     scenario = load_scenario(scenario_path)
@@ -159,7 +161,7 @@ def run_experiment(scenario_path: Path, kernel_names: Sequence[str], *,
     def run_on(choice, progress) -> RunResult:
         say(f"devdax-lab: {scenario.name} on {choice.spelling}: booting")
         with Session.boot(choice, say=say, progress=progress, cold=cold,
-                          **boot_options(scenario, events)) as session:
+                          kernel_args=kernel_args, **boot_options(scenario, events)) as session:
             try:
                 return run_scenario(session, scenario, progress=progress, events=events,
                                     verdict_reads=verdict_reads, dump_at=dump_at,

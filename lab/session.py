@@ -43,17 +43,20 @@ class Session:
     @classmethod
     def boot(cls, kernel: str | KernelChoice | KernelArtifacts, *,
              dax: Sequence[DaxSpec] = DEFAULT_DAX, say=print, progress=None,
-             ready_timeout: float = 120.0, events: bool = False, cold: bool = False) -> Session:
+             ready_timeout: float = 120.0, events: bool = False, cold: bool = False,
+             kernel_args: Sequence[str] = ()) -> Session:
         """Boot *kernel* (a name, a PATH to a tree built in place, or a
         choice already resolved), wait until its devices are ready and
         attach drgn. With *events*, QEMU also serves a gdbstub for
         :attr:`watcher` (and the plan gives the guest one CPU). Unless
         *cold*, the guest starts from a saved post-boot state where it can
-        (:mod:`lab.warm`)."""
+        (:mod:`lab.warm`). *kernel_args* go on the guest kernel's command
+        line (a restore then needs a state saved with them)."""
         from .launch import resolve_kernel
 
         choice = resolve_kernel(kernel, progress=progress)
-        spec = cls.plan(choice, dax=dax, say=say, progress=progress, events=events, cold=cold)
+        spec = cls.plan(choice, dax=dax, say=say, progress=progress, events=events, cold=cold,
+                        kernel_args=kernel_args)
         attached = {}
 
         def attach(vm: Vm) -> None:
@@ -65,10 +68,12 @@ class Session:
 
     @staticmethod
     def plan(kernel: str | KernelChoice | KernelArtifacts, *, dax: Sequence[DaxSpec] = DEFAULT_DAX,
-             say=print, progress=None, events: bool = False, cold: bool = False):
+             say=print, progress=None, events: bool = False, cold: bool = False,
+             kernel_args: Sequence[str] = ()):
         """The VmSpec :meth:`boot` starts, with the same arguments (what
         ``--show-command`` prints)."""
-        return boot_spec(kernel, dax=dax, events=events, cold=cold, say=say, progress=progress)
+        return boot_spec(kernel, dax=dax, events=events, cold=cold, say=say, progress=progress,
+                         cmdline_extra=kernel_args)
 
     def __enter__(self) -> Session:
         return self

@@ -456,3 +456,34 @@ def test_make_reports_objects_to_progress(tmp_path):
     assert reports == [(("build x", 1, 2), {"unit": "obj"}), (("build x", 2, 2), {"unit": "obj"}),
                        (("build x", 3, 3), {"unit": "obj"}), (("build x", 3, 3), {"unit": "obj"})]
     assert build.count_objects((tmp_path / "build.log").read_text().splitlines()) == 3
+
+
+def test_resolve_commit_peels_revisions_and_refuses_unknown_ones(tmp_path):
+    from lab.build import resolve_commit, tree_identity
+
+    repo = tmp_path / "r"
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@l", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@l", "PATH": "/usr/bin:/bin"}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True, env=env).stdout.strip()
+
+    repo.mkdir()
+    git("init", "-q")
+    for i in range(2):
+        git("commit", "-q", "--allow-empty", "-m", f"c{i}")
+    git("tag", "-a", "-m", "annotated", "v1", "HEAD~1")
+    first, head = git("rev-parse", "HEAD~1"), git("rev-parse", "HEAD")
+    assert resolve_commit(repo, "v1") == first  # an annotated tag peeled to its commit
+    assert resolve_commit(repo, "HEAD") == head == resolve_commit(repo, head[:7])
+    assert tree_identity(repo, "HEAD~1") == f"git:{first}" and tree_identity(repo) == f"git:{head}"
+    with pytest.raises(UserError, match="'nope' is not a commit of"):
+        resolve_commit(repo, "nope")
+    tree = git("rev-parse", "HEAD^{tree}")
+    with pytest.raises(UserError, match="is not a commit"):  # a tree object is not a commit
+        resolve_commit(repo, tree)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(UserError, match="not a git repository"):
+        tree_identity(plain, "HEAD")
