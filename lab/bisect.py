@@ -53,7 +53,7 @@ from pathlib import Path
 
 from .errors import EXIT_UNTESTABLE, LabFailure, Untestable, UserError, VerdictFailed
 
-__all__ = ["Outcome", "Tested", "bisect", "candidate_name", "estimate_steps",
+__all__ = ["Outcome", "Tested", "bisect", "candidate_name", "cost_line", "estimate_steps",
            "next_candidate", "parse_bisect_all", "progress_line", "result_lines", "search"]
 
 GOOD, BAD, SKIP = 0, 1, EXIT_UNTESTABLE
@@ -166,10 +166,22 @@ def result_lines(outcome: Outcome) -> list[str]:
                      f"{Path(run.run_dir) / 'violations.parquet'})")
     if run is not None and run.reason:
         lines.append(f"  why: {run.reason}")
-    builds = sum(t.built for t in outcome.tested)
-    lines.append(f"  {len(outcome.tested)} candidate(s) tested ({builds} built) in "
-                 f"{outcome.seconds:.0f} s")
+    lines.append("  " + cost_line(outcome.tested, outcome.seconds))
     return lines
+
+
+def cost_line(tested: Sequence[Tested], seconds: float) -> str:
+    """What the bisection cost: candidates, builds, boots, time, ccache."""
+    builds = sum(t.built for t in tested)
+    boots = sum(t.run_dir is not None or t.status == BAD for t in tested)
+    hits = sum(t.ccache_hits for t in tested)
+    compiled = hits + sum(t.ccache_misses for t in tested)
+    text = (f"{len(tested)} candidate(s) tested ({builds} built, {boots} booted) in "
+            f"{seconds:.0f} s: builds {sum(t.build_seconds for t in tested):.0f} s, "
+            f"tests {sum(t.test_seconds for t in tested):.0f} s")
+    if compiled:
+        text += f"; ccache {hits} of {compiled} compilations hits ({100 * hits / compiled:.0f}%)"
+    return text
 
 
 # ---------------------------------------------------------------- git (I/O)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,8 @@ def test_bisect_names_the_planted_commit(repo, tmp_path):
     assert f"  report: {run_dir / 'report.html'} (violations: {run_dir / 'violations.parquet'})" \
         in lines
     assert (run_dir / "report.html").stat().st_size > 10_000
+    assert any(re.match(r"  \d candidate\(s\) tested \(\d built, \d booted\) in \d+ s: ", line)
+               for line in lines), proc.stdout
     why = next(line for line in lines if line.startswith("  why: "))
     assert "step 5" in why and "refcount" in why, why
     violations = pd.read_parquet(run_dir / "violations.parquet")

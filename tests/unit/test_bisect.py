@@ -143,7 +143,8 @@ def test_result_lines_name_the_commit_its_report_and_why():
     assert lines[0] == f"first bad commit: {'ab' * 20} mm/gup: oops"
     assert lines[1] == "  report: /o/abab/report.html (violations: /o/abab/violations.parquet)"
     assert lines[2] == "  why: refs at step 5: refcount 2"
-    assert lines[3] == "  1 candidate(s) tested (1 built) in 75 s"
+    assert lines[3] == ("  1 candidate(s) tested (1 built, 1 booted) in 75 s: builds 30 s, "
+                        "tests 4 s; ccache 110 of 119 compilations hits (92%)")
     assert bs.progress_line(2, 3, "cd" * 20, "subj", 1) == \
         f"candidate 2 of ~3: {'cd' * 6} subj (1 commit left to bisect)"
     assert bs.candidate_name("0123456789abcdef") == "bisect-0123456789ab"
