@@ -386,7 +386,7 @@ def bisect(tree: Path | str, good: Sequence[str], bad: str, scenario: Path | str
         if not keep_kernels:
             for name in registered:
                 remove_built(name)
-                prune(cache_root() / "warm", name, keep=0)
+                prune(cache_root() / "warm", name, keep=0, unused_for=0)
                 removed.append(name)
     outcome = Outcome(first_bad, _subject(tree, first_bad) if first_bad else "", tuple(tested),
                       suspects, time.monotonic() - started, tuple(removed))

@@ -51,7 +51,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lab.cache import atomic_entry, cache_root, cached_entry, entry_lock, locked, sha256_file
+from lab.cache import (
+    atomic_entry,
+    cache_root,
+    cached_entry,
+    discard,
+    entry_lock,
+    locked,
+    sha256_file,
+)
 from lab.data import data_path
 from lab.errors import LabFailure
 from lab.kernels import load_catalog
@@ -412,8 +420,9 @@ def debian_source_git(tarball: Path = DEBIAN_SOURCE, *, say: Say = print) -> Pat
 def remove_built(name: str) -> int:
     """Unregister the built kernel *name*: its registry entry and the guest
     images made for it (``cache_root()/images/<name>-<release>-<key>/``,
-    named by :func:`lab.image.build_image`). Returns the bytes freed (0 if
-    there was no such kernel)."""
+    named by :func:`lab.image.build_image`), each removed under its lock
+    (:func:`lab.cache.discard`). Returns the bytes freed (0 if there was no
+    such kernel)."""
     entry = built_dir(name)
     m = read_manifest(entry)
     if m is None:
@@ -421,7 +430,7 @@ def remove_built(name: str) -> int:
     doomed = [entry, *(cache_root() / "images").glob(f"{name}-{m.get('release', '')}-*")]
     freed = sum(f.stat().st_size for d in doomed for f in d.rglob("*") if f.is_file())
     for d in doomed:
-        shutil.rmtree(d, ignore_errors=True)
+        discard(d)
     return freed
 
 
