@@ -11,6 +11,9 @@ that docs/BENCHMARKS.md records.
   in turns, and the latency of one step.
 - ``compare-parallel``: a whole `compare` with its kernels one after the
   other (``--jobs 1``) against side by side, cold and warm, in turns.
+- ``sweep``: the same cells (scenarios × kernels) as a sweep on a local
+  Dask cluster with 2 VM slots and as a sequential loop of the same cell
+  runs, in one run: cells per minute of each and the ratio.
 - ``events``: watchpoints: cost per hit with and without a stack, the cost
   to code that touches no watched memory (during and after), and a
   scenario's steps with watches off, counting and unwinding.
@@ -475,7 +478,59 @@ def bench_dump(kernel_names: Sequence[str], runs: int) -> int:
     return 0
 
 
+SWEEP_SCENARIOS = ["scenarios/fault-4k.toml", "scenarios/fork-share.toml",
+                   "scenarios/fault-2m.toml", "scenarios/pin-longterm.toml"]
+
+
+def bench_sweep(patterns: Sequence[str], kernel_names: Sequence[str], slots: int = 2) -> int:
+    """Cells per minute of a sweep with *slots* VM slots against a loop that
+    runs the same cells one after the other (each cell the same child
+    process, `lab.sweep_cluster.run_cell`), after one shared preparation
+    (kernels, images, NVDIMM files, warm states). The sweep's time includes
+    starting and closing its local cluster and writing its outputs (dataset,
+    sweep.json, sweep.html): what a user waits for."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from . import kernels
+    from .sweep import check_kernels, find_scenarios, plan_cells
+    from .sweep_cluster import prepare_local, run_cell, run_sweep
+
+    quiet = lambda *_: None  # noqa: E731
+    cells = plan_cells(find_scenarios(patterns),
+                       check_kernels(kernel_names, kernels.known_kernels()))
+    prepare_local(cells, say=quiet)
+    with tempfile.TemporaryDirectory(prefix="devdax-lab-bench-sweep-") as tmp:
+        t0 = time.monotonic()
+        loop = [run_cell(cell, Path(tmp) / "loop", retries=0) for cell in cells]
+        loop_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        swept = run_sweep(cells, Path(tmp) / "sweep", workers=slots, retries=0, prepare=False,
+                          say=quiet)
+        sweep_s = time.monotonic() - t0
+        about = json.loads((Path(tmp) / "sweep" / "sweep.json").read_text())
+    verdicts = [(s["verdict"], t["verdict"]) for s, t in zip(loop, swept, strict=True)]
+    n = len(cells)
+    mean = lambda rows: statistics.mean(r["sweep_seconds"] for r in rows)  # noqa: E731
+    print(f"sweep: {n} cells ({len({c.scenario for c in cells})} scenarios x "
+          f"{len({c.kernel for c in cells})} kernels)")
+    print(f"  sequential loop: {loop_s:.1f} s, {60 * n / loop_s:.1f} cells/min "
+          f"(a cell {loop_s / n:.2f} s on average)")
+    print(f"  sweep, {slots} slots: {sweep_s:.1f} s, {60 * n / sweep_s:.1f} cells/min "
+          f"(cluster start and outputs included); a cell {mean(swept):.2f} s on average "
+          f"(alone: {mean(loop):.2f} s), the cluster started in "
+          f"{about['cluster_start_seconds']:.1f} s")
+    print(f"  ratio: {loop_s / sweep_s:.2f}x")
+    if any(a != b for a, b in verdicts):
+        print(f"  verdicts differ between the two: {verdicts}")
+        return 1
+    return 0
+
+
 def main(args) -> int:
+    if args.what == "sweep":
+        return bench_sweep(args.scenarios or SWEEP_SCENARIOS, args.kernels.split(","))
     if args.what == "dump":
         return bench_dump(args.kernels.split(","), args.runs)
     if args.what == "boot":

@@ -748,17 +748,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_notebook)
 
     s = _command(
-        sub, "bench", "benchmarks: boot, snapshot, compare, compare-parallel, build, events",
+        sub, "bench", "benchmarks: boot, snapshot, compare, compare-parallel, build, events, sweep",
         "Measure and print figures (recorded in docs/BENCHMARKS.md): boot (time to\n"
         "ready, cold and warm), snapshot (bulk vs per-page reads), compare (a\n"
         "scenario's step latency), compare-parallel (a compare's kernels in turn vs\n"
         "side by side), build (a kernel build, cold and with ccache),\n"
-        "events (the cost of watchpoints), dump (a guest vmcore: size, time, reading it).",
+        "events (the cost of watchpoints), dump (a guest vmcore: size, time, reading it),\n"
+        "sweep (cells per minute of a 2-slot sweep against a sequential loop).",
         ["devdax-lab bench boot --kernels before,after --runs 3",
          "devdax-lab bench compare --scenario scenarios/fork-share.toml",
-         "devdax-lab bench compare-parallel --runs 3"])
-    s.add_argument("what", choices=["boot", "snapshot", "compare", "compare-parallel", "build", "events", "dump"],
+         "devdax-lab bench compare-parallel --runs 3",
+         "devdax-lab bench sweep --scenarios scenarios/fault-4k.toml scenarios/fork-share.toml"])
+    s.add_argument("what", choices=["boot", "snapshot", "compare", "compare-parallel", "build",
+                                     "events", "dump", "sweep"],
                    help="what to measure")
+    s.add_argument("--scenarios", nargs="+", metavar="GLOB",
+                   help="sweep: the scenarios (default fault-4k, fork-share, fault-2m, "
+                        "pin-longterm)")
     s.add_argument("--scenario", default="scenarios/fork-share.toml",
                    help="the scenario for compare and compare-parallel (default "
                         "scenarios/fork-share.toml)")

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 60.0  # a run stopping its VM and removing its run directory takes ~1-2 s
 WATCH_INTERVAL = 0.2
+PROGRESS_INTERVAL = 2.0  # seconds between two looks at what runs
 # Worker states of a task that nobody wants any more (distributed 2026.8:
 # client.cancel() turns an executing task "cancelled"; a task whose key was
 # dropped is released or gone from worker.state.tasks).
@@ -288,6 +289,7 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
     summaries: dict[Cell, dict] = {}
     run_id = uuid.uuid4().hex[:8]
     with open_client(scheduler, workers, verbose=verbose) as client:
+        connected = time.monotonic() - t0
         slots = sum(w.get("resources", {}).get("vm", 0)
                     for w in client.scheduler_info(n_workers=-1)["workers"].values())
         say(f"devdax-lab: sweep of {len(cells)} cell(s) on {int(slots)} VM slot(s) "
@@ -299,16 +301,21 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
         bar = counter("sweep", total=len(cells), unit="cell")
         try:
             pending = set(futures)
+            keys = {f.key for f in futures}
             while pending:
-                done, pending = wait(pending, timeout=None, return_when="FIRST_COMPLETED")
+                try:
+                    done, pending = wait(pending, timeout=PROGRESS_INTERVAL,
+                                         return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    done = set()
                 for future in done:
                     cell = futures[future]
                     summaries[cell] = _collect(future, cell, out)
-                running = sum(len(keys) for keys in client.processing().values())
+                running = len(_executing(client) & keys)
                 failed = sum(s["verdict"] != "holds" for s in summaries.values())
                 bar.set_postfix(done=len(summaries), running=running, failed=failed,
                                 refresh=False)
-                bar.update(len(done))
+                bar.update(len(done))  # drawn at most every mininterval, also with 0
         except BaseException:
             client.cancel(list(futures))
             _wait_cancelled(client, futures)
@@ -321,7 +328,7 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
         "kernels": list(dict.fromkeys(c.label for c in cells)),
         "scenarios": list(dict.fromkeys(c.scenario for c in cells)),
         "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries,
-        "seconds": round(seconds, 1)})
+        "seconds": round(seconds, 1), "cluster_start_seconds": round(connected, 1)})
     return ordered
 
 
@@ -331,17 +338,21 @@ def _wait_cancelled(client, futures, timeout: float = STOP_TIMEOUT + 10) -> None
     keys = {f.key for f in futures}
     deadline = time.monotonic() + timeout
     with contextlib.suppress(Exception):
-        while time.monotonic() < deadline:
-            running = {k for ks in client.run(_executing_keys).values() for k in ks}
-            if not running & keys:
-                return
+        while time.monotonic() < deadline and _executing(client, stopping=True) & keys:
             time.sleep(0.2)
 
 
-def _executing_keys(dask_worker=None) -> list:
+def _executing(client, *, stopping: bool = False) -> set:
+    """The keys the cluster's workers are running now (with *stopping*, also
+    those cancelled but not yet returned)."""
+    return {k for ks in client.run(_executing_keys, stopping=stopping).values() for k in ks}
+
+
+def _executing_keys(dask_worker=None, stopping: bool = False) -> list:
     """The keys a worker is executing (run on each worker by client.run)."""
-    return [ts.key for ts in dask_worker.state.tasks.values()
-            if ts.state in ("executing", "long-running", "cancelled")]
+    states = ("executing", "long-running", "cancelled") if stopping else (
+        "executing", "long-running")
+    return [ts.key for ts in dask_worker.state.tasks.values() if ts.state in states]
 
 
 def _collect(future, cell: Cell, out: Path) -> dict:

@@ -1,0 +1,312 @@
+"""devdax-lab sweep on a local Dask cluster, live (TCG): one shared 3
+scenarios × 2 kernels sweep (fault-4k, fork-share and a fault-4k whose
+expectation is wrong on purpose) checked from several sides; an untestable
+cell; a cancelled Dask task and a stopped sweep, each of which must stop its
+runs' VMs and remove their run directories. No process is left behind, even
+when a test fails: every test stops what it started, by PID."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lab import vm
+from lab.procs import pid_alive, wait_gone
+
+pytestmark = pytest.mark.live
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ["before", "after"]
+STOP_LINE = "devdax-lab: stopped by SIGTERM: what it had started is stopped and removed"
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process now."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(proc.name)] = (ppid, cmd)
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    procs = _processes()
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, _) in procs.items():
+            if ppid == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _runs_into(out: Path) -> dict[int, str]:
+    """The `lab.cli run` processes writing under *out*: pid -> command line."""
+    return {pid: cmd for pid, (_, cmd) in _processes().items()
+            if " lab.cli run " in cmd and f"--out {out}/" in cmd}
+
+
+def _qemus_of(pids) -> dict[int, Path]:
+    """QEMU processes under *pids* and their run directories."""
+    import re
+
+    found = {}
+    for pid in pids:
+        for child in _descendants(pid):
+            cmd = _processes().get(child, (0, ""))[1]
+            m = re.search(r"(%s/devdax-lab-run-[^/ ,]+)" % re.escape(str(vm.run_parent())), cmd)
+            if "qemu-system" in cmd and m:
+                found[child] = Path(m.group(1))
+    return found
+
+
+def _wait_for(what, predicate, timeout: float = 180.0, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_all(pids) -> None:
+    """Teardown of last resort: SIGKILL whatever is still running, by PID."""
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _long_scenario(directory: Path, steps: int = 150) -> Path:
+    """A scenario that keeps its VM busy for several seconds (read faults of
+    one page, again and again), so that a test can stop it midway."""
+    text = ['title = "many read faults"', "[device]", 'align = "4K"', "",
+            "[[step]]", 'action = "mmap"', 'proc = "a"', 'name = "m"', 'length = "64K"']
+    for i in range(steps):
+        text += ["", "[[step]]", 'action = "touch"', 'map = "m"', f"pages = [{i % 16}]"]
+    path = directory / "many-faults.toml"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def _wrong_scenario(directory: Path) -> Path:
+    """fault-4k with one expectation wrong on purpose (the read fault takes
+    one reference: refcount 2, not 5)."""
+    text = (ROOT / "scenarios" / "fault-4k.toml").read_text()
+    wrong = text.replace('field = "refcount"\nequals = 2\n', 'field = "refcount"\nequals = 5\n')
+    assert wrong != text
+    path = directory / "fault-4k-wrong.toml"
+    path.write_text(wrong)
+    return path
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One sweep shared by the tests below: its directory, its command's
+    output, and the processes alive under it (none, once it is over)."""
+    base = tmp_path_factory.mktemp("sweep")
+    wrong = _wrong_scenario(base)
+    out = base / "out"
+    before = set(vm.run_parent().glob(vm.RUN_PREFIX + "*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab.cli", "sweep", "--scenarios",
+         str(ROOT / "scenarios/fault-4k.toml"), str(ROOT / "scenarios/fork-share.toml"),
+         str(wrong), "--kernels", ",".join(KERNELS), "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    seen: set[int] = set()
+    try:
+        while proc.poll() is None:
+            seen |= _descendants(proc.pid)
+            time.sleep(0.2)
+        stdout, stderr = proc.communicate()
+        yield {"out": out, "status": proc.returncode, "stdout": stdout, "stderr": stderr,
+               "left": [p for p in seen if pid_alive(p)],
+               "run_dirs": set(vm.run_parent().glob(vm.RUN_PREFIX + "*")) - before}
+    finally:
+        _kill_all([proc.pid, *seen])
+        proc.wait()
+
+
+def test_sweep_runs_every_cell_and_leaves_nothing_running(swept):
+    assert swept["status"] == 0, swept["stderr"]
+    assert swept["left"] == [], swept["left"]
+    # run directories of other users of this machine may come and go; ours are gone
+    assert not [d for d in swept["run_dirs"] if d.exists() and str(swept["out"]) in
+                (d / "owner.pid").read_text(errors="replace")]
+    cells = json.loads((swept["out"] / "sweep.json").read_text())["cells"]
+    assert [(c["scenario"], c["kernel"]) for c in cells] == [
+        (s, k) for s in ("fault-4k", "fork-share", "fault-4k-wrong") for k in KERNELS]
+
+
+def test_verdicts_match_the_scenarios_expectations(swept):
+    cells = {(c["scenario"], c["kernel"]): c
+             for c in json.loads((swept["out"] / "sweep.json").read_text())["cells"]}
+    for key, cell in cells.items():
+        # the wrong expectation names `after`: on before every expectation holds
+        expected = "fails" if key == ("fault-4k-wrong", "after") else "holds"
+        assert cell["verdict"] == expected, (key, cell)
+        expectations = pd.read_parquet(swept["out"] / key[0] / key[1] / "expectations.parquet")
+        assert cell["failed_expectations"] == int((~expectations["passed"].astype(bool)).sum())
+        assert cell["release"].startswith("6.12" if key[1] == "before" else "7.2")
+    failing = cells[("fault-4k-wrong", "after")]
+    assert failing["first_failure"] == (
+        "expect 4 FAILS on after at step 3 (touch): m page 8 refcount == 5, actual 2")
+    assert failing["status"] == 1 and failing["attempts"] == 1  # a verdict: never retried
+    import re
+
+    assert re.search(r"^fault-4k-wrong/after +fails +expect 4 FAILS", swept["stdout"], re.M)
+
+
+def test_dataset_reads_as_one_table_with_pandas_and_dask(swept):
+    import dask.dataframe as dd
+
+    out = swept["out"]
+    for name in ("timeline", "steps", "expectations", "violations", "cells"):
+        frame = pd.read_parquet(out / "data" / name)
+        dask_frame = dd.read_parquet(str(out / "data" / name)).compute()
+        assert len(frame) == len(dask_frame)
+        if name == "cells":
+            assert len(frame) == 6
+            continue
+        per_cell = sum(len(pd.read_parquet(p / f"{name}.parquet"))
+                       for p in out.glob("*/*") if (p / "meta.json").exists())
+        assert len(frame) == per_cell, name
+    timeline = pd.read_parquet(out / "data" / "timeline")
+    assert set(timeline["kernel"].astype(str)) == set(KERNELS)
+    assert set(timeline["scenario"].astype(str)) == {"fault-4k", "fork-share", "fault-4k-wrong"}
+
+
+def test_sweep_page_links_existing_reports_and_meta_names_the_worker(swept):
+    import re
+
+    out = swept["out"]
+    page = (out / "sweep.html").read_text()
+    links = re.findall(r"href='([^']+)'", page)
+    assert len(links) == 6 and all((out / link).is_file() for link in links)
+    assert "verdict-fails" in page and "refcount == 5, actual 2" in page
+    assert "What differs between the kernels" in page and "Steps 2-5 (touch, fork, exit)" in page
+    workers = set()
+    for meta_path in out.glob("*/*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        assert meta["sweep"]["worker"].startswith("tcp://127.0.0.1:"), meta_path
+        assert meta["qemu"] and meta["drgn"] and meta["kernels"]
+        workers.add(meta["sweep"]["worker"])
+    assert 1 <= len(workers) <= (os.cpu_count() or 1)
+
+
+def test_lab_open_reads_the_sweep(swept):
+    from lab import Lab
+
+    lab = Lab.open(swept["out"])
+    assert len(lab.frame("cells")) == 6 and len(lab.meta["cells"]) == 6
+    assert set(lab.timeline["scenario"]) == {"fault-4k", "fork-share", "fault-4k-wrong"}
+
+
+def test_a_cell_that_cannot_boot_is_recorded_untestable_with_its_reason(tmp_path):
+    """A kernel tree whose bzImage and vmlinux are not kernels: QEMU fails,
+    the cell is untestable (125), retried once, and the sweep goes on."""
+    tree = tmp_path / "not-a-kernel"
+    (tree / "arch/x86/boot").mkdir(parents=True)
+    (tree / "scripts/kconfig").mkdir(parents=True)
+    for name in ("Makefile", "Kconfig"):
+        (tree / name).write_text("")
+    for name in ("arch/x86/boot/bzImage", "vmlinux"):
+        (tree / name).write_bytes(b"not a kernel\n" * 4096)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lab.cli", "sweep", "--scenarios",
+         str(ROOT / "scenarios/fault-4k.toml"), "--kernels", str(tree), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    [cell] = json.loads((out / "sweep.json").read_text())["cells"]
+    assert cell["verdict"] == "untestable" and cell["status"] == 125 and cell["attempts"] == 2
+    assert cell["reason"].startswith("the kernel could not be tested: QEMU exited")
+    assert cell["console_tail"] and cell["report"] is None
+    assert "untestable" in (out / "sweep.html").read_text()
+
+
+def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from lab.sweep import CELL_LOG, Cell
+    from lab.sweep_cluster import run_cell
+
+    scenario = _long_scenario(tmp_path)
+    out = tmp_path / "out"
+    cell = Cell("many-faults", scenario, "after")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"vm": 1},
+                      dashboard_address=None, memory_limit=0,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        workers = [w.pid for w in cluster.workers.values() if getattr(w, "pid", None)]
+        try:
+            future = client.submit(run_cell, cell, str(out), resources={"vm": 1}, pure=False)
+            runs = _wait_for("the cell's run", lambda: _runs_into(out))
+            _wait_for("steps running", lambda: "many-faults on after:   0%" in (
+                out / "many-faults/after" / CELL_LOG).read_text(), timeout=120)
+            [(qemu, run_dir)] = _wait_for("its QEMU", lambda: _qemus_of(runs)).items()
+            assert pid_alive(qemu) and run_dir.exists()
+            client.cancel(future)
+            assert wait_gone(qemu, 60), "QEMU still runs after the task was cancelled"
+            for pid in runs:
+                assert wait_gone(pid, 60), "the run still runs after the task was cancelled"
+            assert not run_dir.exists()
+            log = (out / "many-faults/after" / CELL_LOG).read_text()
+            said = [line for line in log.splitlines() if line.startswith("devdax-lab: ")]
+            assert said[-1] == STOP_LINE, log[-2000:]
+        finally:
+            _kill_all(list(_runs_into(out)) + [p for w in workers for p in _descendants(w)
+                                               if "lab.cli run" in _processes().get(p, (0, ""))[1]])
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_stopping_the_sweep_stops_every_run_and_the_cluster(tmp_path, how):
+    scenario = _long_scenario(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab.cli", "sweep", "--scenarios", str(scenario), "--kernels",
+         ",".join(KERNELS), "--out", str(out), "--workers", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    seen: set[int] = set()
+    try:
+        runs = _wait_for("two runs", lambda: len(_runs_into(out)) == 2 and _runs_into(out))
+        qemus = _wait_for("their QEMUs", lambda: len(_qemus_of(runs)) == 2 and _qemus_of(runs))
+        seen = _descendants(proc.pid)
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:  # a terminal's Ctrl-C: SIGINT to the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == (143 if how == "SIGTERM" else 130), stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last == (STOP_LINE if how == "SIGTERM" else "devdax-lab: interrupted"), stderr
+        for pid in seen:  # workers, nannies, runs, QEMUs
+            assert wait_gone(pid, 30), f"{pid} ({_processes().get(pid)}) outlived the sweep"
+        assert not any(d.exists() for d in qemus.values())
+        for pid in runs:
+            log = (out / "many-faults" / ("before" if "--kernel before" in runs[pid] else "after")
+                   / "cell.log").read_text()
+            assert ("stopped by SIG" in log or "interrupted" in log), log[-2000:]
+    finally:
+        _kill_all([proc.pid, *seen])
+        proc.wait()
