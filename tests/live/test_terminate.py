@@ -18,11 +18,6 @@ pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _qemu_of(pid: int, timeout: float = 120.0) -> tuple[int, Path]:
-    """The QEMU started under *pid* and the run directory on its command line."""
-    return _qemus_of(pid, 1, timeout)[0]
-
-
 def _qemus_of(pid: int, count: int, timeout: float = 120.0) -> list[tuple[int, Path]]:
     """*count* QEMUs running at once under *pid*, with their run directories."""
     deadline = time.monotonic() + timeout
@@ -58,56 +53,53 @@ def _ancestor(pid: int, ancestor: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_a_signal_stops_the_vm_and_removes_the_run_dir(sig, tmp_path):
-    run = subprocess.Popen(
-        [sys.executable, "-m", "lab.cli", "run", str(ROOT / "scenarios" / "fork-share.toml"),
-         "--kernel", "after", "--out", str(tmp_path / "out"), "--cold"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _signalled(argv: list[str], sig: int, vms: int) -> tuple[subprocess.Popen, str, list]:
+    """Start ``devdax-lab ARGV``, wait until *vms* QEMUs of it run, send *sig*
+    mid-boot; the process (ended), its stderr and its QEMUs with their run
+    directories."""
+    run = subprocess.Popen([sys.executable, "-m", "lab.cli", *argv], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        qemu, run_dir = _qemu_of(run.pid)
-        assert run_dir.exists()
+        qemus = _qemus_of(run.pid, vms)
+        assert all(run_dir.exists() for _, run_dir in qemus)
         time.sleep(1.0)  # mid-boot
         run.send_signal(sig)
-        out, err = run.communicate(timeout=60)
+        _, err = run.communicate(timeout=90)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
+    return run, err, qemus
+
+
+def _assert_stopped_cleanly(run: subprocess.Popen, err: str, sig: int, qemus: list,
+                            out: Path) -> None:
     assert run.returncode == 128 + sig, err
     lines = [line for line in err.splitlines() if line.startswith("devdax-lab:")]
     assert lines[-1] == (f"devdax-lab: stopped by {signal.Signals(sig).name}: what it had "
                          "started is stopped and removed"), err
     assert "Traceback" not in err
-    assert not run_dir.exists(), f"{run_dir} left behind"
-    with pytest.raises(ProcessLookupError):
-        os.kill(qemu, 0)
-    assert not (tmp_path / "out" / "timeline.parquet").exists()
+    for qemu, run_dir in qemus:
+        assert not run_dir.exists(), f"{run_dir} left behind"
+        with pytest.raises(ProcessLookupError):
+            os.kill(qemu, 0)
+    assert not (out / "timeline.parquet").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_the_vm_and_removes_the_run_dir(sig, tmp_path):
+    out = tmp_path / "out"
+    run, err, qemus = _signalled(["run", str(ROOT / "scenarios" / "fork-share.toml"), "--kernel",
+                                  "after", "--out", str(out), "--cold"], sig, 1)
+    _assert_stopped_cleanly(run, err, sig, qemus, out)
 
 
 def test_sigterm_stops_every_vm_of_a_parallel_compare(tmp_path):
     """compare boots its kernels side by side, each VM owned by a thread of its
     own; SIGTERM reaches the main thread, which stops them all."""
-    run = subprocess.Popen(
-        [sys.executable, "-m", "lab.cli", "compare", str(ROOT / "scenarios" / "fork-share.toml"),
-         "--kernels", "before,after", "--jobs", "2", "--out", str(tmp_path / "out"), "--cold"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        qemus = _qemus_of(run.pid, 2)
-        time.sleep(1.0)  # mid-boot, both
-        run.send_signal(signal.SIGTERM)
-        out, err = run.communicate(timeout=90)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 128 + signal.SIGTERM, err
-    lines = [line for line in err.splitlines() if line.startswith("devdax-lab:")]
-    assert lines[-1] == ("devdax-lab: stopped by SIGTERM: what it had started is stopped and "
-                         "removed"), err
-    assert "Traceback" not in err
-    for qemu, run_dir in qemus:
-        assert not run_dir.exists(), f"{run_dir} left behind"
-        with pytest.raises(ProcessLookupError):
-            os.kill(qemu, 0)
-    assert not (tmp_path / "out" / "timeline.parquet").exists()
+    out = tmp_path / "out"
+    run, err, qemus = _signalled(["compare", str(ROOT / "scenarios" / "fork-share.toml"),
+                                  "--kernels", "before,after", "--jobs", "2", "--out", str(out),
+                                  "--cold"], signal.SIGTERM, 2)
+    assert len(qemus) == 2
+    _assert_stopped_cleanly(run, err, signal.SIGTERM, qemus, out)

@@ -103,6 +103,19 @@ def _race(final: Path, count: Path, start, results) -> None:
     results.put((entry / "data").read_text())
 
 
+def _results(procs, results) -> list:
+    """One result from each of *procs* (started), then every one joined (or
+    killed): none outlives the test."""
+    try:
+        return [results.get(timeout=30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 def _forked():
     import multiprocessing
 
@@ -117,13 +130,7 @@ def test_processes_racing_for_an_entry_build_it_once(tmp_path):
     for p in procs:
         p.start()
     start.set()
-    try:
-        got = [results.get(timeout=30) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = _results(procs, results)
     assert got == ["whole"] * 4
     assert len(count.read_text().splitlines()) == 1  # one build, three found it made
     assert [p.exitcode for p in procs] == [0] * 4
@@ -162,12 +169,8 @@ def test_a_reader_never_sees_an_entry_vanish(tmp_path):
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             removed += cache.prune_unused([final], unused_for=3600)
-        failures = [results.get(timeout=30) for _ in readers]
     finally:
-        for p in readers:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+        failures = _results(readers, results)
     assert failures == [0, 0]
     builds = len(count.read_text().splitlines())
     # Pruned at most once (before a reader first marked it), then rebuilt once.
