@@ -23,7 +23,8 @@ An entry is a directory, ``NAME``, with its lock ``.NAME.lock`` next to it
   so the two never cross.
 
 Kernel fetches and kernel builds hold the same locks with :func:`locked`
-around their own check of an entry (a manifest verified file by file).
+around their own check of an entry (a manifest verified file by file), and
+so do the update of a private apt index and the download of a .deb.
 """
 
 from __future__ import annotations

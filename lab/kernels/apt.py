@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lab.cache import cache_root
+from lab.cache import cache_root, entry_lock, locked
 from lab.errors import UserError
 from lab.progress import Progress
 
@@ -221,14 +221,16 @@ class Apt:
         else:
             uri, keyring = archive_source(system_sources())
             text = private_sources_list(uri, self.source.suite, self.source.components, keyring)
-            for d in ("lists/partial", "cache/archives/partial", "empty.d"):
-                (self.root / d).mkdir(parents=True, exist_ok=True)
-            if (
-                not (self.root / "sources.list").is_file()
-                or (self.root / "sources.list").read_text() != text
-            ):
-                (self.root / "sources.list").write_text(text)
-            run([tool("apt-get"), *self.options, *self._sandbox(), "update", "-q"])
+            # Fetches of two kernels of one suite share this index: one updates it.
+            with locked(entry_lock(self.root), what=f"updating the {self.label}"):
+                for d in ("lists/partial", "cache/archives/partial", "empty.d"):
+                    (self.root / d).mkdir(parents=True, exist_ok=True)
+                if (
+                    not (self.root / "sources.list").is_file()
+                    or (self.root / "sources.list").read_text() != text
+                ):
+                    (self.root / "sources.list").write_text(text)
+                run([tool("apt-get"), *self.options, *self._sandbox(), "update", "-q"])
         self.updated = True
         report(f"update {self.label}", 1, 1)
 

@@ -78,21 +78,23 @@ def obtain(
     one left by an interrupted fetch is reused if it matches the index."""
     deb = deb_path(info)
     deb.parent.mkdir(parents=True, exist_ok=True)
-    expected = info.get("SHA256")
-    if deb.is_file() and deb.stat().st_size == int(info["Size"]):
-        digest = sha256_file(deb)
-        if digest == expected:
-            report(f"download {package}", deb.stat().st_size, int(info["Size"]))
-            return deb, digest
-    deb.unlink(missing_ok=True)
-    started = time.monotonic()
-    apt.download(package, info, deb, report)
-    timings[f"download {package}"] = round(time.monotonic() - started, 2)
-    digest = sha256_file(deb)
-    if expected and digest != expected:
+    # Two kernels may share a package: one process downloads it at a time.
+    with locked(entry_lock(deb), what=f"downloading {deb.name}"):
+        expected = info.get("SHA256")
+        if deb.is_file() and deb.stat().st_size == int(info["Size"]):
+            digest = sha256_file(deb)
+            if digest == expected:
+                report(f"download {package}", deb.stat().st_size, int(info["Size"]))
+                return deb, digest
         deb.unlink(missing_ok=True)
-        raise KernelError(f"{deb.name}: sha256 {digest} differs from the index's {expected}")
-    return deb, digest
+        started = time.monotonic()
+        apt.download(package, info, deb, report)
+        timings[f"download {package}"] = round(time.monotonic() - started, 2)
+        digest = sha256_file(deb)
+        if expected and digest != expected:
+            deb.unlink(missing_ok=True)
+            raise KernelError(f"{deb.name}: sha256 {digest} differs from the index's {expected}")
+        return deb, digest
 
 
 def download_all(
