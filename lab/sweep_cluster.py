@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -136,15 +137,46 @@ def _worker_address() -> str | None:
 
 
 def run_cell(cell: Cell, out: str | Path, *, retries: int = 1, timeout: float = 1800.0,
-             scheduler: str | None = None, ship_files: bool = False) -> dict:
+             scheduler: str | None = None, ship_files: bool = False,
+             kernel_identity: dict | None = None) -> dict:
     """One cell, as a Dask task (or plainly): ``run --check`` in a child
     process into DIR/SCENARIO/KERNEL/, stdout and stderr appended to its
     cell.log; attempted again (at most *retries* more times) while it
     neither gives a verdict nor was stopped; the worker that ran it added to
     its meta.json. Returns the summary (:func:`lab.sweep.summarize`); with
-    *ship_files*, also ``files``: the cell directory's files as bytes, for a
-    driver on another machine."""
-    out = Path(out)
+    *ship_files*, the run goes into a scratch directory of this machine
+    instead, removed after its files were put in the summary as ``files``
+    (bytes by path under *out*) for a driver on another machine. With
+    *kernel_identity* (the driver's :func:`lab.kernels.identity` of the
+    kernel), a kernel that resolves to something else here is an ``error``
+    cell saying so, and nothing runs."""
+    scratch = Path(tempfile.mkdtemp(prefix="devdax-lab-cell-")) if ship_files else None
+    try:
+        return _run_cell(cell, scratch or Path(out), retries=retries, timeout=timeout,
+                         scheduler=scheduler, ship_files=ship_files,
+                         kernel_identity=kernel_identity)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _kernel_mismatch(cell: Cell, wanted: dict) -> str | None:
+    """How the cell's kernel as this machine resolves it (fetching a catalog
+    kernel if missing) differs from the driver's *wanted* identity; None
+    when it is the same, or when it does not resolve here (the run then
+    meets that failure itself and records it)."""
+    from . import kernels
+    from .errors import LabError
+
+    try:
+        have = kernels.identity(kernels.resolve(cell.kernel))
+    except LabError:
+        return None
+    return kernels.identity_mismatch(cell.kernel, wanted, have)
+
+
+def _run_cell(cell: Cell, out: Path, *, retries: int, timeout: float, scheduler: str | None,
+              ship_files: bool, kernel_identity: dict | None) -> dict:
     directory = cell_dir(out, cell)
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -152,8 +184,11 @@ def run_cell(cell: Cell, out: str | Path, *, retries: int = 1, timeout: float = 
     wanted = _dask_wanted()
     worker, host = _worker_address(), socket.gethostname()
     attempts, status, why = 0, None, None
-    t0 = time.monotonic()
-    while True:
+    t0 = started = time.monotonic()
+    if kernel_identity is not None and (why := _kernel_mismatch(cell, kernel_identity)):
+        with open(log_path, "a") as f:
+            f.write(f"devdax-lab: {why}\n")
+    while why is None:
         attempts += 1
         started = time.monotonic()
         with open(log_path, "a") as f:
@@ -288,6 +323,7 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
     t0 = time.monotonic()
     summaries: dict[Cell, dict] = {}
     run_id = uuid.uuid4().hex[:8]
+    identities = _driver_identities(cells) if scheduler is not None else {}
     with open_client(scheduler, workers, verbose=verbose) as client:
         connected = time.monotonic() - t0
         slots = sum(w.get("resources", {}).get("vm", 0)
@@ -296,6 +332,7 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
             f"({scheduler or 'local cluster'})")
         futures = {client.submit(run_cell, cell, str(out), retries=retries, timeout=timeout,
                                  scheduler=scheduler, ship_files=scheduler is not None,
+                                 kernel_identity=identities.get(cell.kernel),
                                  key=f"cell-{cell.scenario}-{cell.label}-{run_id}",
                                  resources={"vm": 1}, pure=False): cell for cell in cells}
         bar = counter("sweep", total=len(cells), unit="cell")
@@ -330,6 +367,20 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
         "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries,
         "seconds": round(seconds, 1), "cluster_start_seconds": round(connected, 1)})
     return ordered
+
+
+def _driver_identities(cells: Sequence[Cell]) -> dict[str, dict]:
+    """Each kernel's :func:`lab.kernels.identity` as this machine has it,
+    for the workers of a cluster to check theirs against (a kernel this
+    machine does not have is not checked: each worker resolves its own)."""
+    from . import kernels
+    from .errors import LabError
+
+    found = {}
+    for name in dict.fromkeys(c.kernel for c in cells):
+        with contextlib.suppress(LabError):
+            found[name] = kernels.identity(kernels.resolve(name, fetch=False))
+    return found
 
 
 def _wait_cancelled(client, futures, timeout: float = STOP_TIMEOUT + 10) -> None:

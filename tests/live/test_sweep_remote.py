@@ -94,3 +94,32 @@ def test_nothing_is_left_behind(remote_sweep):
     assert remote_sweep["killed"] == [], "stopped only by SIGKILL"
     assert remote_sweep["leftovers"] == []
     assert remote_sweep["new_run_dirs"] == set()
+
+
+def test_cells_ran_in_the_workers_scratch_and_came_back_with_their_files(remote_sweep):
+    """The workers wrote each run elsewhere (what a worker on another machine
+    does) and the sweep put the returned files under --out."""
+    out = remote_sweep["out"]
+    for scenario in SCENARIOS:
+        for kernel in KERNELS:
+            log = (out / scenario / kernel / "cell.log").read_text()
+            assert "devdax-lab-cell-" in log and str(out) not in log
+    assert not list(Path("/tmp").glob("devdax-lab-cell-*/" + SCENARIOS[0]))  # scratch removed
+
+
+def test_a_worker_whose_kernel_is_another_build_records_why_and_runs_nothing(tmp_path):
+    """The driver's identity of `before` with another package version: the
+    cell is an error naming the difference, and no run was started."""
+    from lab import kernels
+    from lab.sweep import Cell
+    from lab.sweep_cluster import run_cell
+
+    wanted = kernels.identity(kernels.resolve("before", fetch=False))
+    package = next(iter(wanted["packages"]))
+    wanted = {**wanted, "packages": {**wanted["packages"], package: "0.0-other"}}
+    cell = Cell(scenario="fault-4k", path=ROOT / "scenarios" / "fault-4k.toml", kernel="before")
+    summary = run_cell(cell, tmp_path, kernel_identity=wanted)
+    assert summary["verdict"] == "error" and summary["attempts"] == 0
+    assert summary["reason"].startswith("kernel 'before' here is not the driver's (packages:")
+    assert "devdax-lab fetch --force before" in summary["reason"]
+    assert not (tmp_path / "fault-4k" / "before" / "meta.json").exists()
