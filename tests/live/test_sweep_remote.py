@@ -123,3 +123,66 @@ def test_a_worker_whose_kernel_is_another_build_records_why_and_runs_nothing(tmp
     assert summary["reason"].startswith("kernel 'before' here is not the driver's (packages:")
     assert "devdax-lab fetch --force before" in summary["reason"]
     assert not (tmp_path / "fault-4k" / "before" / "meta.json").exists()
+
+
+def _qemu_under(marker: str, timeout: float = 300.0) -> tuple[int, int, Path]:
+    """(QEMU pid, pid of the worker process that owns its cell, run dir)."""
+    import re
+    import time
+
+    from dask_processes import processes_with
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid, cmd in processes_with(marker):
+            if "qemu-system" in cmd and (m := re.search(r"(/dev/shm/devdax-lab-run-[^/ ,]+)", cmd)):
+                cell = _parent(pid)
+                while cell and "lab.cli run" not in Path(f"/proc/{cell}/cmdline").read_bytes(
+                        ).replace(b"\0", b" ").decode(errors="replace"):
+                    cell = _parent(cell)
+                return pid, _parent(cell), Path(m.group(1))
+        time.sleep(0.2)
+    raise AssertionError("no QEMU appeared under the worker")
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_worker_killed_mid_cell_takes_its_vm_and_run_dir_with_it(tmp_path):
+    """SIGKILL of a worker process (no chance to clean up itself): the cell's
+    run gets SIGTERM from the kernel (parent-death signal), stops its VM and
+    removes its run directory."""
+    import os
+    import signal
+    import time
+
+    cluster = DaskProcesses(tmp_path)
+    sweep = None
+    try:
+        address = cluster.start_scheduler()
+        cluster.start_worker("lab-w1")
+        cluster.wait_for_workers(address, 1)
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "lab.cli", "sweep", "--scenarios",
+             str(ROOT / "scenarios" / "fork-share.toml"), "--kernels", "after", "--out",
+             str(tmp_path / "sweep"), "--scheduler", address, "--retries", "0"],
+            cwd=ROOT, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        qemu, worker, run_dir = _qemu_under(cluster.marker)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (Path(f"/proc/{qemu}").exists() or run_dir.exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{qemu}").exists(), "QEMU outlived its worker"
+        assert not run_dir.exists(), "the run directory outlived its worker"
+    finally:
+        if sweep is not None and sweep.poll() is None:
+            sweep.send_signal(signal.SIGTERM)
+            try:
+                sweep.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                sweep.kill()
+                sweep.wait()
+        killed = cluster.stop()
+        assert cluster.leftovers() == []
+    assert killed == []
