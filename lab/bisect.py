@@ -33,8 +33,9 @@ machine, so building two at once is not faster, and a boot (seconds) is
 short next to a build.
 
 Exit status: 0 the first bad commit was found; 125 only skipped commits are
-left (it cannot tell which of them is first); 2 bad input (nothing is built
-or written).
+left (it cannot tell which of them is first); 1 the --bad end, judged last
+when every candidate was good, holds (there is no first bad commit); 2 bad
+input (nothing is built or written).
 
 Pure parts (parsing git's ranking, choosing the next candidate, the step
 estimate, the messages) come first; :func:`bisect` does the I/O.
@@ -146,7 +147,10 @@ class Outcome:
 
     @property
     def exit_status(self) -> int:
-        return 0 if self.first_bad else SKIP
+        """0 found; 125 only skipped commits left; 1 the bad end holds."""
+        if self.first_bad:
+            return 0
+        return SKIP if self.suspects else BAD
 
     def run_of(self, commit: str | None) -> Tested | None:
         return next((t for t in self.tested if t.commit == commit), None)
@@ -155,6 +159,11 @@ class Outcome:
 def result_lines(outcome: Outcome) -> list[str]:
     """What the bisection ends with: the first bad commit, its report and
     why it is bad; or the commits it may be."""
+    if outcome.first_bad is None and not outcome.suspects:
+        end = outcome.tested[-1]
+        return [f"the bad end {end.commit[:12]} {end.subject} is {end.verdict} under this "
+                "scenario, so there is no first bad commit between --good and --bad"
+                + (f": {end.reason}" if end.reason else "")]
     if outcome.first_bad is None:
         suspects = ", ".join(c[:12] for c in outcome.suspects)
         return ["only skipped commits are left to test; the first bad commit could be any of: "
@@ -309,7 +318,9 @@ def search(tree: Path, goods: Sequence[str], bad: str, judge: Judge, *,
     for each candidate: (first bad commit or None, the commits it may be
     when only skipped ones are left, every candidate judged in order). The
     first bad commit is judged too when it was not a candidate (the --bad
-    end), for its report and reason."""
+    end), for its report and reason; if it then holds, there is no first
+    bad commit (None and no suspects). A --bad end that cannot be tested is
+    taken as bad, as git bisect takes the user's word for it."""
     goods = list(goods)
     skipped: list[str] = []
     tested: list[Tested] = []
@@ -341,9 +352,8 @@ def search(tree: Path, goods: Sequence[str], bad: str, judge: Judge, *,
         say(f"judging {bad[:12]} {subject} (the bad end, for its report)")
         result = judge(bad, subject)
         tested.append(result)
-        if result.status != BAD:
-            say(f"  note: --bad {bad[:12]} is {result.verdict} under this scenario"
-                + (f": {result.reason}" if result.reason else ""))
+        if result.status == GOOD:  # the bad end holds: nothing to find
+            return None, (), tested
     return bad, (), tested
 
 

@@ -695,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
         "worktree of the tree (ccache), registered as bisect-<commit>, and judged\n"
         "as devdax-lab check judges it: good, bad, or skipped when it does not\n"
         "build or boot. Prints the first bad commit, its report and why it fails.\n"
-        "Exit 0 found, 125 only skipped commits left (cannot tell), 2 bad input.\n"
+        "Exit 0 found, 125 only skipped commits left (cannot tell), 1 the bad end\n"
+        "holds after all, 2 bad input.\n"
         "Candidates are built and tested one at a time (a build uses every core).",
         ["devdax-lab bisect --tree ~/src/linux --good v6.12 --bad HEAD scenarios/pin-longterm.toml",
          ("devdax-lab bisect --tree ~/src/linux --good v6.12 --bad fix-wip --out out/bisect "

@@ -204,3 +204,26 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(kernel_repo, tmp_path):
         assert not (cache / "built").exists() and not (cache / "build").exists()
         assert list((tmp_path / "tmp").iterdir()) == []
         assert not list(tmp_path.glob("bisect-*"))
+
+
+def test_a_bad_end_that_holds_means_there_is_no_first_bad_commit(tmp_path):
+    commits = _history(tmp_path / "r", 3)
+    found, suspects, tested = bs.search(tmp_path / "r", [commits[0]], commits[-1],
+                                        lambda c, s: _tested(c, bs.GOOD), say=lambda *_: None)
+    assert found is None and suspects == () and [t.commit for t in tested] == commits[1:]
+    outcome = bs.Outcome(None, "", tuple(tested))
+    assert outcome.exit_status == 1
+    [line] = bs.result_lines(outcome)
+    assert line.startswith(f"the bad end {commits[-1][:12]} s is good under this scenario")
+
+
+
+def test_kernel_args_reach_the_boot_plan(monkeypatch):
+    """bisect --kernel-args -> run_experiment -> Session.boot/plan -> the
+    plan's cmdline_extra (what lab.vm.kernel_cmdline appends)."""
+    from lab import session
+
+    seen = {}
+    monkeypatch.setattr(session, "boot_spec", lambda kernel, **kw: seen.update(kw))
+    session.Session.plan("before", kernel_args=("init_on_free=1", "foo=bar"))
+    assert seen["cmdline_extra"] == ("init_on_free=1", "foo=bar")
