@@ -43,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -479,8 +480,10 @@ def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = 
     with open(log, "a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
+        # A process group of its own: stopping the build stops make's
+        # children too (sub-makes, compilers), not only make.
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace",
+                                text=True, errors="replace", start_new_session=True,
                                 env={**os.environ, **ccache_env(src, obj), **(env or {})})
         try:
             assert proc.stdout is not None
@@ -497,8 +500,7 @@ def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = 
                     say(f"  [{_mmss(now - started)}] {count} objects compiled; {step}")
             rc = proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            _stop_make(proc)
             raise
     elapsed = time.monotonic() - started
     if progress and rc == 0:
@@ -507,6 +509,27 @@ def make(src: Path, obj: Path, targets: Sequence[str], log: Path, *, say: Say = 
         raise BuildError(f"`make {' '.join(targets)}` failed (exit status {rc}) after "
                          f"{_mmss(elapsed)}:", log, _tail(log))
     return elapsed
+
+
+#: how long make gets after SIGTERM to delete its half-written targets
+MAKE_STOP_WAIT = 10.0
+
+
+def _stop_make(proc: subprocess.Popen) -> None:
+    """Stop make and every process of its group: SIGTERM first (make then
+    deletes the targets it was writing, so the next build does not take a
+    truncated object for an up-to-date one), SIGKILL after
+    :data:`MAKE_STOP_WAIT`; always reaped."""
+    for sig, wait in ((signal.SIGTERM, MAKE_STOP_WAIT), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # a child that outlived make
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def count_objects(lines: Iterable[str]) -> int:

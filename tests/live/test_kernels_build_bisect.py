@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -176,3 +177,58 @@ def test_bisect_names_the_planted_commit(repo, tmp_path):
         assert not list((cache / "images").glob(f"{name}-*"))
         assert not list((cache / "warm").glob(f"{name}-*"))
     assert set(summary["removed"]) == {f"bisect-{c[:12]}" for c in tested} - already
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention *text* (a build's make
+    or compiler, a QEMU of a candidate)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def test_sigterm_mid_bisection_stops_it_and_unregisters_its_candidates(repo, tmp_path):
+    """SIGTERM (timeout, a CI runner) once the first candidate is judged,
+    while the next one builds: the build is stopped, the candidates this
+    bisection registered are removed, and one line says why."""
+    commits = plant_history(repo)
+    names = {f"bisect-{c[:12]}" for c in commits}
+    already = names & set(kernels.known_kernels())
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "-q", "bisect", "--tree",
+                                 str(repo), "--good", commits[0], "--bad", REF, "--out", str(out),
+                                 str(SCENARIO)],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("devdax-lab: candidate 2 of"):
+                time.sleep(3)  # into the second candidate's build
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = log.read_text()
+    first = re.match(r"devdax-lab: candidate 1 of ~\d+: ([0-9a-f]{12}) ", seen[0])
+    assert first and f"bisect-{first[1]}" not in already, seen  # one it registered itself
+    assert any(line.startswith("devdax-lab: candidate 2 of") for line in seen), "".join(seen)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "devdax-lab: stopped by SIGTERM" in err, err[-2000:]
+    assert names & set(kernels.known_kernels()) == already
+    assert not _processes_mentioning(str(build.work_dir(repo)))
+    assert not (out / "bisect.json").exists()  # no outcome claimed
