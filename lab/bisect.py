@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -239,6 +240,9 @@ def _check_inputs(tree: Path, good: Sequence[str], bad: str) -> tuple[list[str],
                         "scripts/kconfig/merge_config.sh)")
     if not good:
         raise UserError("--good: name at least one commit the scenario holds on")
+    if not shutil.which("make"):  # else every candidate would be skipped as unbuildable
+        raise UserError("`make` is not installed: run scripts/setup.sh")
+
     def commit_of(option: str, rev: str) -> str:
         try:
             return resolve_commit(tree, rev)
