@@ -497,7 +497,7 @@ def bench_sweep(patterns: Sequence[str], kernel_names: Sequence[str], slots: int
     from .sweep import check_kernels, find_scenarios, plan_cells
     from .sweep_cluster import prepare_local, run_cell, run_sweep
 
-    quiet = lambda *_: None  # noqa: E731
+    quiet = lambda *_: None
     cells = plan_cells(find_scenarios(patterns),
                        check_kernels(kernel_names, kernels.known_kernels()))
     prepare_local(cells, say=quiet)

@@ -25,7 +25,6 @@ import collections
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from typing import Self
 
 from .errors import LabFailure
 from .model import UserError
-from .procs import pid_alive
+from .procs import pid_alive, terminate
 
 __all__ = ["JupyterServer", "JupyterStartError", "notebook_ipynb", "resolve_notebook"]
 
@@ -281,13 +280,7 @@ class JupyterServer:
         proc, self.proc = self.proc, None
         try:
             if proc is not None:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=grace)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                proc.wait()
+                terminate(proc, grace)
                 if self._reader:
                     self._reader.join(timeout=2)
                 if proc.stdout:

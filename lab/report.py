@@ -412,11 +412,15 @@ def build_report(
     parts.append(f"<footer><p>Report written {_e(written)} by devdax-lab.</p>"
                  f"<table>{meta_rows}</table></footer>")
 
+    return _write_page(out / REPORT_NAME, title, _CSS, parts)
+
+
+def _write_page(path: Path, title: str, css: str, parts: Sequence[str]) -> Path:
+    """One standalone HTML page of *parts* (already escaped HTML)."""
     doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-           f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+           f"<title>{_e(title)}</title><style>{css}</style></head>"
            f"<body><main>{''.join(parts)}</main></body></html>\n")
-    path = out / REPORT_NAME
     path.write_text(doc, encoding="utf-8")
     return path
 
@@ -485,10 +489,4 @@ def build_sweep_page(out_dir: str | Path, summaries: Sequence[Mapping],
     parts.append("<h2>Cells</h2>" + _table(table))
     about_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in _flatten(about))
     parts.append(f"<footer><table>{about_rows}</table></footer>")
-    doc = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-           "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-           f"<title>sweep</title><style>{_CSS}{_SWEEP_CSS}</style></head>"
-           f"<body><main>{''.join(parts)}</main></body></html>\n")
-    path = out / SWEEP_PAGE
-    path.write_text(doc, encoding="utf-8")
-    return path
+    return _write_page(out / SWEEP_PAGE, "sweep", _CSS + _SWEEP_CSS, parts)

@@ -32,11 +32,32 @@ import pandas as pd
 
 from .errors import EXIT_FAILURE, EXIT_UNTESTABLE, EXIT_USAGE, UserError
 
-__all__ = ["CELL_LOG", "DATASET_FRAMES", "SUMMARY_NAME", "VM_SLOT_BYTES", "Cell", "cell_command",
-           "cell_dir", "check_out_dir", "check_kernels", "differences_by_scenario",
-           "error_line", "find_scenarios", "kernel_label", "local_slots", "plan_cells",
-           "read_dataset", "read_sweep", "retry_worth", "summarize", "verdict_name",
-           "verdict_matrix", "write_dataset", "write_summaries", "with_worker"]
+__all__ = [
+    "CELL_LOG",
+    "DATASET_FRAMES",
+    "SUMMARY_NAME",
+    "VM_SLOT_BYTES",
+    "Cell",
+    "cell_command",
+    "cell_dir",
+    "check_kernels",
+    "check_out_dir",
+    "differences_by_scenario",
+    "error_line",
+    "find_scenarios",
+    "kernel_label",
+    "local_slots",
+    "plan_cells",
+    "read_dataset",
+    "read_sweep",
+    "retry_worth",
+    "summarize",
+    "verdict_matrix",
+    "verdict_name",
+    "with_worker",
+    "write_dataset",
+    "write_summaries",
+]
 
 CELL_LOG = "cell.log"
 SUMMARY_NAME = "sweep.json"

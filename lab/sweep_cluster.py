@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,11 +29,24 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 from .errors import LabFailure, UserError
-from .sweep import (CELL_LOG, Cell, cell_command, cell_dir, differences_by_scenario,
-                    local_slots, read_dataset, retry_worth, summarize,
-                    with_worker, write_dataset, write_summaries)
+from .procs import terminate
+from .sweep import (
+    CELL_LOG,
+    Cell,
+    cell_command,
+    cell_dir,
+    differences_by_scenario,
+    local_slots,
+    read_dataset,
+    retry_worth,
+    summarize,
+    with_worker,
+    write_dataset,
+    write_summaries,
+)
 
 __all__ = ["CellProcess", "open_client", "prepare_local", "run_cell", "run_sweep", "write_outputs"]
 
@@ -62,7 +74,7 @@ class CellProcess:
         self.env = env
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> CellProcess:
+    def __enter__(self) -> Self:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *self.argv],
@@ -96,17 +108,7 @@ class CellProcess:
 
     def stop(self) -> int | None:
         """SIGTERM, wait, SIGKILL; the exit status (128 + N for a signal)."""
-        p = self.proc
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode if p.returncode >= 0 else 128 - p.returncode
+        return None if self.proc is None else terminate(self.proc, STOP_TIMEOUT)
 
 
 def _dask_wanted() -> Callable[[], bool]:

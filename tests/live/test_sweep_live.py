@@ -16,11 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+import uuid
+
 import pandas as pd
 import pytest
 
 from lab import vm
 from lab.procs import pid_alive, wait_gone
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dask_processes import processes_with  # noqa: E402
 
 pytestmark = pytest.mark.live
 
@@ -70,7 +75,7 @@ def _qemus_of(pids) -> dict[int, Path]:
     for pid in pids:
         for child in _descendants(pid):
             cmd = _processes().get(child, (0, ""))[1]
-            m = re.search(r"(%s/devdax-lab-run-[^/ ,]+)" % re.escape(str(vm.run_parent())), cmd)
+            m = re.search(rf"({re.escape(str(vm.run_parent()))}/devdax-lab-run-[^/ ,]+)", cmd)
             if "qemu-system" in cmd and m:
                 found[child] = Path(m.group(1))
     return found
@@ -84,6 +89,27 @@ def _wait_for(what, predicate, timeout: float = 180.0, poll: float = 0.05):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _marked() -> tuple[str, dict]:
+    """A marker for the environment of what a test starts (inherited by
+    every child: Dask workers, cell runs, QEMU), and that environment: PIDs
+    are reused quickly on a busy machine, a marker is not."""
+    value = uuid.uuid4().hex
+    return f"DEVDAX_LAB_TEST_MARK={value}", {**os.environ, "DEVDAX_LAB_TEST_MARK": value}
+
+
+def _owned_run_dirs(marker: str) -> set[Path]:
+    """Run directories whose owner (a `run`) carries *marker*."""
+    owners = {pid for pid, _ in processes_with(marker)}
+    found = set()
+    for d in vm.run_parent().glob(vm.RUN_PREFIX + "*"):
+        try:
+            if int((d / "owner.pid").read_text()) in owners:
+                found.add(d)
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _kill_all(pids) -> None:
@@ -126,33 +152,31 @@ def swept(tmp_path_factory):
     base = tmp_path_factory.mktemp("sweep")
     wrong = _wrong_scenario(base)
     out = base / "out"
-    before = set(vm.run_parent().glob(vm.RUN_PREFIX + "*"))
+    marker, env = _marked()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lab.cli", "sweep", "--scenarios",
          str(ROOT / "scenarios/fault-4k.toml"), str(ROOT / "scenarios/fork-share.toml"),
          str(wrong), "--kernels", ",".join(KERNELS), "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    seen: set[int] = set()
+        start_new_session=True, env=env)
+    run_dirs: set[Path] = set()
     try:
         while proc.poll() is None:
-            seen |= _descendants(proc.pid)
-            time.sleep(0.2)
+            run_dirs |= _owned_run_dirs(marker)
+            time.sleep(0.1)
         stdout, stderr = proc.communicate()
         yield {"out": out, "status": proc.returncode, "stdout": stdout, "stderr": stderr,
-               "left": [p for p in seen if pid_alive(p)],
-               "run_dirs": set(vm.run_parent().glob(vm.RUN_PREFIX + "*")) - before}
+               "left": processes_with(marker), "run_dirs": run_dirs}
     finally:
-        _kill_all([proc.pid, *seen])
+        _kill_all([proc.pid, *(pid for pid, _ in processes_with(marker))])
         proc.wait()
 
 
 def test_sweep_runs_every_cell_and_leaves_nothing_running(swept):
     assert swept["status"] == 0, swept["stderr"]
     assert swept["left"] == [], swept["left"]
-    # run directories of other users of this machine may come and go; ours are gone
-    assert not [d for d in swept["run_dirs"] if d.exists() and str(swept["out"]) in
-                (d / "owner.pid").read_text(errors="replace")]
+    assert swept["run_dirs"], "no run directory of the sweep was ever seen"
+    assert not [d for d in swept["run_dirs"] if d.exists()]
     cells = json.loads((swept["out"] / "sweep.json").read_text())["cells"]
     assert [(c["scenario"], c["kernel"]) for c in cells] == [
         (s, k) for s in ("fault-4k", "fork-share", "fault-4k-wrong") for k in KERNELS]
@@ -174,7 +198,7 @@ def test_verdicts_match_the_scenarios_expectations(swept):
     assert failing["status"] == 1 and failing["attempts"] == 1  # a verdict: never retried
     import re
 
-    assert re.search(r"^fault-4k-wrong/after +fails +expect 4 FAILS", swept["stdout"], re.M)
+    assert re.search(r"^fault-4k-wrong/after +fails +expect 4 FAILS", swept["stdout"], re.MULTILINE)
 
 
 def test_dataset_reads_as_one_table_with_pandas_and_dask(swept):
@@ -236,7 +260,7 @@ def test_a_cell_that_cannot_boot_is_recorded_untestable_with_its_reason(tmp_path
     proc = subprocess.run(
         [sys.executable, "-m", "lab.cli", "sweep", "--scenarios",
          str(ROOT / "scenarios/fault-4k.toml"), "--kernels", str(tree), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     [cell] = json.loads((out / "sweep.json").read_text())["cells"]
     assert cell["verdict"] == "untestable" and cell["status"] == 125 and cell["attempts"] == 2
@@ -245,7 +269,7 @@ def test_a_cell_that_cannot_boot_is_recorded_untestable_with_its_reason(tmp_path
     assert "untestable" in (out / "sweep.html").read_text()
 
 
-def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path):
+def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path, monkeypatch):
     from distributed import Client, LocalCluster
 
     from lab.sweep import CELL_LOG, Cell
@@ -254,10 +278,11 @@ def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path):
     scenario = _long_scenario(tmp_path)
     out = tmp_path / "out"
     cell = Cell("many-faults", scenario, "after")
+    marker, env = _marked()
+    monkeypatch.setenv("DEVDAX_LAB_TEST_MARK", env["DEVDAX_LAB_TEST_MARK"])  # for the workers
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"vm": 1},
                       dashboard_address=None, memory_limit=0,
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        workers = [w.pid for w in cluster.workers.values() if getattr(w, "pid", None)]
         try:
             future = client.submit(run_cell, cell, str(out), resources={"vm": 1}, pure=False)
             runs = _wait_for("the cell's run", lambda: _runs_into(out))
@@ -274,24 +299,31 @@ def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path):
             said = [line for line in log.splitlines() if line.startswith("devdax-lab: ")]
             assert said[-1] == STOP_LINE, log[-2000:]
         finally:
-            _kill_all(list(_runs_into(out)) + [p for w in workers for p in _descendants(w)
-                                               if "lab.cli run" in _processes().get(p, (0, ""))[1]])
+            _kill_all(pid for pid, cmd in processes_with(marker) if "lab.cli run" in cmd)
+    # the cluster is closed: nothing its workers started runs (the multiprocessing
+    # resource tracker is this pytest process's own, started with the first worker)
+    left = [p for p in processes_with(marker) if "multiprocessing.resource_tracker" not in p[1]]
+    assert not left, left
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_stopping_the_sweep_stops_every_run_and_the_cluster(tmp_path, how):
     scenario = _long_scenario(tmp_path)
     out = tmp_path / "out"
+    marker, env = _marked()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lab.cli", "sweep", "--scenarios", str(scenario), "--kernels",
          ",".join(KERNELS), "--out", str(out), "--workers", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    seen: set[int] = set()
+        start_new_session=True, env=env)
     try:
         runs = _wait_for("two runs", lambda: len(_runs_into(out)) == 2 and _runs_into(out))
+        _wait_for("steps running on both", lambda: all(
+            "many-faults on " in p.read_text() and "0%" in p.read_text()
+            for p in (out / "many-faults" / k / "cell.log" for k in KERNELS)), timeout=120)
         qemus = _wait_for("their QEMUs", lambda: len(_qemus_of(runs)) == 2 and _qemus_of(runs))
-        seen = _descendants(proc.pid)
+        seen = {pid for pid, _ in processes_with(marker)}
+        assert len(seen) >= 8  # the sweep, 2 nannies, 2 workers, 2 runs, 2 QEMUs (setpriv execs)
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
         else:  # a terminal's Ctrl-C: SIGINT to the whole foreground process group
@@ -300,13 +332,13 @@ def test_stopping_the_sweep_stops_every_run_and_the_cluster(tmp_path, how):
         assert proc.returncode == (143 if how == "SIGTERM" else 130), stderr
         last = stderr.strip().splitlines()[-1]
         assert last == (STOP_LINE if how == "SIGTERM" else "devdax-lab: interrupted"), stderr
-        for pid in seen:  # workers, nannies, runs, QEMUs
-            assert wait_gone(pid, 30), f"{pid} ({_processes().get(pid)}) outlived the sweep"
+        _wait_for("every process of the sweep to end", lambda: not processes_with(marker),
+                  timeout=30)
         assert not any(d.exists() for d in qemus.values())
         for pid in runs:
             log = (out / "many-faults" / ("before" if "--kernel before" in runs[pid] else "after")
                    / "cell.log").read_text()
             assert ("stopped by SIG" in log or "interrupted" in log), log[-2000:]
     finally:
-        _kill_all([proc.pid, *seen])
+        _kill_all([proc.pid, *(pid for pid, _ in processes_with(marker))])
         proc.wait()

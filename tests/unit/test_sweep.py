@@ -238,7 +238,7 @@ def test_lab_open_reads_a_sweep_directory(sweep_dir):
 def test_cli_bad_input_exits_2_and_leaves_nothing(tmp_path, args, message):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "sweep", *args, "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
     assert not out.exists()
