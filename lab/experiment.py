@@ -242,6 +242,11 @@ def run_each(run_on: Callable, choices: Sequence, *, jobs: int,
     results: list = [None] * len(choices)
     failures: list[BaseException] = []  # in the order they happened
 
+    # Each thread says it is done with an Event: Thread.join interrupted by a
+    # signal can mark a thread that still runs as stopped (CPython bpo-45274's
+    # fix releases the thread's own lock), and then nobody waits for it.
+    done = [threading.Event() for _ in choices]
+
     def work(i: int, choice) -> None:
         try:
             with slots, group.member():
@@ -250,20 +255,22 @@ def run_each(run_on: Callable, choices: Sequence, *, jobs: int,
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             failures.append(exc)
             group.stop(f"{choice.spelling} failed")
+        finally:
+            done[i].set()
 
     threads = [threading.Thread(target=work, args=(i, c), daemon=True,
                                 name=f"devdax-run-{c.spelling}") for i, c in enumerate(choices)]
     try:
         for t in threads:
             t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)  # short waits: a signal's exception is raised between them
+        for finished in done:
+            while not finished.wait(0.2):  # short waits: a signal's exception comes between
+                pass
     except BaseException as exc:
         group.stop(f"interrupted ({type(exc).__name__})")
         deadline = time.monotonic() + STOP_WAIT
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        for finished in done:
+            finished.wait(max(0.0, deadline - time.monotonic()))
         raise
     if failures:
         raise failures[0]  # the others followed from stopping the group

@@ -256,6 +256,7 @@ def fast_boot(kernel: KernelArtifacts) -> dict:
 # Processes and files
 
 
+_accel_lock = threading.Lock()
 _accel_cache: dict[str, str] = {}
 
 
@@ -285,33 +286,34 @@ def probe_accel(qemu: str = "qemu-system-x86_64", *, say=print) -> str:
         if forced not in ("kvm", "tcg"):
             raise UserError(f"DEVDAX_LAB_ACCEL={forced!r}: use kvm or tcg")
         return forced
-    if qemu in _accel_cache:
-        return _accel_cache[qemu]
-    accel, why = "tcg", "no /dev/kvm"
-    if os.access("/dev/kvm", os.R_OK | os.W_OK) and not cpu_has_virt_extensions():
-        # Seen here: /dev/kvm exists and a real-mode probe even runs, but
-        # without vmx/svm a Linux guest dies with KVM emulation failures.
-        why = "the CPU shows no vmx/svm flag"
-    elif os.access("/dev/kvm", os.R_OK | os.W_OK):
-        with tempfile.TemporaryDirectory(prefix="devdax-lab-probe-") as tmp:
-            disk = Path(tmp) / "probe.img"
-            disk.write_bytes(_PROBE_SECTOR)
-            try:
-                proc = subprocess.run(probe_argv(qemu, "kvm", disk), capture_output=True,
-                                      text=True, timeout=10, stdin=subprocess.DEVNULL)
-                if proc.returncode == _PROBE_EXIT:
-                    accel, why = "kvm", ""
-                else:
-                    last = (proc.stderr.strip().splitlines() or ["no output"])[0]
-                    why = f"a KVM probe guest failed ({last})"
-            except subprocess.TimeoutExpired:
-                why = "a KVM probe guest did not finish in 10 s"
-            except FileNotFoundError as exc:
-                raise UserError(f"{qemu} not found: run `devdax-lab doctor`") from exc
-    if accel == "tcg":
-        say(f"devdax-lab: KVM unusable ({why}); using TCG (software emulation)")
-    _accel_cache[qemu] = accel
-    return accel
+    with _accel_lock:  # kernels booted side by side probe once, and say it once
+        if qemu in _accel_cache:
+            return _accel_cache[qemu]
+        accel, why = "tcg", "no /dev/kvm"
+        if os.access("/dev/kvm", os.R_OK | os.W_OK) and not cpu_has_virt_extensions():
+            # Seen here: /dev/kvm exists and a real-mode probe even runs, but
+            # without vmx/svm a Linux guest dies with KVM emulation failures.
+            why = "the CPU shows no vmx/svm flag"
+        elif os.access("/dev/kvm", os.R_OK | os.W_OK):
+            with tempfile.TemporaryDirectory(prefix="devdax-lab-probe-") as tmp:
+                disk = Path(tmp) / "probe.img"
+                disk.write_bytes(_PROBE_SECTOR)
+                try:
+                    proc = subprocess.run(probe_argv(qemu, "kvm", disk), capture_output=True,
+                                          text=True, timeout=10, stdin=subprocess.DEVNULL)
+                    if proc.returncode == _PROBE_EXIT:
+                        accel, why = "kvm", ""
+                    else:
+                        last = (proc.stderr.strip().splitlines() or ["no output"])[0]
+                        why = f"a KVM probe guest failed ({last})"
+                except subprocess.TimeoutExpired:
+                    why = "a KVM probe guest did not finish in 10 s"
+                except FileNotFoundError as exc:
+                    raise UserError(f"{qemu} not found: run `devdax-lab doctor`") from exc
+        if accel == "tcg":
+            say(f"devdax-lab: KVM unusable ({why}); using TCG (software emulation)")
+        _accel_cache[qemu] = accel
+        return accel
 
 
 def _remove_tree(path: Path, attempts: int = 5) -> None:

@@ -141,3 +141,38 @@ def test_two_slots_off_a_terminal_write_plain_lines():
     text = out.getvalue()
     assert "\x1b" not in text
     assert "fork-share on before: 100%" in text and "fork-share on after: 100%" in text
+
+
+class _Stop(Exception):
+    """What a signal handler raises in the main thread (like Terminated)."""
+
+
+def test_an_interrupted_wait_stops_the_job_and_waits_for_every_thread():
+    """A signal's exception in the waiting (main) thread stops the group, and
+    the threads are waited for until they have cleaned up (Thread.join,
+    interrupted, would call a running thread stopped: bpo-45274)."""
+    import signal
+
+    cleaned = []
+
+    def run_on(choice, progress):
+        try:
+            while True:
+                _current_group().check()
+                time.sleep(0.01)
+        finally:
+            time.sleep(0.3)  # an owner stopping its VM, removing its run dir
+            cleaned.append(choice.spelling)
+
+    def interrupt(signum, frame):
+        raise _Stop
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(_Stop):
+            run_each(run_on, _choices("before", "after"), jobs=2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert sorted(cleaned) == ["after", "before"]
