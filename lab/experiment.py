@@ -121,7 +121,8 @@ def provenance(scenario: Scenario, runs: Sequence[RunResult], choices: Sequence)
             # does a device-dax fault map the folio? probed from the fault
             # handler's calls (lab.inspect.probes)
             "counts_device_dax_mappings": run.counts_mappings,
-            "dax_fault_calls": list(run.dax_fault_calls)}
+            "dax_fault_calls": list(run.dax_fault_calls),
+            "ready_seconds": run.ready_seconds}
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "scenario": {"name": scenario.name, "title": scenario.title, "sha256": scenario.sha256,

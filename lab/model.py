@@ -397,6 +397,8 @@ class RunResult:
     # and the insert functions its fault handler calls (lab.inspect.probes)
     counts_mappings: bool | None = None
     dax_fault_calls: tuple[str, ...] = ()
+    # QEMU start to ready (a boot, or a restore of the saved state), seconds
+    ready_seconds: float | None = None
 
 
 # -- steps: what a scenario or a notebook asks the guest to do ----------------

@@ -53,7 +53,7 @@ class Recorder:
         self.watched = dict(watched or {})
         self.result = RunResult(scenario=scenario, kernel=session.kernel.name,
                                 kernel_spelling=session.kernel_spelling, release=session.vm.release, accel=session.vm.spec.accel,
-                                device=device)
+                                device=device, ready_seconds=round(session.vm.time_to_ready, 3))
         # does a device-dax fault map the folio here? (from the fault handler's code)
         if verdict_reads:
             self.result.dax_fault_calls = tuple(sorted(probes.dax_fault_inserts(session.prog)))

@@ -229,9 +229,10 @@ def summarize(cell: Cell, run_dir: Path, status: int | None, log_lines: Sequence
               attempts: int = 1, reason: str | None = None) -> dict:
     """The small summary of one finished cell: scenario, kernel, verdict,
     exit status, number of violations and of failed expectations, the first
-    failure, timings (``steps_seconds``: the steps' own time from the steps
-    frame; ``setup_seconds``: the rest of the run: Python start, kernel,
-    boot or restore, writing the run directory), release, worker, attempts;
+    failure, timings (``seconds``: the run; ``boot_seconds``: QEMU start to
+    ready, boot or restore, from meta.json; ``steps_seconds``: the steps' own
+    time from the steps frame; ``setup_seconds``: the rest: Python start,
+    kernel, drgn, writing the run directory), release, worker, attempts;
     for a cell that does not hold, the reason and the tail of its log.
     *reason* overrides the one read from the log (a timeout)."""
     verdict = verdict_name(status)
@@ -241,9 +242,9 @@ def summarize(cell: Cell, run_dir: Path, status: int | None, log_lines: Sequence
     failed = (int((~expectations["passed"].fillna(False).astype(bool)).sum())
               if expectations is not None else 0)
     meta = _read_meta(run_dir)
-    release = None
+    release = boot_seconds = None
     for info in (meta.get("kernels") or {}).values():
-        release = info.get("release")
+        release, boot_seconds = info.get("release"), info.get("ready_seconds")
     steps_seconds = float(steps["seconds"].sum()) if steps is not None else None
     line = reason or error_line(log_lines)
     summary = {
@@ -257,8 +258,10 @@ def summarize(cell: Cell, run_dir: Path, status: int | None, log_lines: Sequence
         "console_tail": ([line.rstrip("\n") for line in log_lines[-TAIL_LINES:]]
                          if verdict != "holds" else []),
         "seconds": round(seconds, 3),
+        "boot_seconds": boot_seconds,
         "steps_seconds": None if steps_seconds is None else round(steps_seconds, 3),
-        "setup_seconds": None if steps_seconds is None else round(seconds - steps_seconds, 3),
+        "setup_seconds": None if steps_seconds is None else round(
+            seconds - steps_seconds - (boot_seconds or 0), 3),
         "release": release, "worker": worker, "host": host, "attempts": attempts,
         "report": (f"{cell.scenario}/{cell.label}/report.html"
                    if (run_dir / "report.html").exists() else None),

@@ -100,8 +100,10 @@ def test_summary_of_a_cell_that_holds_counts_its_frames():
     assert s["expectations"] == len(expectations) == 7
     assert s["release"] == "7.2.13+deb14-amd64" == steps.merge(
         pd.read_parquet(run_dir / "timeline.parquet"), on="kernel")["kernel_release"].iloc[0]
+    boot = json.loads((run_dir / "meta.json").read_text())["kernels"]["after"]["ready_seconds"]
+    assert 0 < boot < 3.5 and s["boot_seconds"] == boot
     assert s["steps_seconds"] == round(steps["seconds"].sum(), 3)
-    assert s["setup_seconds"] == round(3.5 - steps["seconds"].sum(), 3)
+    assert s["setup_seconds"] == round(3.5 - steps["seconds"].sum() - boot, 3)
     # the verdict line the run itself printed
     assert "every invariant and 7 expectation(s) hold" in (run_dir / "cell.log").read_text()
 
