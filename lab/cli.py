@@ -810,6 +810,11 @@ def _terminate_like_ctrl_c() -> None:
     import signal
 
     def raise_terminated(signum, _frame):
+        # once: a second SIGTERM (a Dask worker dying while its task stops
+        # the run, systemd repeating itself) would abort the cleanup the
+        # first one started, leaving the run directory behind
+        for again in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(again, signal.SIG_IGN)
         raise Terminated(signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):

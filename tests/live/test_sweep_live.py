@@ -306,6 +306,40 @@ def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path, monkeyp
     assert not left, left
 
 
+def test_a_killed_worker_takes_its_run_and_vm_with_it(tmp_path, monkeypatch):
+    """SIGKILL of the Dask worker process running a cell: the run gets
+    SIGTERM (its pdeathsig), stops its VM and removes its run directory."""
+    from distributed import Client, LocalCluster
+
+    from lab.sweep import CELL_LOG, Cell
+    from lab.sweep_cluster import run_cell
+
+    out = tmp_path / "out"
+    cell = Cell("many-faults", _long_scenario(tmp_path), "after")
+    marker, env = _marked()
+    monkeypatch.setenv("DEVDAX_LAB_TEST_MARK", env["DEVDAX_LAB_TEST_MARK"])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"vm": 1},
+                      dashboard_address=None, memory_limit=0,
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        try:
+            future = client.submit(run_cell, cell, str(out), resources={"vm": 1}, pure=False)
+            runs = _wait_for("the cell's run", lambda: _runs_into(out))
+            _wait_for("steps running", lambda: "many-faults on after:   0%" in (
+                out / "many-faults/after" / CELL_LOG).read_text(), timeout=120)
+            [(qemu, run_dir)] = _wait_for("its QEMU", lambda: _qemus_of(runs)).items()
+            [run] = runs
+            worker = _processes()[run][0]  # setpriv execs the run: its parent is the worker
+            assert "lab.cli run" not in _processes()[worker][1]
+            os.kill(worker, signal.SIGKILL)
+            assert wait_gone(run, 60), "the run outlived its worker"
+            assert wait_gone(qemu, 30) and not run_dir.exists()
+            log = (out / "many-faults/after" / CELL_LOG).read_text()
+            assert STOP_LINE in log, log[-2000:]
+            client.cancel(future)  # Dask would run the cell again on the new worker
+        finally:
+            _kill_all(pid for pid, cmd in processes_with(marker) if "lab.cli run" in cmd)
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_stopping_the_sweep_stops_every_run_and_the_cluster(tmp_path, how):
     scenario = _long_scenario(tmp_path)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import inspect as pyinspect
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,22 @@ def test_terminated_exits_128_plus_the_signal_with_one_line(monkeypatch, capsys,
     assert status == 128 + signum
     assert err == f"devdax-lab: stopped by {name}: what it had started is stopped and removed\n"
     assert not issubclass(errors.Terminated, Exception)
+
+
+def test_a_second_sigterm_does_not_abort_the_cleanup_of_the_first():
+    """A Dask worker that dies while its task stops a run sends it a second
+    SIGTERM: the cleanup the first started (VM stopped, run directory
+    removed) must run to its end."""
+    code = ("import os, signal, sys, time\n"
+            "from lab import cli, errors\n"
+            "cli._terminate_like_ctrl_c()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "except errors.Terminated:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)  # during the cleanup\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    time.sleep(0.2)\n"
+            "    print('cleanup done')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0 and out.stdout == "cleanup done\n", out.stderr
