@@ -521,7 +521,10 @@ def bench_sweep(patterns: Sequence[str], kernel_names: Sequence[str], slots: int
           f"(cluster start and outputs included); a cell {mean(swept):.2f} s on average "
           f"(alone: {mean(loop):.2f} s), the cluster started in "
           f"{about['cluster_start_seconds']:.1f} s")
-    print(f"  ratio: {loop_s / sweep_s:.2f}x")
+    busy = sum(r["sweep_seconds"] for r in swept) / slots
+    print(f"  ratio: {loop_s / sweep_s:.2f}x; the sweep's slots were busy with cells "
+          f"{busy:.1f} s each, the other {sweep_s - busy:.1f} s went to the cluster "
+          f"(start, close, tasks reaching the workers) and the outputs")
     if any(a != b for a, b in verdicts):
         print(f"  verdicts differ between the two: {verdicts}")
         return 1
