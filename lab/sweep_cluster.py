@@ -318,16 +318,16 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
     out = Path(out)
     if prepare and scheduler is None:
         prepare_local(cells, say=say, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "data", ignore_errors=True)
-    for cell in cells:
-        shutil.rmtree(cell_dir(out, cell), ignore_errors=True)
     t0 = time.monotonic()
     summaries: dict[Cell, dict] = {}
     run_id = uuid.uuid4().hex[:8]
     identities = _driver_identities(cells) if scheduler is not None else {}
     with open_client(scheduler, workers, verbose=verbose) as client:
         connected = time.monotonic() - t0
+        out.mkdir(parents=True, exist_ok=True)  # only now: a bad --scheduler leaves nothing
+        shutil.rmtree(out / "data", ignore_errors=True)
+        for cell in cells:
+            shutil.rmtree(cell_dir(out, cell), ignore_errors=True)
         slots = sum(w.get("resources", {}).get("vm", 0)
                     for w in client.scheduler_info(n_workers=-1)["workers"].values())
         say(f"devdax-lab: sweep of {len(cells)} cell(s) on {int(slots)} VM slot(s) "

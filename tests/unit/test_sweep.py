@@ -244,3 +244,24 @@ def test_cli_bad_input_exits_2_and_leaves_nothing(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
     assert not out.exists()
+
+
+def test_a_scheduler_without_vm_workers_is_one_line(tmp_path):
+    """--scheduler of a cluster whose workers offer no 'vm' resource: exit 2,
+    one line saying how to start the workers, nothing written."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
+        out = tmp_path / "out"
+        proc = subprocess.run(
+            [sys.executable, "-m", "lab.cli", "sweep", "--scenarios",
+             str(ROOT / "scenarios/fault-4k.toml"), "--kernels", "after", "--out", str(out),
+             "--scheduler", cluster.scheduler_address],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "no worker has a 'vm' resource" in proc.stderr and "--resources vm=N" in proc.stderr
+    assert not out.exists()
