@@ -332,6 +332,11 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
                     for w in client.scheduler_info(n_workers=-1)["workers"].values())
         say(f"devdax-lab: sweep of {len(cells)} cell(s) on {int(slots)} VM slot(s) "
             f"({scheduler or 'local cluster'})")
+        about = {"kernels": list(dict.fromkeys(c.label for c in cells)),
+                 "scenarios": list(dict.fromkeys(c.scenario for c in cells)),
+                 "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries}
+        # a sweep.json from the start: a stopped sweep's DIR is a sweep's, to run again
+        write_summaries(out, [], state="running", **about)
         futures = {client.submit(run_cell, cell, str(out), retries=retries, timeout=timeout,
                                  scheduler=scheduler, ship_files=scheduler is not None,
                                  kernel_identity=identities.get(cell.kernel),
@@ -358,16 +363,15 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
         except BaseException:
             client.cancel(list(futures))
             _wait_cancelled(client, futures)
+            write_summaries(out, [summaries[c] for c in cells if c in summaries],
+                            state="stopped", **about)
             raise
         finally:
             bar.close()
     seconds = time.monotonic() - t0
     ordered = [summaries[c] for c in cells]
-    write_outputs(out, ordered, about={
-        "kernels": list(dict.fromkeys(c.label for c in cells)),
-        "scenarios": list(dict.fromkeys(c.scenario for c in cells)),
-        "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries,
-        "seconds": round(seconds, 1), "cluster_start_seconds": round(connected, 1)})
+    write_outputs(out, ordered, about={**about, "state": "done", "seconds": round(seconds, 1),
+                                       "cluster_start_seconds": round(connected, 1)})
     return ordered
 
 

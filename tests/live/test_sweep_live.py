@@ -369,6 +369,10 @@ def test_stopping_the_sweep_stops_every_run_and_the_cluster(tmp_path, how):
         _wait_for("every process of the sweep to end", lambda: not processes_with(marker),
                   timeout=30)
         assert not any(d.exists() for d in qemus.values())
+        from lab.sweep import check_out_dir
+
+        assert json.loads((out / "sweep.json").read_text())["state"] == "stopped"
+        check_out_dir(out)  # the stopped sweep's DIR can be swept again
         for pid in runs:
             log = (out / "many-faults" / ("before" if "--kernel before" in runs[pid] else "after")
                    / "cell.log").read_text()
