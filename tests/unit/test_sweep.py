@@ -265,3 +265,13 @@ def test_a_scheduler_without_vm_workers_is_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "no worker has a 'vm' resource" in proc.stderr and "--resources vm=N" in proc.stderr
     assert not out.exists()
+
+
+def test_the_sweep_logic_imports_no_dask():
+    """lab.sweep is the pure side: Dask stays in lab.sweep_cluster."""
+    code = ("import json, sys\nimport lab.sweep\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('dask', 'distributed', 'drgn', 'qemu') or m == 'lab.sweep_cluster')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert json.loads(out.stdout) == []
