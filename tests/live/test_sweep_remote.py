@@ -33,6 +33,21 @@ def _run_dirs() -> set[Path]:
     return set(parent.glob("devdax-lab-run-*")) if parent.exists() else set()
 
 
+def _not_anothers(run_dirs: set[Path], marker: str) -> set[Path]:
+    """The run directories of *run_dirs* that no live process outside this
+    test owns (runs of other users of the machine are not this test's)."""
+    mine = set()
+    for d in run_dirs:
+        try:
+            owner = int((d / "owner.pid").read_text())
+            foreign = marker.encode() not in Path(f"/proc/{owner}/environ").read_bytes()
+        except (OSError, ValueError):
+            foreign = False  # its owner is gone: left behind
+        if d.exists() and not foreign:
+            mine.add(d)
+    return mine
+
+
 @pytest.fixture(scope="module")
 def remote_sweep(tmp_path_factory):
     """The sweep's output directory, its exit status and output, the two
@@ -57,7 +72,7 @@ def remote_sweep(tmp_path_factory):
     finally:
         result["killed"] = cluster.stop()
         result["leftovers"] = cluster.leftovers()
-        result["new_run_dirs"] = _run_dirs() - before
+        result["new_run_dirs"] = _not_anothers(_run_dirs() - before, cluster.marker)
     yield result
 
 
