@@ -356,9 +356,17 @@ def run_parent() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
+#: A run directory with no pid file yet is being made (its owner writes
+#: owner.pid right after mkdtemp): stale only once older than this.
+UNCLAIMED_GRACE = 60.0
+
+
 def sweep_stale_run_dirs(parent: Path | None = None) -> list[Path]:
     """Remove run directories whose owner and QEMU are both gone (a Python
-    process killed with SIGKILL cannot clean up after itself)."""
+    process killed with SIGKILL cannot clean up after itself). One that
+    names no owner yet is another run's being made (seen: two kernels of a
+    compare starting at once, one removed the other's new directory) unless
+    it is older than :data:`UNCLAIMED_GRACE`."""
     removed = []
     for d in (parent or run_parent()).glob(RUN_PREFIX + "*"):
         pids = []
@@ -367,6 +375,12 @@ def sweep_stale_run_dirs(parent: Path | None = None) -> list[Path]:
                 pids.append(int((d / name).read_text()))
             except (OSError, ValueError):
                 pass
+        if not pids:
+            try:
+                if time.time() - d.stat().st_mtime < UNCLAIMED_GRACE:
+                    continue
+            except OSError:
+                continue
         if not any(pid_alive(p) for p in pids):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)

@@ -1,6 +1,7 @@
 """The QEMU command line and the file plumbing around it (no VM started)."""
 
 import os
+import time
 import subprocess
 from pathlib import Path
 
@@ -128,3 +129,16 @@ def test_pvh_note_found_only_when_present(tmp_path):
         path.write_bytes(data)
         k = KernelArtifacts(name="x", release="r", vmlinuz=Path("/k/bz"), vmlinux=path)
         assert vm.boot_file_for(k) == (path if expected else Path("/k/bz"))
+
+
+def test_a_dir_being_made_is_not_stale_until_it_is_old(tmp_path):
+    """mkdtemp, then owner.pid: between the two another run's sweep must
+    leave it (two kernels of a compare start at once)."""
+    new = tmp_path / (vm.RUN_PREFIX + "new")
+    old = tmp_path / (vm.RUN_PREFIX + "old")
+    for d in (new, old):
+        d.mkdir()
+    past = time.time() - vm.UNCLAIMED_GRACE - 5
+    os.utime(old, (past, past))
+    assert vm.sweep_stale_run_dirs(tmp_path) == [old]
+    assert new.exists()
