@@ -314,7 +314,7 @@ def cmd_sweep(args) -> int:
     check_out_dir(out)
     if args.retries < 0:
         raise UserError(f"--retries {args.retries}: needs 0 or more")
-    cells = plan_cells(scenarios, names)
+    cells = plan_cells(scenarios, names, cold=args.cold)
     summaries = run_sweep(cells, out, scheduler=args.scheduler, workers=args.workers,
                           retries=args.retries, timeout=args.cell_timeout,
                           verbose=args.verbose, progress=bars(), say=_to_stderr)
@@ -685,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run; never a 1 or 2); default 1")
     s.add_argument("--cell-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="stop a cell's run after this long and record it (default 1800)")
+    s.add_argument("--cold", action="store_true",
+                   help="boot every cell's kernel from scratch instead of from its saved "
+                        "state (as run --cold; slower)")
     s.set_defaults(func=cmd_sweep)
 
     s = _command(

@@ -88,6 +88,7 @@ class Cell:
     scenario: str
     path: Path
     kernel: str
+    cold: bool = False  # boot from scratch, not from the saved state (run --cold)
 
     @property
     def label(self) -> str:
@@ -146,17 +147,18 @@ def check_kernels(kernels: Sequence[str], known: Iterable[str]) -> list[str]:
     return names
 
 
-def plan_cells(scenarios: Sequence[Path], kernels: Sequence[str]) -> list[Cell]:
+def plan_cells(scenarios: Sequence[Path], kernels: Sequence[str], *, cold: bool = False
+               ) -> list[Cell]:
     """Every scenario on every kernel, scenario by scenario in the order
-    given. Two scenario files of the same name would share a directory: a
-    UserError."""
+    given (each booted from scratch if *cold*). Two scenario files of the
+    same name would share a directory: a UserError."""
     names: dict[str, Path] = {}
     for path in scenarios:
         if path.stem in names and names[path.stem] != path:
             raise UserError(f"two scenarios are called {path.stem!r} ({names[path.stem]} and "
                             f"{path}): their cells would share DIR/{path.stem}/")
         names[path.stem] = path
-    return [Cell(path.stem, path, k) for path in scenarios for k in kernels]
+    return [Cell(path.stem, path, k, cold) for path in scenarios for k in kernels]
 
 
 def check_out_dir(out: Path) -> None:
@@ -182,7 +184,7 @@ def cell_command(cell: Cell, out: Path, python: str) -> list[str]:
     """What a cell runs: ``run --check`` of its scenario and kernel into its
     directory (the verdict as the exit status: 0, 1, 125)."""
     return [python, "-m", "lab.cli", "run", str(cell.path), "--kernel", cell.kernel,
-            "--out", str(cell_dir(out, cell)), "--check"]
+            "--out", str(cell_dir(out, cell)), "--check", *(["--cold"] if cell.cold else [])]
 
 
 def verdict_name(status: int | None) -> str:

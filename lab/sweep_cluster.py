@@ -257,7 +257,7 @@ def prepare_local(cells: Sequence[Cell], *, say=print, progress=None) -> None:
             choice = resolve_kernel(kernel, progress=progress)
             for opts in options.values():
                 spec = Session.plan(choice, say=say, progress=progress, **opts)
-                if spec.restore_from is not None:
+                if spec.restore_from is not None and not all(c.cold for c in cells):
                     warm.make_state(spec, say=say)
         except LabFailure as exc:  # its cells meet the same failure and record it
             say(f"devdax-lab: preparing {kernel} failed ({str(exc).splitlines()[0]}); "
@@ -310,7 +310,16 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
     *scheduler* the kernels, images, NVDIMM files and warm states are made
     here first (:func:`prepare_local`). An interrupt (Ctrl-C, SIGTERM)
     cancels every task (each stops its run, which stops its VM) before the
-    cluster closes."""
+    cluster closes.
+
+    Cells are handed to Dask as VM slots free up, as many at a time as the
+    cluster has slots (Dask's ``as_completed``-style feeding, with Dask
+    still choosing the worker): the scheduler places a task that needs a
+    resource on a worker as soon as it is submitted, so submitting every
+    cell at once split them between workers by count, not by time (20 cells
+    went 10 and 10, and the worker with the shorter cells idled at the end;
+    ``devdax-lab bench sweep`` of 8 cold cells: 1.49x before, 1.68x with the
+    window)."""
     from distributed import wait
 
     from .progress import counter
@@ -328,8 +337,7 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
         shutil.rmtree(out / "data", ignore_errors=True)
         for cell in cells:
             shutil.rmtree(cell_dir(out, cell), ignore_errors=True)
-        slots = sum(w.get("resources", {}).get("vm", 0)
-                    for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        slots = _vm_slots(client)
         say(f"devdax-lab: sweep of {len(cells)} cell(s) on {int(slots)} VM slot(s) "
             f"({scheduler or 'local cluster'})")
         about = {"kernels": list(dict.fromkeys(c.label for c in cells)),
@@ -337,15 +345,29 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
                  "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries}
         # a sweep.json from the start: a stopped sweep's DIR is a sweep's, to run again
         write_summaries(out, [], state="running", **about)
-        futures = {client.submit(run_cell, cell, str(out), retries=retries, timeout=timeout,
-                                 scheduler=scheduler, ship_files=scheduler is not None,
-                                 kernel_identity=identities.get(cell.kernel),
-                                 key=f"cell-{cell.scenario}-{cell.label}-{run_id}",
-                                 resources={"vm": 1}, pure=False): cell for cell in cells}
+        futures: dict = {}
+        waiting = list(cells)
+
+        def hand_over(free: int) -> set:
+            """Submit up to *free* more cells (see the docstring: a window,
+            not all at once)."""
+            handed = set()
+            while waiting and free > 0:
+                cell = waiting.pop(0)
+                future = client.submit(run_cell, cell, str(out), retries=retries,
+                                       timeout=timeout, scheduler=scheduler,
+                                       ship_files=scheduler is not None,
+                                       kernel_identity=identities.get(cell.kernel),
+                                       key=f"cell-{cell.scenario}-{cell.label}-{run_id}",
+                                       resources={"vm": 1}, pure=False)
+                futures[future] = cell
+                handed.add(future)
+                free -= 1
+            return handed
+
         bar = counter("sweep", total=len(cells), unit="cell")
         try:
-            pending = set(futures)
-            keys = {f.key for f in futures}
+            pending = hand_over(int(slots))
             while pending:
                 try:
                     done, pending = wait(pending, timeout=PROGRESS_INTERVAL,
@@ -355,7 +377,9 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
                 for future in done:
                     cell = futures[future]
                     summaries[cell] = _collect(future, cell, out)
-                running = len(_executing(client) & keys)
+                if done and waiting:  # workers may have come or gone meanwhile
+                    pending |= hand_over(max(1, int(_vm_slots(client))) - len(pending))
+                running = len(_executing(client) & {f.key for f in futures})
                 failed = sum(s["verdict"] != "holds" for s in summaries.values())
                 bar.set_postfix(done=len(summaries), running=running, failed=failed,
                                 refresh=False)
@@ -373,6 +397,12 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
     write_outputs(out, ordered, about={**about, "state": "done", "seconds": round(seconds, 1),
                                        "cluster_start_seconds": round(connected, 1)})
     return ordered
+
+
+def _vm_slots(client) -> int:
+    """The ``vm`` resources of the cluster's workers, now."""
+    return int(sum(w.get("resources", {}).get("vm", 0)
+                   for w in client.scheduler_info(n_workers=-1)["workers"].values()))
 
 
 def _driver_identities(cells: Sequence[Cell]) -> dict[str, dict]:
