@@ -373,7 +373,7 @@ def bisect(tree: Path | str, good: Sequence[str], bad: str, scenario: Path | str
 
     :raises UserError: bad tree, revision or scenario (before anything is
         built or written)."""
-    from .build import remove_built
+    from .build import built_dir, read_manifest, remove_built
     from .cache import cache_root
     from .scenario import load_scenario
     from .warm import prune
@@ -388,10 +388,13 @@ def bisect(tree: Path | str, good: Sequence[str], bad: str, scenario: Path | str
     removed: list[str] = []
 
     def judge(commit: str, subject: str) -> Tested:
-        result, name = _judge(tree, commit, subject, scenario_path, kernel_args,
-                              out_dir / commit[:12], build_say or say, progress)
-        if name:
+        # claimed before the build: a signal while the new candidate boots
+        # or runs must still find it here and remove it
+        name = candidate_name(commit)
+        if read_manifest(built_dir(name)) is None and name not in registered:
             registered.append(name)
+        result, _ = _judge(tree, commit, subject, scenario_path, kernel_args,
+                           out_dir / commit[:12], build_say or say, progress)
         return result
 
     try:
@@ -399,9 +402,9 @@ def bisect(tree: Path | str, good: Sequence[str], bad: str, scenario: Path | str
     finally:
         if not keep_kernels:
             for name in registered:
-                remove_built(name)
+                if remove_built(name):  # 0: never built (the build failed or was stopped)
+                    removed.append(name)
                 prune(cache_root() / "warm", name, keep=0, unused_for=0)
-                removed.append(name)
     outcome = Outcome(first_bad, _subject(tree, first_bad) if first_bad else "", tuple(tested),
                       suspects, time.monotonic() - started, tuple(removed))
     out_dir.mkdir(parents=True, exist_ok=True)

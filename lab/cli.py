@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .errors import EXIT_INTERRUPTED, LabError, Terminated, UserError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, LabError, Terminated, UserError
 from .model import DEFAULT_DAX, PUD_LAYOUT
 
 __all__ = ["main"]
@@ -308,7 +308,11 @@ def cmd_sweep(args) -> int:
     from .sweep import check_kernels, check_out_dir, find_scenarios, plan_cells
     from .sweep_cluster import run_sweep
 
+    from .scenario import load_scenario
+
     scenarios = find_scenarios(args.scenarios)
+    for path in scenarios:  # bad input before anything starts, with --scheduler too
+        load_scenario(path)
     names = check_kernels(args.kernels.split(","), kernels.known_kernels())
     out = Path(args.out)
     check_out_dir(out)
@@ -337,7 +341,7 @@ def cmd_bisect(args) -> int:
     from .progress import bars
 
     outcome = bisect(args.tree, args.good, args.bad, args.scenario, out=args.out,
-                     kernel_args=args.kernel_args.split() if args.kernel_args else (),
+                     kernel_args=shlex.split(args.kernel_args) if args.kernel_args else (),
                      keep_kernels=args.keep_kernels, progress=bars(),
                      say=lambda line: print(f"devdax-lab: {line}", flush=True),
                      build_say=lambda line: print(line, file=sys.stderr, flush=True))
@@ -805,6 +809,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devdax-lab: stopped by {exc}: what it had started is stopped and removed",
               file=sys.stderr)
         return exc.exit_status
+    except Exception as exc:  # a bug: its traceback, and a status no verdict uses
+        import traceback
+
+        traceback.print_exc()
+        print(f"devdax-lab: internal error ({type(exc).__name__}: {exc}); the traceback above "
+              "is for a bug report", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _terminate_like_ctrl_c() -> None:

@@ -23,13 +23,16 @@ Domain errors keep their own names and modules (``VmError`` in ``lab.vm``,
 
 from __future__ import annotations
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_UNTESTABLE", "EXIT_USAGE", "LabError",
+__all__ = ["EXIT_FAILURE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_UNTESTABLE", "EXIT_USAGE", "LabError",
            "LabFailure", "Terminated", "Untestable", "UserError", "VerdictFailed"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 EXIT_UNTESTABLE = 125  # git bisect run: skip this commit
+# a bug of the lab (an exception no LabError names): EX_SOFTWARE of sysexits.h,
+# so that no verdict (0, 1) is ever read from a crash of the tool
+EXIT_INTERNAL = 70
 
 
 class LabError(Exception):

@@ -18,6 +18,7 @@ SIGTERM. The logic (cells, summaries, dataset, page) is :mod:`lab.sweep`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -140,7 +141,7 @@ def _worker_address() -> str | None:
 
 def run_cell(cell: Cell, out: str | Path, *, retries: int = 1, timeout: float = 1800.0,
              scheduler: str | None = None, ship_files: bool = False,
-             kernel_identity: dict | None = None) -> dict:
+             kernel_identity: dict | None = None, scenario_text: str | None = None) -> dict:
     """One cell, as a Dask task (or plainly): ``run --check`` in a child
     process into DIR/SCENARIO/KERNEL/, stdout and stderr appended to its
     cell.log; attempted again (at most *retries* more times) while it
@@ -151,8 +152,16 @@ def run_cell(cell: Cell, out: str | Path, *, retries: int = 1, timeout: float = 
     (bytes by path under *out*) for a driver on another machine. With
     *kernel_identity* (the driver's :func:`lab.kernels.identity` of the
     kernel), a kernel that resolves to something else here is an ``error``
-    cell saying so, and nothing runs."""
+    cell saying so, and nothing runs. With *scenario_text* (a worker that
+    may not have the driver's files) the scenario is run from a copy of
+    that text in the scratch directory, under its own file name.
+    """
     scratch = Path(tempfile.mkdtemp(prefix="devdax-lab-cell-")) if ship_files else None
+    if scratch is not None and scenario_text is not None:
+        copy = scratch / ".scenario" / cell.path.name
+        copy.parent.mkdir()
+        copy.write_text(scenario_text)
+        cell = dataclasses.replace(cell, path=copy)
     try:
         return _run_cell(cell, scratch or Path(out), retries=retries, timeout=timeout,
                          scheduler=scheduler, ship_files=ship_files,
@@ -160,6 +169,13 @@ def run_cell(cell: Cell, out: str | Path, *, retries: int = 1, timeout: float = 
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _last_attempt(lines: list[str]) -> list[str]:
+    """The log lines of the cell's last attempt (its reason and tail are
+    that attempt's, not an earlier one's)."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("== attempt ")]
+    return lines[starts[-1]:] if starts else lines
 
 
 def _kernel_mismatch(cell: Cell, wanted: dict) -> str | None:
@@ -202,7 +218,7 @@ def _run_cell(cell: Cell, out: Path, *, retries: int, timeout: float, scheduler:
         if why or not retry_worth(status) or attempts > retries:
             break
     seconds = time.monotonic() - started
-    lines = log_path.read_text(errors="replace").splitlines()
+    lines = _last_attempt(log_path.read_text(errors="replace").splitlines())
     summary = summarize(cell, directory, status, lines, seconds=seconds, worker=worker,
                         host=host, attempts=attempts,
                         reason=why if why and why != "cancelled" else None)
@@ -358,6 +374,8 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
                                        timeout=timeout, scheduler=scheduler,
                                        ship_files=scheduler is not None,
                                        kernel_identity=identities.get(cell.kernel),
+                                       scenario_text=(cell.path.read_text()
+                                                      if scheduler is not None else None),
                                        key=f"cell-{cell.scenario}-{cell.label}-{run_id}",
                                        resources={"vm": 1}, pure=False)
                 futures[future] = cell
@@ -367,7 +385,7 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
 
         bar = counter("sweep", total=len(cells), unit="cell")
         try:
-            pending = hand_over(int(slots))
+            pending = hand_over(max(1, int(slots)))
             while pending:
                 try:
                     done, pending = wait(pending, timeout=PROGRESS_INTERVAL,
@@ -432,7 +450,7 @@ def _wait_cancelled(client, futures, timeout: float = STOP_TIMEOUT + 10) -> None
 def _executing(client, *, stopping: bool = False) -> set:
     """The keys the cluster's workers are running now (with *stopping*, also
     those cancelled but not yet returned)."""
-    return {k for ks in client.run(_executing_keys, stopping=stopping).values() for k in ks}
+    return {k for ks in client.run(_executing_keys, stopping=stopping, on_error="ignore").values() for k in ks}
 
 
 def _executing_keys(dask_worker=None, stopping: bool = False) -> list:

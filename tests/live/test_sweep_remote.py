@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -119,7 +120,9 @@ def test_cells_ran_in_the_workers_scratch_and_came_back_with_their_files(remote_
         for kernel in KERNELS:
             log = (out / scenario / kernel / "cell.log").read_text()
             assert "devdax-lab-cell-" in log and str(out) not in log
-    assert not list(Path("/tmp").glob("devdax-lab-cell-*/" + SCENARIOS[0]))  # scratch removed
+            # the scenario went with the task: the run read the worker's copy
+            assert f".scenario/{scenario}.toml" in log and str(ROOT / "scenarios") not in log
+    assert not list(Path(tempfile.gettempdir()).glob("devdax-lab-cell-*/" + SCENARIOS[0]))
 
 
 def test_a_worker_whose_kernel_is_another_build_records_why_and_runs_nothing(tmp_path):

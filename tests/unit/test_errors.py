@@ -93,12 +93,6 @@ def test_interrupt_exits_130_with_one_line(monkeypatch, capsys):
     assert err == "devdax-lab: interrupted\n"
 
 
-def test_a_bug_is_not_dressed_as_a_lab_error(monkeypatch, capsys):
-    """Only lab errors are mapped: a programming error keeps its traceback."""
-    with pytest.raises(ZeroDivisionError):
-        _through_cli(monkeypatch, capsys, ZeroDivisionError("bug"))
-
-
 def test_model_user_error_is_the_one_class():
     from lab import model
 
@@ -154,3 +148,14 @@ def test_a_second_sigterm_does_not_abort_the_cleanup_of_the_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 0 and out.stdout == "cleanup done\n", out.stderr
+
+
+def test_a_bug_is_its_traceback_and_exit_70_never_a_verdict(monkeypatch, capsys):
+    """An exception no LabError names (a bug of the lab) must not exit 1,
+    which `check`, sweeps and bisect read as "the scenario fails"."""
+    status, err = _through_cli(monkeypatch, capsys, ZeroDivisionError("division by zero"))
+    assert status == errors.EXIT_INTERNAL == 70
+    assert "Traceback" in err
+    assert err.rstrip("\n").splitlines()[-1] == (
+        "devdax-lab: internal error (ZeroDivisionError: division by zero); the traceback above "
+        "is for a bug report")

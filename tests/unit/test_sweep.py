@@ -275,3 +275,32 @@ def test_the_sweep_logic_imports_no_dask():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert json.loads(out.stdout) == []
+
+
+def test_a_cell_is_summarized_from_its_last_attempt_only():
+    from lab.sweep_cluster import _last_attempt
+
+    lines = ["== attempt 1 on h (w): python -m lab.cli run", "Traceback ...", "KeyError: 'x'",
+             "== attempt 2 on h (w): python -m lab.cli run", "devdax-lab: the guest panicked"]
+    assert _last_attempt(lines) == lines[3:]
+    assert _last_attempt(["no attempt line"]) == ["no attempt line"]
+
+
+def test_a_crash_of_the_run_is_an_error_worth_another_attempt():
+    from lab.errors import EXIT_INTERNAL
+    from lab.sweep import retry_worth, verdict_name
+
+    assert verdict_name(EXIT_INTERNAL) == "error" and retry_worth(EXIT_INTERNAL)
+    assert verdict_name(1) == "fails" and not retry_worth(1)
+
+
+def test_a_bad_scenario_is_bad_input_before_a_scheduler_is_asked(tmp_path, capsys):
+    from lab import cli
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[step]]\naction = 'nope'\n")
+    status = cli.main(["sweep", "--scenarios", str(bad), "--kernels", "before", "--out",
+                       str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9"])
+    assert status == 2
+    assert "bad.toml" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
