@@ -25,7 +25,8 @@ from .model import DEFAULT_DAX, DaxSpec, KernelArtifacts, VmSpec
 from .plan import BootInputs, KernelChoice, plan, prepare_arg
 from .progress import silent
 from . import warm
-from .vm import LABEL_SIZE, Vm, VmError, VmTimeout, fast_boot, probe_accel
+from .vm import (LABEL_SIZE, Vm, VmError, VmStopped, VmTimeout, check_group, fast_boot,
+                 probe_accel)
 
 __all__ = ["boot", "boot_inputs", "boot_spec", "nvdimm_key", "prepare_nvdimms", "resolve_kernel",
            "start"]
@@ -173,6 +174,9 @@ def _start(spec: VmSpec, ready_timeout: float, say, console_log: Path | None, al
             warm.used(spec.restore_from)
             return vm
         except VmError as exc:
+            if isinstance(exc, VmStopped):
+                raise
+            check_group()  # a guest stopped with its group is no failed restore
             say(f"devdax-lab: warm start from {spec.restore_from} failed "
                 f"({str(exc).splitlines()[0]}); booting cold")
             if isinstance(exc, warm.WarmStartError):  # not the guest saved: of no use to anyone

@@ -447,6 +447,14 @@ class ThreadedQmp:
 _thread = threading.local()  # .group: the VmGroup the VMs this thread launches join
 
 
+def check_group() -> None:
+    """:raises VmStopped: this thread's :class:`VmGroup` was stopped (the
+    job is ending: no fallback, no retry)."""
+    group = getattr(_thread, "group", None)
+    if group is not None:
+        group.check()
+
+
 class VmGroup:
     """The VMs launched by the threads of one parallel job (the kernels of a
     compare), so that the thread that started the job can stop them all:

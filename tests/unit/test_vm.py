@@ -2,6 +2,8 @@
 
 import os
 import time
+
+import pytest
 import subprocess
 from pathlib import Path
 
@@ -142,3 +144,16 @@ def test_a_dir_being_made_is_not_stale_until_it_is_old(tmp_path):
     os.utime(old, (past, past))
     assert vm.sweep_stale_run_dirs(tmp_path) == [old]
     assert new.exists()
+
+
+def test_a_stopped_group_is_no_failed_restore():
+    """launch._start falls back to a cold boot on a failed restore, but not
+    when the thread's group was stopped (the guest died because the job is
+    ending): check_group raises then, and only then."""
+    vm.check_group()  # no group: nothing to say
+    group = vm.VmGroup()
+    with group.member():
+        vm.check_group()
+        group.stop("SIGTERM")
+        with pytest.raises(vm.VmStopped):
+            vm.check_group()
