@@ -1,11 +1,11 @@
 """The QEMU command line and the file plumbing around it (no VM started)."""
 
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
-import subprocess
-from pathlib import Path
 
 from lab import plan, vm
 from lab.model import DEFAULT_DAX, PUD_LAYOUT, KernelArtifacts, VmSpec
