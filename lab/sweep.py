@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import EXIT_FAILURE, EXIT_UNTESTABLE, EXIT_USAGE, UserError
+from .kernels.lookup import is_path
 
 __all__ = [
     "CELL_LOG",
@@ -101,11 +102,7 @@ class Cell:
 
 def kernel_label(kernel: str) -> str:
     """A kernel as runs name it: a tree given by path is its directory's name."""
-    return Path(kernel).expanduser().name if _is_path(kernel) else kernel
-
-
-def _is_path(name: str) -> bool:
-    return os.sep in name or name.startswith((".", "~"))
+    return Path(kernel).expanduser().name if is_path(kernel) else kernel
 
 
 def find_scenarios(patterns: Sequence[str]) -> list[Path]:
@@ -133,7 +130,7 @@ def check_kernels(kernels: Sequence[str], known: Iterable[str]) -> list[str]:
         raise UserError("--kernels needs at least one kernel, e.g. --kernels before,after")
     known = list(known)
     for name in names:
-        if _is_path(name):
+        if is_path(name):
             if not Path(name).expanduser().is_dir():
                 raise UserError(f"--kernels: {name}: no such directory (a kernel tree built "
                                 "in place is given by its path)")
@@ -363,7 +360,14 @@ def _conform(table, schema):
 def read_dataset(out: Path, name: str) -> pd.DataFrame:
     """One frame of the sweep's dataset as one table (``kernel`` and
     ``scenario`` as strings, as in a run directory's frames)."""
-    frame = pd.read_parquet(Path(out) / "data" / name)
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    # the partition names as strings, whatever they look like (a kernel
+    # named 007 would otherwise come back as the integer 7)
+    partitioning = ds.partitioning(pa.schema([("kernel", pa.string()),
+                                              ("scenario", pa.string())]), flavor="hive")
+    frame = pd.read_parquet(Path(out) / "data" / name, partitioning=partitioning)
     return frame.astype({c: str for c in ("kernel", "scenario") if c in frame.columns})
 
 

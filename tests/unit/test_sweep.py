@@ -304,3 +304,15 @@ def test_a_bad_scenario_is_bad_input_before_a_scheduler_is_asked(tmp_path, capsy
     assert status == 2
     assert "bad.toml" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_partition_names_come_back_as_written(tmp_path):
+    """A kernel named like a number stays a string when the dataset is read."""
+    from lab.sweep import read_dataset
+
+    for kernel in ("007", "after"):
+        part = tmp_path / "data" / "steps" / f"kernel={kernel}" / "scenario=s1"
+        part.mkdir(parents=True)
+        pd.DataFrame({"step": [0]}).to_parquet(part / "part-0.parquet")
+    frame = read_dataset(tmp_path, "steps")
+    assert sorted(frame["kernel"]) == ["007", "after"]
