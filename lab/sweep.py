@@ -166,11 +166,31 @@ def check_out_dir(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY_NAME).exists():
         raise UserError(f"--out {out}: not empty and not a sweep directory (no {SUMMARY_NAME}); "
                         "choose a new directory")
+    if (driver := running_driver(out)) is not None:
+        raise UserError(f"--out {out}: another sweep (pid {driver}) is writing it now: wait for "
+                        "it to finish, or choose another directory")
     parent = out.parent if not out.exists() else out
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: {parent} is not writable")
+
+
+def running_driver(out: Path) -> int | None:
+    """The pid of the live sweep on this machine still writing *out* (its
+    sweep.json says ``running`` with that driver), or None."""
+    import socket
+
+    from .procs import pid_alive
+
+    try:
+        about = json.loads((Path(out) / SUMMARY_NAME).read_text())
+        driver = about["driver"]
+        pid = int(driver["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    mine = driver.get("host") == socket.gethostname() and pid != os.getpid()
+    return pid if about.get("state") == "running" and mine and pid_alive(pid) else None
 
 
 def cell_dir(out: Path, cell: Cell) -> Path:

@@ -358,7 +358,8 @@ def run_sweep(cells: Sequence[Cell], out: Path, *, scheduler: str | None = None,
             f"({scheduler or 'local cluster'})")
         about = {"kernels": list(dict.fromkeys(c.label for c in cells)),
                  "scenarios": list(dict.fromkeys(c.scenario for c in cells)),
-                 "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries}
+                 "scheduler": scheduler or "local", "vm_slots": int(slots), "retries": retries,
+                 "driver": {"pid": os.getpid(), "host": socket.gethostname()}}
         # a sweep.json from the start: a stopped sweep's DIR is a sweep's, to run again
         write_summaries(out, [], state="running", **about)
         futures: dict = {}

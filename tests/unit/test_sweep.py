@@ -316,3 +316,24 @@ def test_partition_names_come_back_as_written(tmp_path):
         pd.DataFrame({"step": [0]}).to_parquet(part / "part-0.parquet")
     frame = read_dataset(tmp_path, "steps")
     assert sorted(frame["kernel"]) == ["007", "after"]
+
+
+def test_a_directory_another_live_sweep_writes_is_refused(tmp_path):
+    import json
+    import socket
+    import subprocess
+
+    from lab.errors import UserError
+    from lab.sweep import check_out_dir
+
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        about = {"state": "running", "driver": {"pid": other.pid, "host": socket.gethostname()},
+                 "cells": []}
+        (tmp_path / "sweep.json").write_text(json.dumps(about))
+        with pytest.raises(UserError, match=f"another sweep \\(pid {other.pid}\\)"):
+            check_out_dir(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    check_out_dir(tmp_path)  # its driver is gone: the directory is a sweep's to run again
