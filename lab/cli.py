@@ -305,10 +305,9 @@ def cmd_sweep(args) -> int:
 
     from . import kernels
     from .progress import bars
+    from .scenario import load_scenario
     from .sweep import check_kernels, check_out_dir, find_scenarios, plan_cells
     from .sweep_cluster import run_sweep
-
-    from .scenario import load_scenario
 
     scenarios = find_scenarios(args.scenarios)
     for path in scenarios:  # bad input before anything starts, with --scheduler too

@@ -23,8 +23,8 @@ Domain errors keep their own names and modules (``VmError`` in ``lab.vm``,
 
 from __future__ import annotations
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_UNTESTABLE", "EXIT_USAGE", "LabError",
-           "LabFailure", "Terminated", "Untestable", "UserError", "VerdictFailed"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_UNTESTABLE", "EXIT_USAGE",
+           "LabError", "LabFailure", "Terminated", "Untestable", "UserError", "VerdictFailed"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
