@@ -210,11 +210,15 @@ def test_malformed_lines_get_answers(agent):
         (b'{"id": 12, "cmd": "touch", "proc": "a", "addrs": [18446744073709551616]}\n', 12),
         (b'{"id": 13, "cmd": "touch", "proc": "a", "addrs": [-1]}\n', 13),
         (b'{"id": 14, "cmd": "ping", "id": 15}\n', 14),
+        (b'{"id": 16, "cmd": "touch", "proc": "a", "addrs": [1 2]}\n', 16),
+        (b'{"id": 17, "cmd": "echo", "text": "x", "argv": ["a" "b"]}\n', 17),
     ]
     for line, want_id in cases:
         resp = c.exchange_raw(line)
         assert resp["id"] == want_id, line
         assert resp["ok"] is False and resp["errno"] == errno.EINVAL, (line, resp)
+        if want_id in (16, 17):  # an element not followed by , or ]
+            assert "expected , or ] in array" in resp["error"], resp
     # Blank lines are ignored; \r\n endings and spacing are fine.
     resp = c.exchange_raw(b'\n  \n{ "id" : 20 , "cmd" : "echo" , "text" : "ok" }\r\n')
     assert resp == {"id": 20, "ok": True, "text": "ok"}

@@ -379,6 +379,22 @@ static int jp_int(struct jp *j, uint64_t *u, bool *neg)
 
 /* An array whose first element is a string holds only strings (program
  * arguments for "run"); none may hold a NUL byte, since they become argv. */
+/* After an array element: 1 if another follows (the ',' is eaten), 0 at
+ * the end of the array (the ']' is eaten), -1 for anything else. */
+static int jp_array_next(struct jp *j)
+{
+	jp_ws(j);
+	if (j->p < j->end && *j->p == ',') {
+		j->p++;
+		return 1;
+	}
+	if (j->p < j->end && *j->p == ']') {
+		j->p++;
+		return 0;
+	}
+	return jp_bad(j, "expected , or ] in array");
+}
+
 static int jp_string_array(struct jp *j, struct jval *v)
 {
 	size_t cap = 0;
@@ -406,16 +422,9 @@ static int jp_string_array(struct jp *j, struct jval *v)
 		}
 		v->strs[v->len++] = b.p;
 		v->strs[v->len] = NULL;
-		jp_ws(j);
-		if (j->p < j->end && *j->p == ',') {
-			j->p++;
-			continue;
-		}
-		if (j->p < j->end && *j->p == ']') {
-			j->p++;
-			return 0;
-		}
-		return jp_bad(j, "expected , or ] in array");
+		int more = jp_array_next(j);
+		if (more <= 0)
+			return more;
 	}
 }
 
@@ -451,16 +460,9 @@ static int jp_array(struct jp *j, struct jval *v)
 			v->arr = a;
 		}
 		v->arr[v->len++] = u;
-		jp_ws(j);
-		if (j->p < j->end && *j->p == ',') {
-			j->p++;
-			continue;
-		}
-		if (j->p < j->end && *j->p == ']') {
-			j->p++;
-			return 0;
-		}
-		return jp_bad(j, "expected , or ] in array");
+		int more = jp_array_next(j);
+		if (more <= 0)
+			return more;
 	}
 }
 
