@@ -309,9 +309,7 @@ def open_client(scheduler: str | None, workers: int | None, *, verbose: bool = F
         raise UserError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there "
                         f"({exc}); start one with `dask scheduler`") from exc
     with client:
-        vms = sum(w.get("resources", {}).get("vm", 0)
-                  for w in client.scheduler_info(n_workers=-1)["workers"].values())
-        if not vms:
+        if not _vm_slots(client):
             raise UserError(f"--scheduler {scheduler}: no worker has a 'vm' resource; start "
                             f"workers with `dask worker {scheduler} --resources vm=N`")
         yield client
