@@ -7,6 +7,7 @@ when a test fails: every test stops what it started, by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,15 +15,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from lab import vm
 from lab.procs import pid_alive, wait_gone
+from lab.sweep import CELL_LOG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dask_processes import processes_with  # noqa: E402
@@ -269,37 +270,47 @@ def test_a_cell_that_cannot_boot_is_recorded_untestable_with_its_reason(tmp_path
     assert "untestable" in (out / "sweep.html").read_text()
 
 
-def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _a_cell_running(tmp_path, monkeypatch, silence: int):
+    """A long cell submitted to a one-worker LocalCluster, its run's steps
+    under way: yields (client, its future, the cell's directory, the run's
+    pid, its QEMU's pid, its run directory, the environment marker). Any
+    run still alive at the end is killed; the cluster is closed."""
     from distributed import Client, LocalCluster
 
-    from lab.sweep import CELL_LOG, Cell
+    from lab.sweep import Cell
     from lab.sweep_cluster import run_cell
 
-    scenario = _long_scenario(tmp_path)
     out = tmp_path / "out"
-    cell = Cell("many-faults", scenario, "after")
+    cell = Cell("many-faults", _long_scenario(tmp_path), "after")
     marker, env = _marked()
     monkeypatch.setenv("DEVDAX_LAB_TEST_MARK", env["DEVDAX_LAB_TEST_MARK"])  # for the workers
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"vm": 1},
                       dashboard_address=None, memory_limit=0,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      silence_logs=silence) as cluster, Client(cluster) as client:
         try:
             future = client.submit(run_cell, cell, str(out), resources={"vm": 1}, pure=False)
             runs = _wait_for("the cell's run", lambda: _runs_into(out))
             _wait_for("steps running", lambda: "many-faults on after:   0%" in (
                 out / "many-faults/after" / CELL_LOG).read_text(), timeout=120)
             [(qemu, run_dir)] = _wait_for("its QEMU", lambda: _qemus_of(runs)).items()
-            assert pid_alive(qemu) and run_dir.exists()
-            client.cancel(future)
-            assert wait_gone(qemu, 60), "QEMU still runs after the task was cancelled"
-            for pid in runs:
-                assert wait_gone(pid, 60), "the run still runs after the task was cancelled"
-            assert not run_dir.exists()
-            log = (out / "many-faults/after" / CELL_LOG).read_text()
-            said = [line for line in log.splitlines() if line.startswith("devdax-lab: ")]
-            assert said[-1] == STOP_LINE, log[-2000:]
+            [run] = runs
+            yield client, future, out / "many-faults/after", run, qemu, run_dir, marker
         finally:
             _kill_all(pid for pid, cmd in processes_with(marker) if "lab.cli run" in cmd)
+
+
+def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path, monkeypatch):
+    with _a_cell_running(tmp_path, monkeypatch, logging.ERROR) as (
+            client, future, cell_dir, run, qemu, run_dir, marker):
+        assert pid_alive(qemu) and run_dir.exists()
+        client.cancel(future)
+        assert wait_gone(qemu, 60), "QEMU still runs after the task was cancelled"
+        assert wait_gone(run, 60), "the run still runs after the task was cancelled"
+        assert not run_dir.exists()
+        log = (cell_dir / CELL_LOG).read_text()
+        said = [line for line in log.splitlines() if line.startswith("devdax-lab: ")]
+        assert said[-1] == STOP_LINE, log[-2000:]
     # the cluster is closed: nothing its workers started runs (the multiprocessing
     # resource tracker is this pytest process's own, started with the first worker)
     left = [p for p in processes_with(marker) if "multiprocessing.resource_tracker" not in p[1]]
@@ -309,35 +320,16 @@ def test_a_cancelled_task_stops_its_vm_and_removes_its_run_dir(tmp_path, monkeyp
 def test_a_killed_worker_takes_its_run_and_vm_with_it(tmp_path, monkeypatch):
     """SIGKILL of the Dask worker process running a cell: the run gets
     SIGTERM (its pdeathsig), stops its VM and removes its run directory."""
-    from distributed import Client, LocalCluster
-
-    from lab.sweep import CELL_LOG, Cell
-    from lab.sweep_cluster import run_cell
-
-    out = tmp_path / "out"
-    cell = Cell("many-faults", _long_scenario(tmp_path), "after")
-    marker, env = _marked()
-    monkeypatch.setenv("DEVDAX_LAB_TEST_MARK", env["DEVDAX_LAB_TEST_MARK"])
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={"vm": 1},
-                      dashboard_address=None, memory_limit=0,
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
-        try:
-            future = client.submit(run_cell, cell, str(out), resources={"vm": 1}, pure=False)
-            runs = _wait_for("the cell's run", lambda: _runs_into(out))
-            _wait_for("steps running", lambda: "many-faults on after:   0%" in (
-                out / "many-faults/after" / CELL_LOG).read_text(), timeout=120)
-            [(qemu, run_dir)] = _wait_for("its QEMU", lambda: _qemus_of(runs)).items()
-            [run] = runs
-            worker = _processes()[run][0]  # setpriv execs the run: its parent is the worker
-            assert "lab.cli run" not in _processes()[worker][1]
-            os.kill(worker, signal.SIGKILL)
-            assert wait_gone(run, 60), "the run outlived its worker"
-            assert wait_gone(qemu, 30) and not run_dir.exists()
-            log = (out / "many-faults/after" / CELL_LOG).read_text()
-            assert STOP_LINE in log, log[-2000:]
-            client.cancel(future)  # Dask would run the cell again on the new worker
-        finally:
-            _kill_all(pid for pid, cmd in processes_with(marker) if "lab.cli run" in cmd)
+    with _a_cell_running(tmp_path, monkeypatch, logging.CRITICAL) as (
+            client, future, cell_dir, run, qemu, run_dir, _):
+        worker = _processes()[run][0]  # setpriv execs the run: its parent is the worker
+        assert "lab.cli run" not in _processes()[worker][1]
+        os.kill(worker, signal.SIGKILL)
+        assert wait_gone(run, 60), "the run outlived its worker"
+        assert wait_gone(qemu, 30) and not run_dir.exists()
+        log = (cell_dir / CELL_LOG).read_text()
+        assert STOP_LINE in log, log[-2000:]
+        client.cancel(future)  # Dask would run the cell again on the new worker
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
